@@ -1,0 +1,35 @@
+# `make train` and `make test` each create .venv (if missing), install the pinned requirements,
+# then train the default experiment / run the test suite. ARGS passes Hydra overrides to train.py.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-fast gpu-test benchmark clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -m "not gpu" -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not gpu and not slow" -q $(ARGS)
+
+gpu-test: install
+	$(PY) -m pytest -m gpu -q $(ARGS)
+
+benchmark: install
+	$(PY) benchmarks/train_overhead.py $(ARGS)
+
+clean:
+	rm -rf logs data/cache

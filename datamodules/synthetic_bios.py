@@ -1,0 +1,432 @@
+"""Deterministic synthetic biography corpus built from a seeded knowledge graph.
+
+The corpus is the default training data: it needs no network, is tiny enough to
+train on a laptop, and every stated fact is also emitted as a (subject, relation,
+object) triple so knowledge probes can check what a model has learned.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+import random
+
+__all__ = ["BiographyCorpus", "generate_biographies"]
+
+
+@dataclass
+class BiographyCorpus:
+    """Biographies plus the facts they state."""
+
+    documents: list[str]
+    triples: list[tuple[str, str, str]]
+    people: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary of the fictional world. Only `random.Random(seed)` draws from these
+# lists, in a fixed order, so the corpus is identical on every platform.
+# ---------------------------------------------------------------------------
+
+_FEMALE_FIRST = [
+    "Adela", "Brielle", "Cassia", "Dalia", "Elowen", "Fenna", "Giselle", "Hedda", "Ilse", "Jorun",
+    "Kalina", "Liora", "Maren", "Nerys", "Odile", "Perrine", "Quilla", "Rosalind", "Saskia", "Tamsin",
+    "Ulrika", "Vesna", "Wilhelmina", "Xanthe", "Ysolde", "Zinnia", "Anouk", "Brenna", "Clementine",
+    "Delphine", "Esmee", "Freya", "Greta", "Hallie", "Imogen", "Juniper", "Katya", "Linnea", "Mirela",
+    "Noor", "Orla", "Petra", "Rhian", "Solveig", "Thea", "Una", "Vivienne", "Wren", "Yara", "Zelda",
+    "Annika", "Beatrix", "Coralie", "Dagny", "Eira", "Flavia", "Ginevra", "Honora", "Isaura", "Jessamy",
+]
+
+_MALE_FIRST = [
+    "Alaric", "Bastien", "Cyprian", "Dorian", "Emrys", "Florian", "Gideon", "Hadrian", "Ivo", "Jasper",
+    "Kaspar", "Leander", "Matthias", "Nikolai", "Osric", "Piers", "Quentin", "Rasmus", "Soren", "Tobias",
+    "Ulric", "Valentin", "Wendell", "Xavier", "Yorick", "Zephyr", "Ambrose", "Benedikt", "Casimir",
+    "Desmond", "Evander", "Fabian", "Gustav", "Henrik", "Ignatius", "Joaquin", "Konrad", "Lucian",
+    "Magnus", "Nestor", "Oswin", "Pascal", "Reinhold", "Silas", "Thaddeus", "Urban", "Viggo", "Wolfram",
+    "Yannick", "Zoltan", "Anselm", "Bertrand", "Corin", "Dietrich", "Elias", "Fergus", "Griffin",
+    "Horatio", "Isidor", "Jarek",
+]
+
+_LAST = [
+    "Abernathy", "Blackwood", "Castellan", "Delacroix", "Eastwick", "Fairbanks", "Gallagher", "Halloran",
+    "Ingersoll", "Jablonski", "Kowalczyk", "Lindqvist", "Marchetti", "Nakashima", "Oyelaran", "Pembrook",
+    "Quintero", "Rasmussen", "Sandoval", "Thorvaldsen", "Underhill", "Valdivia", "Whitcombe", "Yamamura",
+    "Zabrowski", "Arkwright", "Bellamy", "Cartwright", "Drummond", "Ellingsen", "Ferreira", "Grimaldi",
+    "Hargreaves", "Iwasaki", "Jourdain", "Kingsley", "Lachance", "Montague", "Novak", "Okonkwo",
+    "Pellegrini", "Ravensworth", "Stavros", "Trevelyan", "Umberfield", "Vasquez", "Winterbourne",
+    "Achterberg", "Brannigan", "Coldwell", "Dunleavy", "Esterhazy", "Fitzgerald", "Gundersen", "Holloway",
+    "Ishikawa", "Jovanovic", "Kerrigan", "Lundgren", "Mortimer", "Nightingale", "Oduya", "Penhaligon",
+    "Quarrington", "Rosenthal", "Szabo", "Tennyson", "Uchida", "Vandermeer", "Wolstenholme", "Yardley",
+    "Zimmerman", "Ashdown", "Beaumont", "Crowther", "Darrow", "Everly", "Fontaine", "Galloway", "Hawthorne",
+    "Inglewood", "Jansen", "Kovacs", "Lockhart", "Merriweather", "Northcott", "Ostrowski", "Prendergast",
+    "Radcliffe", "Sinclair", "Thornbury", "Vance", "Whitfield", "Ashford", "Brightwater", "Calloway",
+    "Dunmore", "Ellsworth", "Fairweather", "Greenhalgh", "Huxley", "Ivanova", "Kilbride", "Larkspur",
+    "Mayfield", "Norwood", "Pemberton", "Rowntree", "Stanhope", "Tolliver", "Wexford", "Aldridge",
+    "Bramwell", "Chadwick", "Delaney", "Emberton", "Farrington", "Goodwin", "Hollister", "Ravenscroft",
+]
+
+_COUNTRIES = [
+    "Estrenia", "Valdoria", "Korvath", "Lumeria", "Oshkara", "Pellandia",
+    "Quessia", "Rhovana", "Sardenne", "Tavaris", "Ulmstead", "Wyncastle",
+]
+
+_CITIES = [
+    "Valmora", "Brighthaven", "Corvell", "Dunmarsh", "Eldergate", "Fallowmere", "Glassford", "Hollowpine",
+    "Ironmouth", "Jadeport", "Kestrelton", "Larkmoor", "Marrowdale", "Northmere", "Oakhollow", "Pelham Bay",
+    "Quarrystone", "Redhaven", "Saltmarsh", "Thornwick", "Umberlee", "Vintner's Cross", "Westerholt",
+    "Yewbridge", "Ashcombe", "Blue Harbor", "Cinderfell", "Driftmoor", "Emberlyn", "Frostvale",
+    "Greywater", "Highcliff", "Isleworth", "Juniper Falls", "Kingsreach", "Lowbarrow", "Millbrook",
+    "Nettlefield", "Orchard Point", "Port Solace", "Ravensgate", "Silverbrook", "Tidewell", "Upper Fenwick",
+    "Verdant Hollow", "Windmere", "Zephyr Heights", "Amberfield",
+]
+
+_NAMED_UNIVERSITIES = [
+    "Halvorsen Institute of Technology", "Saint Aldric College", "Royal Academy of Sciences",
+    "Marigold University", "Whitestone Polytechnic", "Northern Lights University",
+    "Calder School of Economics", "Thessaly College of the Arts", "Greymantle University",
+    "Obsidian Institute", "Ambermoor University", "Lindenhall College",
+]
+
+# Industry -> (company name suffixes, job titles typical for the industry).
+_INDUSTRIES: dict[str, tuple[list[str], list[str]]] = {
+    "software": (["Software", "Systems", "Labs"],
+                 ["software engineer", "product manager", "data scientist", "site reliability engineer"]),
+    "biotechnology": (["Biosciences", "Therapeutics", "Genomics"],
+                      ["research scientist", "lab technician", "clinical data manager"]),
+    "banking": (["Bank", "Capital", "Financial"], ["financial analyst", "loan officer", "risk manager"]),
+    "aerospace": (["Aerospace", "Aeronautics", "Avionics"],
+                  ["propulsion engineer", "test pilot", "flight systems engineer"]),
+    "retail": (["Stores", "Market", "Outfitters"], ["store manager", "merchandiser", "buyer"]),
+    "energy": (["Energy", "Power", "Renewables"], ["grid engineer", "field technician", "energy analyst"]),
+    "media": (["Media", "Studios", "Press"], ["editor", "journalist", "producer"]),
+    "logistics": (["Logistics", "Freight", "Shipping"],
+                  ["operations manager", "fleet coordinator", "supply chain analyst"]),
+    "food": (["Foods", "Kitchens", "Provisions"], ["food scientist", "quality inspector", "head chef"]),
+    "construction": (["Builders", "Construction", "Engineering"],
+                     ["architect", "civil engineer", "site foreman"]),
+    "healthcare": (["Health", "Clinics", "Medical"], ["nurse", "physician", "hospital administrator"]),
+    "consulting": (["Consulting", "Partners", "Advisory"],
+                   ["management consultant", "strategy analyst", "engagement manager"]),
+}
+
+_COMPANY_PREFIXES = [
+    "Aster", "Borealis", "Cobalt", "Dunmore", "Evergreen", "Falcon", "Granite", "Harborline", "Ironwood",
+    "Juniper", "Kestrel", "Lumen", "Meridian", "Northwind", "Oakridge", "Pinnacle", "Quarry", "Redwood",
+    "Silverline", "Tidewater", "Umbra", "Vantage", "Willowby", "Xenith", "Yarrow", "Zenova", "Amberly",
+    "Bluefin", "Crestview", "Driftwood", "Emberline", "Foxglove",
+]
+
+_FIELDS = [
+    "computer science", "mathematics", "physics", "chemistry", "biology", "economics", "history",
+    "philosophy", "mechanical engineering", "electrical engineering", "civil engineering", "medicine",
+    "nursing", "law", "journalism", "linguistics", "music", "fine arts", "psychology", "sociology",
+    "finance", "statistics", "marine biology", "architecture",
+]
+
+_HOBBIES = [
+    "chess", "rock climbing", "gardening", "birdwatching", "playing the cello", "sailing", "pottery",
+    "marathon running", "photography", "beekeeping", "woodworking", "watercolor painting", "baking bread",
+    "astronomy", "fly fishing", "knitting", "cycling", "origami", "scuba diving", "playing the piano",
+    "stamp collecting", "hiking", "calligraphy", "fencing", "salsa dancing",
+]
+
+_MONTHS = [
+    ("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May", 31), ("June", 30),
+    ("July", 31), ("August", 31), ("September", 30), ("October", 31), ("November", 30), ("December", 31),
+]
+
+_PRONOUNS = {
+    "female": {"s": "she", "p": "her", "o": "her"},
+    "male": {"s": "he", "p": "his", "o": "him"},
+}
+_KIN = {
+    "parent": {"female": "mother", "male": "father"},
+    "child": {"female": "daughter", "male": "son"},
+    "sibling": {"female": "sister", "male": "brother"},
+}
+
+# Placeholders: {S}/{s} subject at sentence start / mid-sentence, {Sp}/{sp} its
+# possessive, {p} possessive pronoun, {o} object pronoun. The subject may be the
+# full name, the first name or a pronoun, which is what makes the templates vary.
+_TEMPLATES: dict[str, list[str]] = {
+    "birth_date": [
+        "{S} was born on {date}.",
+        "{Sp} date of birth is {date}.",
+        "{S} came into the world on {date}.",
+        "Records show that {s} was born on {date}.",
+    ],
+    "birth_city": [
+        "{S} was born in {city}, {country}.",
+        "{Sp} hometown is {city}, {country}.",
+        "{S} is a native of {city}, {country}.",
+        "{S} spent {p} childhood in {city}, {country}, where {s_pron} was born.",
+    ],
+    "university": [
+        "{S} studied at {university} in {ucity}, {ucountry}.",
+        "{S} graduated from {university}, located in {ucity}, {ucountry}.",
+        "{S} attended {university} in {ucity}, {ucountry}.",
+        "{S} earned {p} degree from {university} in {ucity}, {ucountry}.",
+    ],
+    "field": [
+        "{S} majored in {field}.",
+        "{Sp} field of study was {field}.",
+        "{S} specialized in {field} during {p} studies.",
+        "At university, {s} focused on {field}.",
+    ],
+    "employer": [
+        "{S} works for {employer}, {a_industry} company based in {ecity}, {ecountry}.",
+        "{S} is employed by {employer}, {a_industry} firm headquartered in {ecity}, {ecountry}.",
+        "{S} joined {employer}, {a_industry} company from {ecity}, {ecountry}, after graduating.",
+        "These days {s} works at {employer}, {a_industry} business in {ecity}, {ecountry}.",
+    ],
+    "job_title": [
+        "{S} works as {a_job}.",
+        "{Sp} job title is {job}.",
+        "{S} holds the position of {job}.",
+        "By profession, {s} is {a_job}.",
+    ],
+    "hobby": [
+        "In {p} free time, {s} enjoys {hobby}.",
+        "{S} is passionate about {hobby}.",
+        "{Sp} favorite pastime is {hobby}.",
+        "Friends know {o} for {p} love of {hobby}.",
+    ],
+    "parent": [
+        "{Sp} {kin} is {other}.",
+        "{S} is the {child_kin} of {other}.",
+        "{S} was raised by {p} {kin}, {other}.",
+        "{other} is {sp} {kin}.",
+    ],
+    "sibling": [
+        "{Sp} {kin} is {other}.",
+        "{S} has a {kin} named {other}.",
+        "{S} and {other} are siblings.",
+        "{other} is {sp} {kin}.",
+    ],
+    "mentor": [
+        "{S} was mentored by {other}.",
+        "{Sp} mentor was {other}.",
+        "Early in {p} career, {s} learned a great deal from {p} mentor, {other}.",
+        "{S} credits {other} as {p} most important mentor.",
+    ],
+}
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
+
+
+def _with_article(entity: str) -> str:
+    # "studied at the University of X" reads naturally; the entity name itself stays bare.
+    return "the " + entity if entity.startswith(("University", "Royal")) else entity
+
+
+def _unique_names(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """Sample `n` distinct (first, last, gender) names; middle initials extend the space."""
+    firsts = [(f, "female") for f in _FEMALE_FIRST] + [(m, "male") for m in _MALE_FIRST]
+    base = len(firsts) * len(_LAST)
+    # Slot k < base is "First Last"; slot k >= base adds a middle initial, so
+    # sampling distinct slots guarantees distinct strings.
+    capacity = base * 27
+    if n > capacity:
+        raise ValueError(f"num_people={n} exceeds the {capacity} unique names available")
+    names = []
+    for slot in rng.sample(range(capacity if n > base else base), n):
+        initial, rest = divmod(slot, base)
+        f_idx, l_idx = divmod(rest, len(_LAST))
+        first, gender = firsts[f_idx]
+        middle = f" {chr(ord('A') + initial - 1)}." if initial else ""
+        names.append((first + middle, _LAST[l_idx], gender))
+    return names
+
+
+def _build_world(rng: random.Random) -> dict:
+    """Seeded entities: cities in countries, universities in cities, companies in industries."""
+    cities = list(_CITIES)
+    rng.shuffle(cities)
+    # Round-robin keeps every country populated while the shuffle varies the map per seed.
+    city_country = {c: _COUNTRIES[i % len(_COUNTRIES)] for i, c in enumerate(cities)}
+
+    universities = {}
+    for city in rng.sample(cities, 14):
+        universities[f"University of {city}"] = city
+    for name in _NAMED_UNIVERSITIES:
+        universities[name] = rng.choice(cities)
+
+    companies = {}
+    industries = list(_INDUSTRIES)
+    prefixes = list(_COMPANY_PREFIXES)
+    rng.shuffle(prefixes)
+    for i, prefix in enumerate(prefixes):
+        industry = industries[i % len(industries)]
+        suffix = rng.choice(_INDUSTRIES[industry][0])
+        companies[f"{prefix} {suffix}"] = {"industry": industry, "city": rng.choice(cities)}
+    return {"city_country": city_country, "universities": universities, "companies": companies}
+
+
+def _make_people(rng: random.Random, num_people: int, world: dict) -> list[dict]:
+    cities = sorted(world["city_country"])
+    universities = sorted(world["universities"])
+    companies = sorted(world["companies"])
+    people = []
+    for idx, (first, last, gender) in enumerate(_unique_names(rng, num_people)):
+        month, days = _MONTHS[rng.randrange(12)]
+        year = rng.randint(1940, 2002)
+        birth_date = f"{rng.randint(1, days)} {month} {year}"
+        city = rng.choice(cities)
+        uni = rng.choice(universities)
+        company = rng.choice(companies)
+        info = world["companies"][company]
+        people.append({
+            "id": idx,
+            "name": f"{first} {last}",
+            "first_name": first,
+            "last_name": last,
+            "gender": gender,
+            "birth_date": birth_date,
+            "birth_year": year,
+            "birth_city": city,
+            "birth_country": world["city_country"][city],
+            "university": uni,
+            "university_city": world["universities"][uni],
+            "field": rng.choice(_FIELDS),
+            "employer": company,
+            "employer_industry": info["industry"],
+            "employer_city": info["city"],
+            "job_title": rng.choice(_INDUSTRIES[info["industry"]][1]),
+            "hobbies": rng.sample(_HOBBIES, rng.choice((0, 1, 1, 2))),
+            "parents": [],
+            "siblings": [],
+            "mentor": None,
+        })
+    _add_relations(rng, people)
+    return people
+
+
+def _add_relations(rng: random.Random, people: list[dict]) -> None:
+    """Link people by parent, sibling and mentor edges with plausible age gaps."""
+    by_year = sorted(range(len(people)), key=lambda i: (people[i]["birth_year"], i))
+    years = [people[i]["birth_year"] for i in by_year]
+
+    def pick_born_between(lo: int, hi: int) -> int | None:
+        # Index arithmetic instead of slicing keeps this O(log n) per draw.
+        a, b = bisect.bisect_left(years, lo), bisect.bisect_right(years, hi)
+        return by_year[rng.randrange(a, b)] if b > a else None
+
+    for p in people:
+        y = p["birth_year"]
+        if rng.random() < 0.35:
+            first = pick_born_between(y - 45, y - 20)
+            if first is not None:
+                p["parents"].append(first)
+                if rng.random() < 0.5:
+                    second = pick_born_between(y - 45, y - 20)
+                    if second != first:
+                        p["parents"].append(second)
+        if rng.random() < 0.3:
+            mentor = pick_born_between(y - 35, y - 10)
+            p["mentor"] = None if mentor in p["parents"] else mentor
+
+    for p in people:
+        if rng.random() >= 0.15:
+            continue
+        y = p["birth_year"]
+        other = people[pick_born_between(y - 10, y + 10)]  # never empty: p itself qualifies
+        blocked = {p["id"], *p["parents"], *p["siblings"], p["mentor"]}
+        if other["id"] in blocked or p["id"] in other["parents"] or p["id"] == other["mentor"]:
+            continue
+        p["siblings"].append(other["id"])
+        other["siblings"].append(p["id"])
+        # Siblings share parents where ages allow, so the graph stays consistent.
+        for a, b in ((p, other), (other, p)):
+            if a["parents"] and not b["parents"]:
+                if all(people[q]["birth_year"] <= b["birth_year"] - 18 for q in a["parents"]):
+                    if b["id"] not in a["parents"] and b["mentor"] not in a["parents"]:
+                        b["parents"] = list(a["parents"])
+
+
+def _render(rng: random.Random, person: dict, people: list[dict], world: dict) -> tuple[str, list]:
+    """Write one biography and return it with the person's triples."""
+    name = person["name"]
+    pron = _PRONOUNS[person["gender"]]
+    cc = world["city_country"]
+    facts: list[tuple[str, dict]] = [
+        ("birth_date", {"date": person["birth_date"]}),
+        ("birth_city", {"city": person["birth_city"], "country": person["birth_country"]}),
+        ("university", {"university": _with_article(person["university"]),
+                        "ucity": person["university_city"], "ucountry": cc[person["university_city"]]}),
+        ("field", {"field": person["field"]}),
+        ("employer", {"employer": person["employer"], "a_industry": _article(person["employer_industry"]),
+                      "ecity": person["employer_city"], "ecountry": cc[person["employer_city"]]}),
+        ("job_title", {"job": person["job_title"], "a_job": _article(person["job_title"])}),
+    ]
+    triples = [
+        (name, "birth_date", person["birth_date"]),
+        (name, "birth_city", person["birth_city"]),
+        (name, "university", person["university"]),
+        (name, "field", person["field"]),
+        (name, "employer", person["employer"]),
+        (name, "job_title", person["job_title"]),
+    ]
+    for hobby in person["hobbies"]:
+        facts.append(("hobby", {"hobby": hobby}))
+        triples.append((name, "hobby", hobby))
+    for rel, ids in (("parent", person["parents"]), ("sibling", person["siblings"])):
+        for q in ids:
+            other = people[q]
+            facts.append((rel, {"other": other["name"], "kin": _KIN[rel][other["gender"]],
+                                "child_kin": _KIN["child"][person["gender"]]}))
+            triples.append((name, rel, other["name"]))
+    if person["mentor"] is not None:
+        mentor = people[person["mentor"]]["name"]
+        facts.append(("mentor", {"other": mentor}))
+        triples.append((name, "mentor", mentor))
+
+    rng.shuffle(facts)
+    sentences = []
+    for i, (kind, slots) in enumerate(facts):
+        if i == 0:
+            ref = name  # the opening sentence must introduce the person by full name
+        else:
+            ref = rng.choice((name, person["first_name"], None, None))
+        if ref is None:
+            subj = {"S": pron["s"].capitalize(), "s": pron["s"],
+                    "Sp": pron["p"].capitalize(), "sp": pron["p"]}
+        else:
+            subj = {"S": ref, "s": ref, "Sp": ref + "'s", "sp": ref + "'s"}
+        template = rng.choice(_TEMPLATES[kind])
+        sentences.append(template.format(**subj, p=pron["p"], o=pron["o"], s_pron=pron["s"], **slots))
+    return " ".join(sentences), triples
+
+
+def generate_biographies(num_people: int = 2000, seed: int = 0) -> BiographyCorpus:
+    """Generate `num_people` fictional biographies and their fact triples from `seed`."""
+    if num_people < 1:
+        raise ValueError(f"num_people must be >= 1, got {num_people}")
+    rng = random.Random(seed)
+    world = _build_world(rng)
+    people = _make_people(rng, num_people, world)
+
+    documents, triples = [], []
+    for person in people:
+        doc, person_triples = _render(rng, person, people, world)
+        documents.append(doc)
+        triples.extend(person_triples)
+
+    # Entity facts only for entities some biography mentions, in first-mention
+    # order, so each one co-occurs with its object in at least one document.
+    seen: dict[tuple[str, str, str], None] = {}
+    for p in people:
+        for city in (p["birth_city"], p["university_city"], p["employer_city"]):
+            seen[(city, "country", world["city_country"][city])] = None
+        seen[(p["university"], "located_in", p["university_city"])] = None
+        seen[(p["employer"], "industry", p["employer_industry"])] = None
+        seen[(p["employer"], "headquartered_in", p["employer_city"])] = None
+    triples.extend(seen)
+
+    for p in people:
+        p["parents"] = [people[q]["name"] for q in p["parents"]]
+        p["siblings"] = [people[q]["name"] for q in p["siblings"]]
+        if p["mentor"] is not None:
+            p["mentor"] = people[p["mentor"]]["name"]
+    return BiographyCorpus(documents=documents, triples=triples, people=people)

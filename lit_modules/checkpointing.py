@@ -1,0 +1,107 @@
+"""Atomic checkpoint writing, for single-file and distributed (FSDP2) checkpoints.
+
+A run killed while saving must leave the previous checkpoint at the same path loadable, so nothing
+is ever written in place: a file goes to a temporary name in the same directory and is renamed
+over the target (`os.replace` is atomic on POSIX); a distributed checkpoint directory is written
+beside the target and swapped in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """torch.save to `path` through a temporary file in the same directory + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose writes are atomic."""
+
+    def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy, with distributed checkpoints swapped in atomically.
+
+    A distributed checkpoint is a directory, and two directories cannot be exchanged atomically by
+    rename. So `PATH` becomes a symlink to a sibling directory `.PATH.<id>.d`: every rank writes a
+    fresh directory, then rank zero re-points the link with one atomic rename and deletes the old
+    directory. Loading `PATH` follows the link.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_distributed_checkpoint", True)
+        super().__init__(*args, **kwargs)
+        self.checkpoint_io = AtomicCheckpointIO()  # used for single-file (consolidated) saves
+
+    def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        target = Path(self.broadcast(str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.d"))))
+        super().save_checkpoint(checkpoint, target, storage_options)
+        self.barrier("atomic_checkpoint_written")
+        if self.global_rank == 0:
+            old = path.resolve() if path.is_symlink() else None
+            if path.exists() and not path.is_symlink():
+                # A real file/directory from elsewhere: move it aside, it is replaced below.
+                legacy = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+                os.replace(path, legacy)
+                old = legacy
+            link = path.with_name(f".{path.name}.{uuid.uuid4().hex}.lnk")
+            os.symlink(target.name, link)
+            os.replace(link, path)
+            _fsync_dir(path.parent)
+            if old is not None and old != target:
+                _remove(old)
+        self.barrier("atomic_checkpoint_swapped")
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            _remove(Path(filepath))
+
+
+def _remove(path: Path) -> None:
+    """Remove a checkpoint file, directory, or link together with the directory it points to."""
+    if path.is_symlink():
+        target = path.resolve()
+        path.unlink()
+        path = target
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,71 @@
+"""Typed schemas for the Hydra config groups, registered with Hydra's ConfigStore.
+
+A YAML in `conf/model/` or `conf/data/` lists its schema first in its defaults, so a misspelt key
+(`model.net.n_layr=4`) or a wrong type (`model.net.n_layers=abc`) fails at compose time with the
+full key in the message, before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from lit_modules.base import OptimConfig
+from models.transformer import TransformerConfig
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 options, used only under `trainer=fsdp`. mixed_precision: auto|bf16|fp16|fp32."""
+
+    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class SampleConfig:
+    """Text sampled from `prompt` at each validation end and logged to TensorBoard."""
+
+    prompt: str = ""
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+
+
+@dataclass
+class LMModuleSchema:
+    _target_: str = "lit_modules.lm.LanguageModelModule"
+    net: TransformerConfig = field(default_factory=TransformerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    nonfinite: str = "error"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = 0
+
+
+@dataclass
+class TextDataSchema:
+    _target_: str = "datamodules.text.TextDataModule"
+    source: str = "bios"
+    num_people: int = 2000
+    corpus_seed: int = 0
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048
+    seq_len: int = 128
+    batch_size: int = 32
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    seed: int = 0
+    num_workers: int = 0
+    cache_dir: str = "data/cache"
+    pin_memory: bool = False
+
+
+def register_schemas() -> None:
+    """Idempotent: safe to call from train.py, generate.py and tests."""
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="lm_schema", node=LMModuleSchema)
+    cs.store(group="data", name="text_schema", node=TextDataSchema)

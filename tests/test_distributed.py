@@ -1,0 +1,60 @@
+"""DDP and FSDP2 on two CPU processes (gloo), launched as `python train.py` subprocesses: Lightning
+re-runs the command line for the second rank, which must not be pytest's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_modules.lm import LanguageModelModule
+from tests.conftest import TINY
+from tests.helpers import find_metrics, read_metric, run_train_cli
+
+pytestmark = pytest.mark.slow
+
+TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def common(tmp_path: Path) -> list[str]:
+    return TINY + ["logger=csv", "data.num_people=20", "test=false", f"data.cache_dir={tmp_path / 'cache'}",
+                   "trainer.limit_val_batches=2", "trainer.val_check_interval=3"]
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    run_train_cli(common(tmp_path) + ["trainer=ddp", *TWO_CPU, "trainer.max_steps=5", f"hydra.run.dir={tmp_path / 'ddp'}"])
+    losses = read_metric(find_metrics(tmp_path / "ddp"))
+    assert sorted(losses) == list(range(5))
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 5
+
+
+def test_fsdp2_two_cpu_processes_save_resume_consolidate(tmp_path):
+    args = common(tmp_path) + ["trainer=fsdp", *TWO_CPU, "model.net.dropout=0.1",
+                               "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    run_train_cli(args + ["trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'full'}"])
+    run_train_cli(args + ["trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'a'}"])
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    # a distributed checkpoint: a link to a complete shard directory, swapped in atomically
+    assert last.is_symlink() and last.resolve().is_dir() and (last.resolve() / "meta.pt").is_file()
+    stale = [p for p in last.parent.iterdir() if p.name.startswith(".") and p.resolve() not in
+             {q.resolve() for q in last.parent.iterdir() if not q.name.startswith(".")}]
+    assert not stale, f"orphaned checkpoint directories: {stale}"
+    run_train_cli(args + ["trainer.max_steps=6", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}"])
+
+    full = read_metric(find_metrics(tmp_path / "full"))
+    resumed = {**read_metric(find_metrics(tmp_path / "a")), **read_metric(find_metrics(tmp_path / "b"))}
+    assert sorted(full) == sorted(resumed) == list(range(6))
+    assert full == resumed
+
+    from tools.consolidate_checkpoint import consolidate
+
+    out = tmp_path / "consolidated.ckpt"
+    consolidate(tmp_path / "b" / "checkpoints" / "last.ckpt", out)
+    module = LanguageModelModule.load_from_checkpoint(out, map_location="cpu", weights_only=False)
+    state = torch.load(out, weights_only=False)["state_dict"]
+    assert set(state) == set(module.state_dict())
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert module.generate_text(["Born in"], max_new_tokens=4)[0].startswith("Born in")

@@ -1,0 +1,134 @@
+"""train.py: config composition, the output contract, bad-config errors, sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import train
+from tests.conftest import CONF, TINY, compose_train_cfg
+from tests.helpers import find_metrics, read_metric, run_train_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_default_config_composes(tmp_path):
+    cfg = compose_train_cfg([], tmp_path)
+    assert cfg.model._target_ == "lit_modules.lm.LanguageModelModule"
+    assert cfg.data.source == "bios" and cfg.trainer.accelerator == "cpu"
+    assert "tensorboard" in cfg.logger and cfg.seed == 0
+    assert cfg.hydra.job.chdir is False
+    assert cfg.callbacks.model_checkpoint.dirpath == f"{tmp_path}/checkpoints"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache):
+    # Data shrunk so that a large experiment still does one CPU step quickly; the model is as configured.
+    cfg = compose_train_cfg(
+        [f"experiment={experiment}", "debug=fdr", "data.num_people=30", "data.batch_size=2", "data.seq_len=32",
+         "data.vocab_size=512", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
+        tmp_path, data_cache,
+    )
+    metrics, objects = train.run(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert "test/loss" in metrics
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit", "profiler"])
+def test_config_groups_compose(trainer, debug, tmp_path):
+    cfg = compose_train_cfg([f"trainer={trainer}", f"debug={debug}", "logger=csv", "hparams_search=lm_optuna"], tmp_path)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.net.n_layr=4", "model.net.n_layr"),
+        ("model.net.n_layers=abc", "model.net.n_layers"),
+        ("data.batch_sise=4", "data.batch_sise"),
+        ("data.seq_len=long", "data.seq_len"),
+        ("model.optim.lr=fast", "model.optim.lr"),
+    ],
+)
+def test_bad_config_keys_and_types_fail_at_compose_naming_the_key(override, key, tmp_path):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
+        compose_train_cfg([override], tmp_path)
+    text = str(err.value) + str(err.value.__cause__)
+    assert key in text
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.nonfinite=sometimes", "model.nonfinite"), ("model.net.n_heads=3", "model.net"), ("model.optim.lr=-1", "model.optim.lr")],
+)
+def test_bad_config_values_fail_before_training_naming_the_key(override, key, make_cfg):
+    cfg = make_cfg([override])
+    with pytest.raises(Exception) as err:
+        train.run(cfg)
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_run_writes_logs_checkpoints_config_and_returns_metric(make_cfg, tmp_path):
+    cfg = make_cfg(["logger=many", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2"])
+    metrics, objects = train.run(cfg)
+    run_dir = tmp_path / "run"
+    losses = read_metric(find_metrics(run_dir))
+    assert sorted(losses) == list(range(6))  # train/loss at every step
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert train.metric_value(metrics, "val/loss") == pytest.approx(metrics["val/loss"])
+    params = read_metric(find_metrics(run_dir), "params/total")
+    assert params and list(params.values())[0] == objects["model"].model.num_params()["total"]
+    with pytest.raises(KeyError, match="val/nope"):
+        train.metric_value(metrics, "val/nope")
+
+
+def test_config_tree_printed_and_saved(make_cfg, tmp_path, capsys):
+    cfg = make_cfg(["extras.print_config=true", "debug=fdr"])
+    train.run(cfg)
+    run_dir = tmp_path / "run"
+    assert "model" in (run_dir / "config_tree.log").read_text()
+    assert "${" not in (run_dir / "resolved_config.yaml").read_text()
+
+
+def test_seed_zero_is_applied(make_cfg, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train.L, "seed_everything", lambda s, workers=False: seen.append(s))
+    train.run(make_cfg(["seed=0", "debug=fdr"]))
+    assert seen == [0]
+
+
+@pytest.mark.slow
+def test_cli_run_dir_contract_and_resume(tmp_path):
+    """`python train.py ... hydra.run.dir=DIR`: everything under DIR, metrics.csv, last.ckpt, ckpt_path resumes."""
+    cache = tmp_path / "cache"
+    args = TINY + ["logger=csv", "trainer.max_steps=4", f"data.cache_dir={cache}"]
+    run_train_cli(args + [f"hydra.run.dir={tmp_path / 'a'}"])
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (tmp_path / "a" / ".hydra" / "config.yaml").is_file()
+    assert sorted(read_metric(find_metrics(tmp_path / "a"))) == [0, 1, 2, 3]
+    run_train_cli(args + [f"hydra.run.dir={tmp_path / 'b'}", "trainer.max_steps=6", f"ckpt_path={last}"])
+    assert sorted(read_metric(find_metrics(tmp_path / "b"))) == [4, 5]
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs(tmp_path):
+    cache = tmp_path / "cache"
+    run_train_cli(TINY + ["-m", "seed=0,1", "logger=csv", "trainer.max_steps=3", "test=false",
+                          f"data.cache_dir={cache}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    a, b = (read_metric(find_metrics(tmp_path / "sweep" / str(i))) for i in (0, 1))
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert a != b  # different seeds, different runs
+
+
+@pytest.mark.slow
+def test_multirun_refuses_in_job_ddp_relaunch(tmp_path):
+    proc = run_train_cli(TINY + ["-m", "seed=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
+    assert proc.returncode != 0
+    assert "multirun" in proc.stderr + proc.stdout
