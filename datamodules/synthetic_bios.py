@@ -136,8 +136,8 @@ _MONTHS = [
 ]
 
 _PRONOUNS = {
-    "female": {"s": "she", "p": "her", "o": "her"},
-    "male": {"s": "he", "p": "his", "o": "him"},
+    "female": {"s": "she", "p": "her"},
+    "male": {"s": "he", "p": "his"},
 }
 _KIN = {
     "parent": {"female": "mother", "male": "father"},
@@ -146,8 +146,9 @@ _KIN = {
 }
 
 # Placeholders: {S}/{s} subject at sentence start / mid-sentence, {Sp}/{sp} its
-# possessive, {p} possessive pronoun, {o} object pronoun. The subject may be the
-# full name, the first name or a pronoun, which is what makes the templates vary.
+# possessive, {p} possessive pronoun, {s_pron} subject pronoun. The subject may be
+# the full name, the first name or a pronoun, which is what makes the templates vary.
+# Every template names its subject, since any of them can open a biography.
 _TEMPLATES: dict[str, list[str]] = {
     "birth_date": [
         "{S} was born on {date}.",
@@ -189,7 +190,7 @@ _TEMPLATES: dict[str, list[str]] = {
         "In {p} free time, {s} enjoys {hobby}.",
         "{S} is passionate about {hobby}.",
         "{Sp} favorite pastime is {hobby}.",
-        "Friends know {o} for {p} love of {hobby}.",
+        "{S} is known among friends for {p} love of {hobby}.",
     ],
     "parent": [
         "{Sp} {kin} is {other}.",
@@ -395,7 +396,7 @@ def _render(rng: random.Random, person: dict, people: list[dict], world: dict) -
         else:
             subj = {"S": ref, "s": ref, "Sp": ref + "'s", "sp": ref + "'s"}
         template = rng.choice(_TEMPLATES[kind])
-        sentences.append(template.format(**subj, p=pron["p"], o=pron["o"], s_pron=pron["s"], **slots))
+        sentences.append(template.format(**subj, p=pron["p"], s_pron=pron["s"], **slots))
     return " ".join(sentences), triples
 
 

@@ -240,7 +240,11 @@ def _digest(*parts: object) -> str:
 
 
 class TextDataModule(L.LightningDataModule):
-    """Tokenized, packed LM data with cached tokenizer/streams and exactly resumable training order."""
+    """Tokenized, packed LM data with cached tokenizer/streams and exactly resumable training order.
+
+    `source` is "bios" (generated corpus) or a file, directory or glob of .txt/.jsonl
+    files. `batch_size` is global; each rank loads `batch_size // world_size`.
+    """
 
     def __init__(
         self,
@@ -268,6 +272,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if txt_split not in ("paragraph", "file"):
+            raise ValueError(f"data.txt_split must be 'paragraph' or 'file', got {txt_split!r}")
         self.source = str(source)
         self.num_people = num_people
         self.corpus_seed = corpus_seed
@@ -371,6 +377,9 @@ class TextDataModule(L.LightningDataModule):
         self.cache_info = info
         self.train_dataset = PackedDataset(streams["train"], self.seq_len)
         self.val_dataset = PackedDataset(streams["val"], self.seq_len)
+        if len(self.val_dataset) == 0 and val_docs:
+            log.warning("val split has %d tokens, fewer than one window of %d: validation will be empty",
+                        streams["val"].size, self.seq_len + 1)
         if len(self.train_dataset) == 0:
             raise ValueError(
                 f"train split of {self.source!r} has {streams['train'].size} tokens, "
@@ -379,7 +388,10 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the tokenizer and token caches (Lightning runs this on one process per node)."""
-        self._build()
+        # Already built in this process (e.g. a standalone setup before fit): the caches
+        # exist and the tokenizer object the model holds must stay the same.
+        if self.train_dataset is None:
+            self._build()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the caches (rebuilding them if missing) and check the batch size against the world size."""

@@ -64,8 +64,18 @@ class TextDataSchema:
     pin_memory: bool = False
 
 
+def _product(*values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
 def register_schemas() -> None:
-    """Idempotent: safe to call from train.py, generate.py and tests."""
+    """Idempotent: safe to call from train.py, generate.py and tests. Also registers `${mul:a,b}`."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("mul", _product, replace=True)
     cs = ConfigStore.instance()
     cs.store(group="model", name="lm_schema", node=LMModuleSchema)
     cs.store(group="data", name="text_schema", node=TextDataSchema)

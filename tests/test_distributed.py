@@ -31,7 +31,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 
 def test_fsdp2_two_cpu_processes_save_resume_consolidate(tmp_path):
-    args = common(tmp_path) + ["trainer=fsdp", *TWO_CPU, "model.net.dropout=0.1",
+    args = common(tmp_path) + ["trainer=fsdp", *TWO_CPU, "model.net.dropout=0.1", "model.optim.total_steps=6",
                                "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1"]
     run_train_cli(args + ["trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'full'}"])
     run_train_cli(args + ["trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'a'}"])

@@ -40,7 +40,9 @@ def batches_per_epoch(cache) -> int:
 def test_resume_reproduces_uninterrupted_losses(num_workers, make_cfg, tmp_path, data_cache):
     per_epoch = batches_per_epoch(data_cache)
     total = per_epoch * 2 + 3
-    common = RESUME + [f"data.num_workers={num_workers}"]
+    # A stopped run keeps its configuration: the LR schedule's horizon is the planned run's length,
+    # not the step at which it happens to stop.
+    common = RESUME + [f"data.num_workers={num_workers}", f"model.optim.total_steps={total}"]
 
     metrics, _ = train.run(make_cfg(common + [f"trainer.max_steps={total}"], subdir="full"))
     full = read_metric(find_metrics(tmp_path / "full"))
