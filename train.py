@@ -137,7 +137,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = run(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics and HydraConfig.get().mode != RunMode.MULTIRUN:
+        # Only a sweeper needs the value; a single run that never validated just says so.
+        warnings.warn(f"optimized_metric={name!r} was not logged (no validation ran?)", stacklevel=1)
+        return None
+    return metric_value(metrics, name)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def test_cli_run_dir_contract_and_resume(tmp_path):
 @pytest.mark.slow
 def test_multirun_two_jobs(tmp_path):
     cache = tmp_path / "cache"
-    run_train_cli(TINY + ["-m", "seed=0,1", "logger=csv", "trainer.max_steps=3", "test=false",
+    run_train_cli(["-m"] + TINY + ["seed=0,1", "logger=csv", "trainer.max_steps=3", "test=false",
+                          "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
                           f"data.cache_dir={cache}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     a, b = (read_metric(find_metrics(tmp_path / "sweep" / str(i))) for i in (0, 1))
     assert sorted(a) == sorted(b) == [0, 1, 2]
@@ -128,7 +129,7 @@ def test_multirun_two_jobs(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_refuses_in_job_ddp_relaunch(tmp_path):
-    proc = run_train_cli(TINY + ["-m", "seed=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    proc = run_train_cli(["-m"] + TINY + ["seed=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
     assert proc.returncode != 0
     assert "multirun" in proc.stderr + proc.stdout
