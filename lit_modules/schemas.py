@@ -7,13 +7,36 @@ full key in the message, before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
 from lit_modules.base import OptimConfig
 from models.transformer import TransformerConfig
+
+
+def schema_of(cls: type) -> type:
+    """A field-for-field copy of a config dataclass without its `__post_init__`.
+
+    Hydra instantiates schema defaults; a config whose `__post_init__` fills fields from a preset
+    would bake that preset's values into the schema and override the YAML's `preset`.
+    """
+    hints = typing.get_type_hints(cls)
+    spec = []
+    for f in fields(cls):
+        if f.default is not MISSING:
+            spec.append((f.name, hints[f.name], field(default=f.default)))
+        elif f.default_factory is not MISSING:
+            spec.append((f.name, hints[f.name], field(default_factory=f.default_factory)))
+        else:
+            spec.append((f.name, hints[f.name]))
+    return make_dataclass(cls.__name__, spec)
+
+
+TransformerSchema = schema_of(TransformerConfig)
+OptimSchema = schema_of(OptimConfig)
 
 
 @dataclass
@@ -38,8 +61,8 @@ class SampleConfig:
 @dataclass
 class LMModuleSchema:
     _target_: str = "lit_modules.lm.LanguageModelModule"
-    net: TransformerConfig = field(default_factory=TransformerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    net: TransformerSchema = field(default_factory=TransformerSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
     nonfinite: str = "error"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -62,6 +85,7 @@ class TextDataSchema:
     num_workers: int = 0
     cache_dir: str = "data/cache"
     pin_memory: bool = False
+    txt_split: str = "paragraph"
 
 
 def _product(*values) -> int:

@@ -23,6 +23,13 @@ def test_default_config_composes(tmp_path):
     assert "tensorboard" in cfg.logger and cfg.seed == 0
     assert cfg.hydra.job.chdir is False
     assert cfg.callbacks.model_checkpoint.dirpath == f"{tmp_path}/checkpoints"
+    # the preset named in YAML decides the sizes (schema defaults must not pin another preset's)
+    import hydra
+
+    from models.transformer import PRESETS
+
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert module.net_cfg.preset == "small" and module.net_cfg.d_model == PRESETS["small"]["d_model"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
