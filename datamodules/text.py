@@ -264,6 +264,8 @@ class TextDataModule(L.LightningDataModule):
         txt_split: str = "paragraph",
     ) -> None:
         super().__init__()
+        # Stored in checkpoints (datamodule_hyper_parameters): tools that continue a run reuse the data.
+        self.save_hyperparameters()
         if tokenizer not in ("bpe", "byte"):
             raise ValueError(f"data.tokenizer must be 'bpe' or 'byte', got {tokenizer!r}")
         if seq_len < 1:

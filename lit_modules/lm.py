@@ -49,6 +49,10 @@ class LanguageModelModule(ExperimentModule):
         step on every rank and counts it (`train/nonfinite_skipped`); 'off' does not check.
     fsdp: options for `models.parallelize.parallelize` under `trainer=fsdp`.
     sample: text sampled at each validation end and logged to TensorBoard (max_new_tokens 0: off).
+    init_ckpt: a checkpoint whose weights initialise the network (weights only: a fresh optimiser
+        and schedule; e.g. the output of tools/convert_moe_to_moue.py). `ckpt_path` resumes instead.
+
+    Knobs set by callbacks: `moue_window` (MoUE: blocks each layer may route to).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class LanguageModelModule(ExperimentModule):
         fsdp: Optional[dict] = None,
         sample: Optional[dict] = None,
         seed: int = 0,
+        init_ckpt: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,12 +78,15 @@ class LanguageModelModule(ExperimentModule):
         self.fsdp_cfg = {"mixed_precision": "auto", "activation_checkpointing": False, **(fsdp or {})}
         self.sample_cfg = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": None, **(sample or {})}
         self.seed = seed
+        self.init_ckpt = init_ckpt
         self.model: Transformer | None = None
         self.tokenizer = None
         self.nonfinite_skipped = 0
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._last_step_time: float | None = None
+        self.last_routing: dict | None = None
+        self._pending_counts: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -94,19 +102,55 @@ class LanguageModelModule(ExperimentModule):
             # Stored back into hparams so that load_from_checkpoint rebuilds the same shapes.
             self.hparams["net"] = {**self.hparams["net"], "vocab_size": self.tokenizer.vocab_size}
         self.model = Transformer(self.net_cfg)
+        if self.init_ckpt:
+            self._load_init_weights(self.init_ckpt)
         mesh = self._device_mesh if self._trainer is not None else None
         if mesh is not None:
             from models.parallelize import parallelize
 
             parallelize(self.model, mesh, **self.fsdp_cfg)
 
+    def _load_init_weights(self, path: str) -> None:
+        # Before parallelize(): every rank loads the full tensors, then fully_shard keeps its shard.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"model.init_ckpt={path} does not match model.net: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
+        if "moue_window" in ckpt and self.model.routing is not None:
+            self.moue_window = ckpt["moue_window"]
+        rank_zero_info(f"initialised {len(state)} tensors from {path}")
+
+    @property
+    def moue_window(self) -> int | None:
+        """Knob: the number of pool blocks each MoUE layer may route to (None if not MoUE)."""
+        return None if self.model is None or self.model.routing is None else self.model.routing.window
+
+    @moue_window.setter
+    def moue_window(self, window: int) -> None:
+        if self.model is None or self.model.routing is None:
+            raise AttributeError("moue_window is only defined for model.net.ffn=moue")
+        self.model.routing.set_window(int(window))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
     # ----------------------------------------------------------------------------- steps
+    @property
+    def sparse(self) -> bool:
+        return self.net_cfg.ffn != "dense"
+
     def training_step(self, batch, batch_idx: int):
-        logits = self.model(batch.tokens)
-        loss = lm_loss(logits, batch.targets)
+        if self.sparse:
+            logits, balance, infos = self.model(batch.tokens, return_routing=True)
+            ce = lm_loss(logits, batch.targets)
+            loss = ce + balance
+            self._record_routing(infos)
+        else:
+            logits = self.model(batch.tokens)
+            loss = ce = lm_loss(logits, batch.targets)
         if self.nonfinite != "off":
             bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
             if bad:
@@ -125,9 +169,46 @@ class LanguageModelModule(ExperimentModule):
             self.log("train/tokens_per_sec", tokens / (now - self._last_step_time), on_step=True, on_epoch=False)
         self._last_step_time = now
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False)
+        self.log("train/ppl", ce.detach().exp(), on_step=True, on_epoch=False)
+        if self.sparse:
+            self.log("train/ce", ce.detach(), on_step=True, on_epoch=False)
+            self.log("train/balance_loss", balance.detach(), on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    # ----------------------------------------------------------------------------- routing
+    def _record_routing(self, infos) -> None:
+        """Keep the last step's routing statistics (for monitors) and the token counts since the last
+        optimiser step (for aux-loss-free bias updates, so gradient accumulation is respected)."""
+        counts = torch.stack([i.counts for i in infos]).float()
+        self.last_routing = {
+            "counts": counts,
+            "probs_mean": torch.stack([i.probs_mean.detach() for i in infos]),
+            "dropped": torch.stack([i.dropped.float() for i in infos]),
+            "num_pairs": infos[0].num_pairs,
+            "entropy": torch.stack([i.entropy for i in infos]),
+        }
+        self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        if self._pending_counts is None:
+            return
+        counts, self._pending_counts = self._pending_counts, None
+        if not self.net_cfg.moe.bias_balancing:
+            return
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank applies the same update
+        if self.net_cfg.ffn == "moe":
+            for layer, c in zip(self.model.layers, counts):
+                layer.ffn.router.update_bias(c)
+        else:
+            routing = self.model.routing
+            # balance against the topology's expected share pi_e (uniform target: plain counts)
+            load = counts.sum(0) / routing.pi.clamp_min(1e-12)
+            load = torch.where(routing.pi > 0, load, load[routing.pi > 0].mean())
+            for router in routing.routers:
+                router.update_bias(load)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -192,10 +273,14 @@ class LanguageModelModule(ExperimentModule):
         for lg in self.loggers:
             lg.log_metrics(metrics, step=0)
         rank_zero_info(f"parameters: total {counts['total']:,}, activated per token {counts['activated']:,}")
+        if self.model.routing is not None:
+            rank_zero_info(f"MoUE topology: {self.model.routing.report()}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        if self.moue_window is not None:
+            checkpoint["moue_window"] = self.moue_window
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = tokenizer_to_state(self.tokenizer)
 
@@ -209,3 +294,5 @@ class LanguageModelModule(ExperimentModule):
         if self.model is None and vocab:
             self.net_cfg.vocab_size = vocab
             self.configure_model()
+        if "moue_window" in checkpoint and self.model is not None and self.model.routing is not None:
+            self.moue_window = checkpoint["moue_window"]

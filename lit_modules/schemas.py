@@ -67,6 +67,7 @@ class LMModuleSchema:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 0
+    init_ckpt: Optional[str] = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ Read top to bottom: config and presets, block, model, generation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import CausalSelfAttention, LayerKVCache, RotaryEmbedding, SwiGLU, swiglu_hidden
+from models.moe.dispatch import moe_forward
+from models.moe.experts import GroupedExperts
+from models.moe.layer import MoEConfig, MoELayer
+from models.moe.moue import MoUEConfig, UniversalRouting
+
+FFN_KINDS = ("dense", "moe", "moue")
 
 # Named sizes. `tiny` is for tests, `small` trains on a CPU in minutes, `base` is GPT-2-small sized.
 PRESETS: dict[str, dict] = {
@@ -29,7 +35,9 @@ class TransformerConfig:
     """Architecture of the decoder. Fields left `None` are filled from `preset`.
 
     vocab_size: 0 means "ask the tokenizer"; the LightningModule fills it before building.
-    ffn_hidden: SwiGLU hidden size; None gives LLaMA's rounded 8/3 * d_model.
+    ffn_hidden: SwiGLU hidden size of dense FFNs; None gives LLaMA's rounded 8/3 * d_model.
+    ffn: the FFN of every block: 'dense' (SwiGLU), 'moe' (per-layer experts, `moe`) or 'moue'
+        (one expert pool shared by all layers, `moe` for the expert shape and `moue` for the pool).
     """
 
     preset: str = "tiny"
@@ -45,8 +53,18 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    ffn: str = "dense"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moue: MoUEConfig = field(default_factory=MoUEConfig)
 
     def __post_init__(self) -> None:
+        for name, cls in (("moe", MoEConfig), ("moue", MoUEConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                try:
+                    setattr(self, name, cls(**dict(value)))
+                except TypeError as e:
+                    raise ValueError(f"{name}: {e}") from e
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
         for key, value in PRESETS[self.preset].items():
@@ -69,6 +87,18 @@ class TransformerConfig:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn={self.ffn!r} is not one of {list(FFN_KINDS)}")
+        if self.ffn == "moue":
+            self.moue.validate(self.n_layers)
+
+    @property
+    def pool_blocks(self) -> int:
+        return self.moue.num_blocks or self.n_layers
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_blocks * (self.moue.block_size or self.moe.num_experts)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
@@ -86,20 +116,80 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
 
-class Block(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+@dataclass
+class LayerRouting:
+    """What one sparse layer reports: its losses (with grad) and detached statistics."""
 
-    def __init__(self, cfg: TransformerConfig):
+    loss: torch.Tensor         # balance + z-loss of this layer (coefficients applied); 0 for MoUE (pooled)
+    counts: torch.Tensor       # [E] kept pairs per expert (E = N_U for MoUE)
+    probs_mean: torch.Tensor   # [E] mean gate probability (with grad for MoUE: UELB needs it)
+    dropped: torch.Tensor      # dropped pairs
+    num_pairs: int
+    entropy: torch.Tensor
+    z_loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). The FFN is dense, MoE or MoUE.
+
+    A MoUE block owns no experts: the pool and router live on the model and are passed in.
+    """
+
+    def __init__(self, cfg: TransformerConfig, layer: int):
         super().__init__()
+        self.layer, self.kind = layer, cfg.ffn
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = None
+        if cfg.ffn == "dense":
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        elif cfg.ffn == "moe":
+            self.ffn = MoELayer(cfg.d_model, cfg.moe)
+        self.shared = None
+        if cfg.ffn == "moue" and cfg.moe.num_shared:
+            self.shared = SwiGLU(cfg.d_model, cfg.moe.num_shared * (cfg.moe.shared_hidden or cfg.moe.expert_hidden))
+        self.capacity_factor = cfg.moe.capacity_factor
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTC, cos, sin, cache: LayerKVCache | None = None, start_pos: int = 0):
+    def forward(
+        self,
+        x_BTC,
+        cos,
+        sin,
+        cache: LayerKVCache | None = None,
+        start_pos: int = 0,
+        routing: UniversalRouting | None = None,
+        pool: GroupedExperts | None = None,
+        state_NS: torch.Tensor | None = None,
+    ):
+        """Returns (x, trajectory state, LayerRouting or None)."""
         x_BTC = x_BTC + self.resid_drop(self.attn(self.attn_norm(x_BTC), cos, sin, cache, start_pos))
-        return x_BTC + self.resid_drop(self.ffn(self.ffn_norm(x_BTC)))
+        h = self.ffn_norm(x_BTC)
+        if self.kind == "dense":
+            return x_BTC + self.resid_drop(self.ffn(h)), state_NS, None
+        if self.kind == "moe":
+            y, aux = self.ffn(h)
+            info = LayerRouting(aux.aux_loss + aux.z_loss, aux.counts, aux.probs_mean, aux.dropped, aux.num_pairs, aux.entropy, aux.z_loss)
+            return x_BTC + self.resid_drop(y), state_NS, info
+        B, T, C = h.shape
+        h_NC = h.reshape(B * T, C)
+        if state_NS is None:
+            state_NS = routing.init_state(h_NC)
+        out = routing.route(self.layer, h_NC, state_NS)
+        y, plan = moe_forward(h_NC, out, pool, self.capacity_factor)
+        if self.shared is not None:
+            y = y + self.shared(h_NC)
+        state_NS = routing.next_state(self.layer, state_NS, out.topk_idx, out.topk_weight)
+        probs = out.probs
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean().detach()
+        finite = torch.where(torch.isfinite(out.logits), out.logits, torch.full_like(out.logits, -1e30))
+        z = torch.logsumexp(finite, dim=-1).pow(2).mean()
+        info = LayerRouting(
+            torch.zeros((), device=h.device), plan.counts.detach(), probs.mean(0), plan.dropped.detach(),
+            out.topk_idx.numel(), entropy, z,
+        )
+        return x_BTC + self.resid_drop(y.view(B, T, C)), state_NS, info
 
 
 class Transformer(nn.Module):
@@ -112,7 +202,16 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.pool = self.routing = None
+        if cfg.ffn == "moue":
+            # Owned by the model, not by a block: FSDP2 shards the pool once, with the root.
+            self.pool = GroupedExperts(cfg.pool_size, cfg.d_model, cfg.moe.expert_hidden, impl=cfg.moe.impl)
+            self.routing = UniversalRouting(
+                cfg.n_layers, cfg.d_model, cfg.pool_size, cfg.pool_blocks, cfg.moe.top_k, cfg.moue,
+                router_kwargs=dict(gate=cfg.moe.gate, renormalize=cfg.moe.renormalize, noise_std=cfg.moe.noise_std,
+                                   bias_balancing=cfg.moe.bias_balancing, bias_update_rate=cfg.moe.bias_update_rate),
+            )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -122,35 +221,82 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 style: N(0, std), output projections scaled down by depth."""
+        """GPT-2 style: N(0, std), output projections scaled down by depth; routing extras at 0."""
         std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if name.startswith("routing.") and not name.startswith("routing.routers."):
+                # trajectory signatures, depth embeddings, block bias, GRU: start neutral
+                if name.endswith("block_bias"):
+                    p.copy_(self.routing._initial_block_bias(self.cfg.moue.block_bias_init))
+                elif "state_norm" in name:
+                    nn.init.ones_(p)
+                elif ".gru." not in name:
+                    nn.init.zeros_(p)
+                continue
             if p.dim() == 1:  # norm gains
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+                nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
         self.rope.reset_parameters()
 
     def num_params(self) -> dict[str, int]:
-        """Total and per-token activated parameter counts (equal for a dense model)."""
+        """Total parameters, and those one token activates (experts counted k per sparse layer).
+
+        A pool expert used by several layers is one tensor (counted once in `total`) but runs once
+        per use, so `activated` counts the k experts of every layer, like an MoE's.
+        """
         total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
-        return {"total": total, "activated": total}
+        activated = total
+        k, L = self.cfg.moe.top_k, self.cfg.n_layers
+        if self.cfg.ffn == "moe":
+            for layer in self.layers:
+                per_expert = layer.ffn.experts.num_params_per_expert()
+                activated -= (layer.ffn.experts.w13.shape[0] - k) * per_expert
+        elif self.cfg.ffn == "moue":
+            per_expert = self.pool.num_params_per_expert()
+            activated += (L * k - self.cfg.pool_size) * per_expert
+        return {"total": total, "activated": activated}
 
     def forward(
         self,
         tokens_BT: torch.Tensor,
         cache: list[LayerKVCache] | None = None,
         start_pos: int = 0,
-    ) -> torch.Tensor:
-        """Logits [B, T, V]. With `cache`, tokens sit at positions start_pos.. and keys are kept."""
+        return_routing: bool = False,
+    ):
+        """Logits [B, T, V]; with `return_routing`, also (balance loss, per-layer LayerRouting list).
+
+        With `cache`, tokens sit at positions start_pos.. and keys are kept.
+        """
         T = tokens_BT.shape[1]
         cos, sin = self.rope(start_pos, T)
         x = self.drop(self.tok_emb(tokens_BT))
+        state, infos = None, []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i], start_pos)
-        return self.lm_head(self.norm(x))
+            x, state, info = layer(x, cos, sin, None if cache is None else cache[i], start_pos, self.routing, self.pool, state)
+            if info is not None:
+                infos.append(info)
+        logits = self.lm_head(self.norm(x))
+        if not return_routing:
+            return logits
+        return logits, self.balance_loss(infos), infos
+
+    def balance_loss(self, infos: list[LayerRouting]) -> torch.Tensor:
+        """Sparse models' auxiliary loss (coefficients applied), averaged over layers; 0 if dense."""
+        if not infos:
+            return self.tok_emb.weight.new_zeros(())
+        if self.cfg.ffn == "moe":
+            return torch.stack([i.loss for i in infos]).mean()
+        moe = self.cfg.moe
+        f = torch.stack([i.counts.float() / i.num_pairs for i in infos])
+        P = torch.stack([i.probs_mean for i in infos])
+        loss = moe.z_loss_coef * torch.stack([i.z_loss for i in infos]).mean()
+        if moe.aux_loss_coef:
+            loss = loss + moe.aux_loss_coef * self.routing.balance_loss(f, P)
+        return loss
 
     def new_cache(self, batch: int, max_len: int | None = None) -> list[LayerKVCache]:
         max_len = max_len or self.cfg.max_seq_len

@@ -58,3 +58,25 @@ def test_fsdp2_two_cpu_processes_save_resume_consolidate(tmp_path):
     for name, value in module.state_dict().items():
         assert torch.equal(value, state[name]), name
     assert module.generate_text(["Born in"], max_new_tokens=4)[0].startswith("Born in")
+
+
+def test_fsdp2_moue_pool_sharded_once_trains_and_resumes(tmp_path):
+    moue = ["model.net.ffn=moue", "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=32", "model.net.n_layers=2",
+            "model.net.moue.window=2", "model.net.moue.state_dim=8", "model.optim.total_steps=4",
+            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    args = common(tmp_path) + ["trainer=fsdp", *TWO_CPU] + moue
+    run_train_cli(args + ["trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'full'}"])
+    run_train_cli(args + ["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'a'}"])
+    run_train_cli(args + ["trainer.max_steps=4", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                          f"hydra.run.dir={tmp_path / 'b'}"])
+    full = read_metric(find_metrics(tmp_path / "full"))
+    resumed = {**read_metric(find_metrics(tmp_path / "a")), **read_metric(find_metrics(tmp_path / "b"))}
+    assert sorted(full) == [0, 1, 2, 3] and full == resumed
+
+    from tools.consolidate_checkpoint import consolidate
+
+    ckpt = consolidate(tmp_path / "b" / "checkpoints" / "last.ckpt", tmp_path / "c.ckpt")
+    # one pool tensor for the whole model, full-sized after consolidation, none inside the blocks
+    pool_keys = [k for k in ckpt["state_dict"] if "w13" in k]
+    assert pool_keys == ["model.pool.w13"]
+    assert ckpt["state_dict"]["model.pool.w13"].shape[0] == 2 * 4

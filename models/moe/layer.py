@@ -1,0 +1,123 @@
+"""One MoE feed-forward layer: router, routed experts, optional shared experts, balance losses.
+
+Shapes: B batch, T time, C model dim, N = B*T tokens, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from models.layers.ffn import SwiGLU
+from models.moe.balance import router_entropy, router_z_loss, switch_aux_loss
+from models.moe.dispatch import moe_forward
+from models.moe.experts import IMPLS, GroupedExperts
+from models.moe.router import GATES, Router
+
+
+@dataclass
+class MoEConfig:
+    """Expert layout, routing and balancing of an MoE layer.
+
+    num_shared: always-on shared experts, run as one dense SwiGLU of hidden num_shared * shared_hidden.
+    capacity_factor: None is dropless; else each expert keeps ceil(cf * N * k / E) pairs.
+    aux_loss_coef / z_loss_coef: Switch balance loss and router z-loss weights (0 disables).
+    bias_balancing: DeepSeek-V3 aux-loss-free balancing (bias on selection only); usually with aux_loss_coef=0.
+    impl: expert GEMMs: auto | grouped_mm | loop.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256
+    num_shared: int = 0
+    shared_hidden: Optional[int] = None
+    gate: str = "softmax"
+    renormalize: bool = True
+    noise_std: float = 0.0
+    capacity_factor: Optional[float] = None
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("num_experts", "top_k", "expert_hidden"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.num_shared < 0:
+            raise ValueError(f"num_shared must be >= 0, got {self.num_shared}")
+        if self.shared_hidden is not None and self.shared_hidden <= 0:
+            raise ValueError(f"shared_hidden must be positive or None, got {self.shared_hidden}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} is not one of {list(GATES)}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r} is not one of {list(IMPLS)}")
+        for key in ("noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+
+
+@dataclass
+class MoEAux:
+    """Losses (already weighted) and detached routing statistics of one MoE layer call."""
+
+    aux_loss: torch.Tensor  # scalar, times aux_loss_coef
+    z_loss: torch.Tensor  # scalar, times z_loss_coef
+    counts: torch.Tensor  # [E] int64 kept pairs per expert
+    probs_mean: torch.Tensor  # [E] mean gate probability
+    dropped: torch.Tensor  # scalar int64 dropped pairs
+    num_pairs: int  # N * k
+    entropy: torch.Tensor  # mean per-token router entropy, nats (balance.router_entropy)
+
+
+class MoELayer(nn.Module):
+    """Router + GroupedExperts (+ shared experts) for one block."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.dim, self.cfg = dim, cfg
+        self.router = Router(
+            dim, cfg.num_experts, cfg.top_k, gate=cfg.gate, renormalize=cfg.renormalize, noise_std=cfg.noise_std,
+            bias_balancing=cfg.bias_balancing, bias_update_rate=cfg.bias_update_rate,
+        )
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, impl=cfg.impl)
+        self.shared = None
+        if cfg.num_shared:
+            self.shared = SwiGLU(dim, cfg.num_shared * (cfg.shared_hidden or cfg.expert_hidden))
+
+    def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        shape = x_BTC.shape
+        x_NC = x_BTC.reshape(-1, shape[-1])
+        r = self.router(x_NC)
+        y_NC, plan = moe_forward(x_NC, r, self.experts, self.cfg.capacity_factor)
+        if self.shared is not None:
+            y_NC = y_NC + self.shared(x_NC)
+        zero = r.probs.new_zeros(())
+        E = self.cfg.num_experts
+        aux = switch_aux_loss(r.probs, r.topk_idx, E) * self.cfg.aux_loss_coef if self.cfg.aux_loss_coef else zero
+        z = router_z_loss(r.logits) * self.cfg.z_loss_coef if self.cfg.z_loss_coef else zero
+        info = MoEAux(
+            aux_loss=aux,
+            z_loss=z,
+            counts=plan.counts.detach(),
+            probs_mean=r.probs.detach().mean(0),
+            dropped=plan.dropped.detach(),
+            num_pairs=r.topk_idx.numel(),
+            entropy=router_entropy(r.probs.detach()),
+        )
+        return y_NC.view(shape), info
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters and those one token activates (router + shared + k experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = self.experts.num_params_per_expert()
+        activated = total - (self.cfg.num_experts - self.cfg.top_k) * per_expert
+        return {"total": total, "activated": activated}
