@@ -12,6 +12,7 @@ from pathlib import Path
 import random
 import re
 import tempfile
+import warnings
 
 import lightning as L
 import numpy as np
@@ -410,6 +411,9 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled, rank-sharded, exactly resumable loader with the per-rank batch size."""
         self._require_setup()
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; this DataModule restores the
+        # sampler position itself (state_dict/load_state_dict), so the warning does not apply here.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         rank, world = self._rank_and_world()
         batch_size = self.per_rank_batch_size()
         sampler = ResumableSampler(len(self.train_dataset), self.seed, shuffle=True,

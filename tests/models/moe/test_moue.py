@@ -83,3 +83,15 @@ def test_uelb_hand_computed():
 def test_window_blocks_wraps():
     assert window_blocks(3, 4, 3) == [3, 0, 1]
     assert window_blocks(0, 4, 3, centered=True) == [3, 0, 1]
+
+
+def test_topology_report_tool():
+    from math import comb, log10
+
+    from tools.moue_topology import report
+
+    r = report(layers=4, experts=8, window=2, top_k=2)
+    assert r["physical_width"] == 32 and r["virtual_width_per_layer"] == [16] * 4
+    assert r["exposure"] == [2] * 32
+    assert r["log10_routing_paths"] == pytest.approx(round(4 * log10(comb(16, 2)), 3))
+    assert r["log10_routing_paths_full_sharing"] == pytest.approx(round(4 * log10(comb(32, 2)), 3))
