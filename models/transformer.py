@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import CausalSelfAttention, LayerKVCache, RotaryEmbedding, SwiGLU, swiglu_hidden
-from models.moe.dispatch import moe_forward
+from models.moe.dispatch import moe_forward, plan_dispatch
 from models.moe.experts import GroupedExperts
 from models.moe.layer import MoEConfig, MoELayer
 from models.moe.moue import MoUEConfig, UniversalRouting
@@ -91,6 +91,8 @@ class TransformerConfig:
             raise ValueError(f"ffn={self.ffn!r} is not one of {list(FFN_KINDS)}")
         if self.ffn == "moue":
             self.moue.validate(self.n_layers)
+            if self.moue.window * (self.moue.block_size or self.moe.num_experts) < self.moe.top_k:
+                raise ValueError("moue.window * block_size must be >= moe.top_k (a layer needs k candidates)")
 
     @property
     def pool_blocks(self) -> int:
@@ -162,6 +164,7 @@ class Block(nn.Module):
         routing: UniversalRouting | None = None,
         pool: GroupedExperts | None = None,
         state_NS: torch.Tensor | None = None,
+        pool_views: tuple[list, list] | None = None,
     ):
         """Returns (x, trajectory state, LayerRouting or None)."""
         x_BTC = x_BTC + self.resid_drop(self.attn(self.attn_norm(x_BTC), cos, sin, cache, start_pos))
@@ -177,7 +180,20 @@ class Block(nn.Module):
         if state_NS is None:
             state_NS = routing.init_state(h_NC)
         out = routing.route(self.layer, h_NC, state_NS)
-        y, plan = moe_forward(h_NC, out, pool, self.capacity_factor)
+        if pool_views is None:
+            y, plan = moe_forward(h_NC, out, pool, self.capacity_factor)
+            counts = plan.counts
+        else:
+            # Dispatch among this layer's candidates only, with per-expert views of the pool: the
+            # backward then touches just the experts this layer used.
+            cand = routing.candidates[self.layer]
+            local = routing.local_index[self.layer][out.topk_idx]
+            plan = plan_dispatch(local, out.topk_weight, len(cand), self.capacity_factor)
+            w13s, w2s = pool_views
+            y = pool.forward_routed_subset(
+                h_NC, plan.token_idx, plan.weight, plan.counts, [w13s[e] for e in cand], [w2s[e] for e in cand]
+            )
+            counts = plan.counts.new_zeros(pool.num_experts).index_copy_(0, routing.allowed[self.layer].nonzero().flatten(), plan.counts)
         if self.shared is not None:
             y = y + self.shared(h_NC)
         state_NS = routing.next_state(self.layer, state_NS, out.topk_idx, out.topk_weight)
@@ -186,7 +202,7 @@ class Block(nn.Module):
         finite = torch.where(torch.isfinite(out.logits), out.logits, torch.full_like(out.logits, -1e30))
         z = torch.logsumexp(finite, dim=-1).pow(2).mean()
         info = LayerRouting(
-            torch.zeros((), device=h.device), plan.counts.detach(), probs.mean(0), plan.dropped.detach(),
+            torch.zeros((), device=h.device), counts.detach(), probs.mean(0), plan.dropped.detach(),
             out.topk_idx.numel(), entropy, z,
         )
         return x_BTC + self.resid_drop(y.view(B, T, C)), state_NS, info
@@ -275,8 +291,18 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start_pos, T)
         x = self.drop(self.tok_emb(tokens_BT))
         state, infos = None, []
+        views = None
+        if self.pool is not None:
+            # choose_impl judges work per expert over the whole pool; a layer spreads its pairs over
+            # only window/num_blocks of it, hence the scaling.
+            pairs = tokens_BT.numel() * self.cfg.moe.top_k * self.routing.num_blocks // self.routing.window
+            if x.device.type == "cpu" and self.pool.choose_impl(pairs, x.device, x.dtype) == "loop":
+                # one unbind per forward: every layer takes its window's experts from these views
+                views = (self.pool.w13.unbind(0), self.pool.w2.unbind(0))
         for i, layer in enumerate(self.layers):
-            x, state, info = layer(x, cos, sin, None if cache is None else cache[i], start_pos, self.routing, self.pool, state)
+            x, state, info = layer(
+                x, cos, sin, None if cache is None else cache[i], start_pos, self.routing, self.pool, state, views
+            )
             if info is not None:
                 infos.append(info)
         logits = self.lm_head(self.norm(x))

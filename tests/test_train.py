@@ -140,3 +140,13 @@ def test_multirun_refuses_in_job_ddp_relaunch(tmp_path):
                                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
     assert proc.returncode != 0
     assert "multirun" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_and_reports_the_metric(tmp_path):
+    proc = run_train_cli(TINY + ["hparams_search=lm_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+                                 "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+                                 f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "model.optim.lr" in best and "best_value" in best
+    assert len(list((tmp_path / "sweep").glob("*/csv/metrics.csv"))) == 2

@@ -167,6 +167,12 @@ class UniversalRouting(nn.Module):
             self.n_layers, self.num_blocks, self.block_size, window, self.cfg.stride, self.cfg.centered
         )
         self.allowed.copy_(allowed.to(self.allowed.device))
+        # Per layer: its candidate experts (ascending) and pool id -> position among them (-1 outside).
+        self.candidates = [row.nonzero().flatten().tolist() for row in allowed]
+        local = torch.full(allowed.shape, -1, dtype=torch.long)
+        for layer, cand in enumerate(self.candidates):
+            local[layer, cand] = torch.arange(len(cand))
+        self.register_buffer("local_index", local.to(self.allowed.device), persistent=False)
         self.pi.copy_(uelb_target(allowed, self.cfg.uelb_target).to(self.pi.device))
 
     def _initial_block_bias(self, beta: float) -> torch.Tensor:

@@ -121,3 +121,40 @@ def test_conversion_preserves_every_tensor_and_the_logits():
     torch.testing.assert_close(dst(x), src(x), atol=1e-5, rtol=1e-5)
     dst.routing.set_window(2)  # opening the window changes the function only through the (-beta) bias
     assert not torch.equal(dst(x), src(x))
+
+
+def test_moue_per_expert_view_path_equals_full_pool_path(monkeypatch):
+    """The CPU fast path (dispatch over the layer's candidates, per-expert pool views) equals the
+    plain full-pool dispatch: outputs, routing counts and every gradient."""
+    from models.moe.experts import GroupedExperts, _ExpertLoop
+
+    m = build("moue", moue=dict(window=2, state_dim=8))
+    x = torch.randint(0, 61, (2, 16))
+    subset_calls = []
+    original_subset = GroupedExperts.forward_routed_subset
+
+    def counting_subset(self, *a, **kw):
+        subset_calls.append(1)
+        return original_subset(self, *a, **kw)
+
+    def full_pool_loop(self, x_ND, token_idx_M, weight_M, counts_E):
+        return _ExpertLoop.apply(x_ND, self.w13, self.w2, weight_M, token_idx_M, counts_E.tolist(), x_ND.shape[0])
+
+    monkeypatch.setattr(GroupedExperts, "forward_routed_subset", counting_subset)
+    monkeypatch.setattr(GroupedExperts, "forward_routed", full_pool_loop)
+    results = []
+    for path in ("views", "full"):
+        # any answer other than "loop" makes the model dispatch over the whole pool
+        monkeypatch.setattr(GroupedExperts, "choose_impl", lambda self, *a, _p=path: "loop" if _p == "views" else "full")
+        m.zero_grad()
+        logits, bal, infos = m(x, return_routing=True)
+        (logits.float().pow(2).mean() + bal).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), [i.counts for i in infos], grads))
+    assert len(subset_calls) == 3  # one per layer, only on the views pass
+    (l1, c1, g1), (l2, c2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(c1, c2))
+    assert g1.keys() == g2.keys() and "pool.w13" in g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-4, msg=name)
