@@ -1,4 +1,4 @@
-"""Batch type for language modelling and its collate function."""
+"""Batch types (language modelling, images/videos, audio) and their collate functions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LMBatch", "collate_lm"]
+__all__ = ["AudioBatch", "LMBatch", "VisualBatch", "collate_audio", "collate_lm", "collate_visual"]
 
 
 @dataclass
@@ -43,3 +43,92 @@ def collate_lm(samples: Sequence[Mapping[str, torch.Tensor] | Sequence[torch.Ten
         tokens=torch.stack([torch.as_tensor(t) for t in tokens]).long(),
         targets=torch.stack([torch.as_tensor(t) for t in targets]).long(),
     )
+
+
+def _labels_and_index(samples: Sequence[Mapping], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(samples) == 0:
+        raise ValueError(f"{name} got an empty list of samples")
+    labels = torch.as_tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long)
+    index = torch.as_tensor([int(s.get("index", -1)) for s in samples], dtype=torch.long)
+    return labels, index
+
+
+@dataclass
+class VisualBatch:
+    """Images [B, 3, H, W] or clips [B, 3, T, H, W], float32 in [-1, 1].
+
+    labels: int64 [B], -1 = unlabelled. index: int64 [B], each sample's index in its dataset.
+    """
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def pin_memory(self) -> VisualBatch:
+        """Pinned copy; the DataLoader calls this on custom batch types when pin_memory=True."""
+        return VisualBatch(self.pixels.pin_memory(), self.labels.pin_memory(), self.index.pin_memory())
+
+    def to(self, *args, **kwargs) -> VisualBatch:
+        """Move like `Tensor.to`; a dtype applies to `pixels` only (labels and index stay int64)."""
+        return VisualBatch(self.pixels.to(*args, **kwargs), _move_int(self.labels, args, kwargs),
+                           _move_int(self.index, args, kwargs))
+
+
+@dataclass
+class AudioBatch:
+    """Waveforms float32 [B, L] in [-1, 1] at `sample_rate` Hz.
+
+    labels: int64 [B], -1 = unlabelled. index: int64 [B], each sample's index in its dataset.
+    """
+
+    waveform: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    sample_rate: int
+
+    def __len__(self) -> int:
+        return self.waveform.shape[0]
+
+    def pin_memory(self) -> AudioBatch:
+        """Pinned copy; the DataLoader calls this on custom batch types when pin_memory=True."""
+        return AudioBatch(self.waveform.pin_memory(), self.labels.pin_memory(), self.index.pin_memory(),
+                          self.sample_rate)
+
+    def to(self, *args, **kwargs) -> AudioBatch:
+        """Move like `Tensor.to`; a dtype applies to `waveform` only (labels and index stay int64)."""
+        return AudioBatch(self.waveform.to(*args, **kwargs), _move_int(self.labels, args, kwargs),
+                          _move_int(self.index, args, kwargs), self.sample_rate)
+
+
+def _move_int(t: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`Tensor.to` for integer tensors: device and non_blocking are honoured, dtypes ignored."""
+    device = kwargs.get("device")
+    for a in args:
+        if isinstance(a, (torch.device, str, int)):
+            device = a
+        elif isinstance(a, torch.Tensor):
+            device = a.device
+    return t if device is None else t.to(device, non_blocking=kwargs.get("non_blocking", False))
+
+
+def collate_visual(samples: Sequence[Mapping[str, torch.Tensor | int]]) -> VisualBatch:
+    """Stack {"pixels", "label", "index"} samples into a VisualBatch."""
+    labels, index = _labels_and_index(samples, "collate_visual")
+    pixels = torch.stack([torch.as_tensor(s["pixels"]) for s in samples]).float()
+    return VisualBatch(pixels=pixels, labels=labels, index=index)
+
+
+def collate_audio(samples: Sequence[Mapping[str, torch.Tensor | int]], sample_rate: int | None = None) -> AudioBatch:
+    """Stack {"waveform", "label", "index"(, "sample_rate")} samples into an AudioBatch.
+
+    sample_rate: used when the samples do not carry one.
+    """
+    labels, index = _labels_and_index(samples, "collate_audio")
+    rate = samples[0].get("sample_rate", sample_rate)
+    if rate is None:
+        raise ValueError("collate_audio needs a sample_rate (in the samples or as an argument)")
+    waveform = torch.stack([torch.as_tensor(s["waveform"]) for s in samples]).float()
+    return AudioBatch(waveform=waveform, labels=labels, index=index, sample_rate=int(rate))

@@ -14,6 +14,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from lit_modules.base import OptimConfig
+from lit_modules.data_schemas import register_data_schemas
+from models.tokenizers.visual import TokenizerConfig
 from models.transformer import TransformerConfig
 
 
@@ -71,6 +73,43 @@ class LMModuleSchema:
 
 
 @dataclass
+class TokenizerLossSchema:
+    l1: float = 1.0
+    l2: float = 1.0
+    commit: float = 0.25
+    quant: float = 1.0
+    entropy: float = 0.1
+
+
+@dataclass
+class GANSchema:
+    enabled: bool = False
+    weight: float = 0.1
+    start_step: int = 0
+    lecam: float = 1e-3
+    lecam_decay: float = 0.999
+    channels: int = 32
+    layers: int = 3
+    lr: Optional[float] = None
+
+
+VisualTokenizerNetSchema = schema_of(TokenizerConfig)
+
+
+@dataclass
+class VisualTokenizerModuleSchema:
+    _target_: str = "lit_modules.visual_tokenizer.VisualTokenizerModule"
+    net: VisualTokenizerNetSchema = field(default_factory=VisualTokenizerNetSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    loss: TokenizerLossSchema = field(default_factory=TokenizerLossSchema)
+    gan: GANSchema = field(default_factory=GANSchema)
+    seed: int = 0
+    inflate_from: Optional[str] = None
+    init_ckpt: Optional[str] = None
+    log_samples: int = 4
+
+
+@dataclass
 class TextDataSchema:
     _target_: str = "datamodules.text.TextDataModule"
     source: str = "bios"
@@ -89,6 +128,17 @@ class TextDataSchema:
     txt_split: str = "paragraph"
 
 
+@dataclass
+class TokensDataSchema:
+    _target_: str = "datamodules.tokens.TokenDataModule"
+    cache_dir: str = "???"
+    tokenizer_ckpt: str = "???"
+    batch_size: int = 8
+    seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
 def _product(*values) -> int:
     out = 1
     for v in values:
@@ -104,3 +154,6 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="lm_schema", node=LMModuleSchema)
     cs.store(group="data", name="text_schema", node=TextDataSchema)
+    register_data_schemas(cs)  # image / video / audio
+    cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
+    cs.store(group="data", name="tokens_schema", node=TokensDataSchema)

@@ -24,7 +24,7 @@ __all__ = ["PRESETS", "TokenizerConfig", "VisualTokenizer", "inflate_2d_to_3d"]
 # Named sizes. `tiny` is for tests; `small` trains on CPU in minutes on 32x32 clips (8x8 latent);
 # `base` is the paper's shape: 16x spatial, 4x temporal compression.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, time_stride=2, dim=8, scales=[1, 2, 4]),
+    "tiny": dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, time_stride=2, dim=8, scales=[1, 2, 4]),
     "small": dict(ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, time_stride=4, dim=16, scales=[1, 2, 4, 6, 8]),
     "base": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, time_stride=4, dim=32,
                  scales=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),

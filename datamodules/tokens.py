@@ -1,0 +1,140 @@
+"""DataModule serving a token cache (tools/tokenize_dataset.py) to autoregressive models.
+
+It loads the frozen tokenizer it is given (which the LightningModule can ask for, to build
+scale inputs and to decode samples) and refuses a cache whose manifest records another tokenizer:
+tokens are only meaningful to the exact weights that wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.media import MediaDataModule
+from datamodules.token_cache import read_manifest, verify_shard
+from models.tokenizers.checkpoint import load_media_tokenizer
+
+__all__ = ["TokenBatch", "TokenDataModule", "TokenDataset", "collate_tokens"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenBatch:
+    """Cached tokens of B items.
+
+    tokens: per scale, visual bits uint8 [B, T', h, w, d] (or indices [B, T', h, w]); audio: one
+        tensor [B, F, Q] of codes. features: the tokenizer's continuous latent [B, d, T', H, W]
+        (visual caches built with features) or None. labels/index: int64 [B].
+    """
+
+    tokens: list[torch.Tensor]
+    labels: torch.Tensor
+    index: torch.Tensor
+    features: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, *args, **kwargs) -> "TokenBatch":
+        device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        return TokenBatch([mv(t) for t in self.tokens], mv(self.labels), mv(self.index),
+                          None if self.features is None else self.features.to(*args, **kwargs))
+
+    def pin_memory(self) -> "TokenBatch":
+        return TokenBatch([t.pin_memory() for t in self.tokens], self.labels.pin_memory(), self.index.pin_memory(),
+                          None if self.features is None else self.features.pin_memory())
+
+
+class TokenDataset(Dataset):
+    def __init__(self, tokens: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor,
+                 features: Optional[torch.Tensor]) -> None:
+        self.tokens, self.labels, self.index, self.features = tokens, labels, index, features
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        out = {"tokens": [t[i] for t in self.tokens], "label": int(self.labels[i]), "index": int(self.index[i])}
+        if self.features is not None:
+            out["features"] = self.features[i]
+        return out
+
+
+def collate_tokens(samples: Sequence[dict]) -> TokenBatch:
+    if not samples:
+        raise ValueError("collate_tokens got an empty list of samples")
+    k = len(samples[0]["tokens"])
+    tokens = [torch.stack([s["tokens"][j] for s in samples]) for j in range(k)]
+    feats = torch.stack([s["features"] for s in samples]) if "features" in samples[0] else None
+    return TokenBatch(tokens, torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                      torch.tensor([s["index"] for s in samples], dtype=torch.long), feats)
+
+
+class TokenDataModule(MediaDataModule):
+    """Batches of `TokenBatch` from a token cache, with the loaders/resume of the media DataModules.
+
+    cache_dir: the cache (tools/tokenize_dataset.py OUT_DIR).
+    tokenizer_ckpt: the tokenizer the model will decode with; it must be the one that wrote the cache.
+    """
+
+    modality = "token"
+
+    def __init__(self, cache_dir: str, tokenizer_ckpt: str, batch_size: int = 8, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(source=str(cache_dir), batch_size=batch_size, seed=seed, num_workers=num_workers,
+                         pin_memory=pin_memory)
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer_ckpt = tokenizer_ckpt
+        self.tokenizer = None
+        self.tokenizer_info: dict = {}
+        self.manifest: dict = {}
+
+    def _build(self) -> None:
+        manifest = read_manifest(self.cache_dir)
+        tokenizer, info = load_media_tokenizer(self.tokenizer_ckpt)
+        written_by = manifest["tokenizer"]
+        if written_by["digest"] != info["digest"]:
+            raise ValueError(
+                f"token cache {self.cache_dir} was written by tokenizer {written_by['digest']} "
+                f"(checkpoint sha256 {written_by['checkpoint_sha256'][:12]}), but data.tokenizer_ckpt="
+                f"{self.tokenizer_ckpt} is tokenizer {info['digest']}: rebuild the cache with "
+                "tools/tokenize_dataset.py or pass the tokenizer that wrote it"
+            )
+        datasets = {}
+        for split in ("train", "val", "test"):
+            entry = manifest["splits"].get(split)
+            if entry is None:
+                continue
+            if not entry["complete"]:
+                raise ValueError(f"token cache {self.cache_dir}: split {split!r} is incomplete "
+                                 f"({len(entry['shards'])} shards written); re-run tools/tokenize_dataset.py to finish it")
+            parts = [torch.load(verify_shard(self.cache_dir, s), map_location="cpu", weights_only=True)
+                     for s in entry["shards"]]
+            if not parts:
+                continue
+            tokens = [torch.cat([p["tokens"][k] for p in parts]) for k in range(len(parts[0]["tokens"]))]
+            feats = torch.cat([p["features"] for p in parts]) if "features" in parts[0] else None
+            datasets[split] = TokenDataset(tokens, torch.cat([p["labels"] for p in parts]),
+                                           torch.cat([p["index"] for p in parts]), feats)
+        if "train" not in datasets:
+            raise ValueError(f"token cache {self.cache_dir} has no train split")
+        self.manifest = manifest
+        self.tokenizer, self.tokenizer_info = tokenizer, info
+        self.class_names = list(manifest["data"].get("class_names") or [])
+        self.num_classes = int(manifest["data"].get("num_classes") or len(self.class_names))
+        self.train_dataset = datasets["train"]
+        self.val_dataset = datasets.get("val", TokenDataset([t[:0] for t in datasets["train"].tokens],
+                                                            torch.zeros(0, dtype=torch.long),
+                                                            torch.zeros(0, dtype=torch.long), None))
+        self.test_dataset = datasets.get("test", self.val_dataset)
+
+    def _collate_fn(self) -> Callable:
+        return collate_tokens
