@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from lit_modules.base import OptimConfig
 from lit_modules.data_schemas import register_data_schemas
+from models.tokenizers.audio import AudioTokenizerConfig
 from models.tokenizers.visual import TokenizerConfig
 from models.transformer import TransformerConfig
 
@@ -128,6 +129,20 @@ class TextDataSchema:
     txt_split: str = "paragraph"
 
 
+AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)
+
+
+@dataclass
+class AudioTokenizerModuleSchema:
+    _target_: str = "lit_modules.audio_tokenizer.AudioTokenizerModule"
+    net: AudioTokenizerNetSchema = field(default_factory=AudioTokenizerNetSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    l1: float = 1.0
+    l2: float = 1.0
+    seed: int = 0
+    log_samples: int = 2
+
+
 @dataclass
 class TokensDataSchema:
     _target_: str = "datamodules.tokens.TokenDataModule"
@@ -157,3 +172,4 @@ def register_schemas() -> None:
     register_data_schemas(cs)  # image / video / audio
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
     cs.store(group="data", name="tokens_schema", node=TokensDataSchema)
+    cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
