@@ -17,6 +17,7 @@ from lit_modules.base import OptimConfig
 from lit_modules.data_schemas import register_data_schemas
 from models.tokenizers.audio import AudioTokenizerConfig
 from models.tokenizers.visual import TokenizerConfig
+from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
 
 
@@ -143,6 +144,35 @@ class AudioTokenizerModuleSchema:
     log_samples: int = 2
 
 
+VideoARNetSchema = schema_of(VideoARConfig)
+CFECSchema = schema_of(CFECConfig)
+
+
+@dataclass
+class VideoARSampleConfig:
+    num_clips: int = 4
+    num_frames: int = 0
+    guidance: list[float] = field(default_factory=lambda: [1.0, 3.0, 5.0])
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+
+
+@dataclass
+class VideoARModuleSchema:
+    _target_: str = "lit_modules.videoar.VideoARModule"
+    net: VideoARNetSchema = field(default_factory=VideoARNetSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    tokenizer_ckpt: Optional[str] = None
+    scale_weighting: str = "infinity"
+    cfec: CFECSchema = field(default_factory=CFECSchema)
+    frame_mask_prob: float = 0.0
+    frame_mask_window: Optional[int] = None
+    sample: VideoARSampleConfig = field(default_factory=VideoARSampleConfig)
+    seed: int = 0
+    init_ckpt: Optional[str] = None
+
+
 @dataclass
 class TokensDataSchema:
     _target_: str = "datamodules.tokens.TokenDataModule"
@@ -173,3 +203,4 @@ def register_schemas() -> None:
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
     cs.store(group="data", name="tokens_schema", node=TokensDataSchema)
     cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
+    cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)

@@ -26,8 +26,9 @@ def parallelize(
     mixed_precision: str = "auto",
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
+    blocks_attr: str = "layers",
 ) -> nn.Module:
-    """Apply `fully_shard` to every block in `model.layers`, then to the root.
+    """Apply `fully_shard` to every block in `model.<blocks_attr>` (a ModuleList), then to the root.
 
     Parameters are kept in fp32 (sharded); compute runs in the policy's dtype and gradients are
     reduced in fp32.
@@ -36,9 +37,10 @@ def parallelize(
     dtype = resolve_param_dtype(mixed_precision, mesh.device_type)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     if activation_checkpointing:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
-    for block in model.layers:
+        blocks = getattr(model, blocks_attr)
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+    for block in getattr(model, blocks_attr):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root owns the embedding, final norm and (tied) head; no point resharding it after forward
     # since the head runs last and backward starts there.

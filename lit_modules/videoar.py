@@ -1,0 +1,294 @@
+"""LightningModule for VideoAR: teacher-forced next-scale / next-frame bitwise prediction over the
+tokens of a frozen multi-scale video tokenizer, with the two callback knobs of the paper.
+
+Knobs (documented attributes, set by callbacks or by hand; applied in `training_step`):
+    cfec: CFECConfig            Cross-Frame Error Correction (bit flips + re-quantization); off by default
+    frame_mask_prob: float      Random Frame Mask: P(an earlier frame is hidden from a query frame); 0 = off
+    frame_mask_window: int|None frames a query frame may look back (None = all)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_modules.base import ExperimentModule, OptimConfig, step_seed
+from models.layers.block_mask import frame_mask_keep
+from models.tokenizers.checkpoint import load_media_tokenizer
+from models.tokenizers.visual import VisualTokenizer
+from models.videoar import (
+    CFECConfig,
+    GuidanceSchedule,
+    VideoAR,
+    VideoARConfig,
+    bitwise_loss,
+    scale_token_weights,
+    teacher_forcing_sequence,
+)
+
+__all__ = ["VideoARModule"]
+
+
+def _cfec_from(d: Optional[dict]) -> CFECConfig:
+    d = dict(d or {})
+    known = {f.name for f in fields(CFECConfig)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown model.cfec keys {bad}; known: {sorted(known)}")
+    try:
+        return CFECConfig(**d)
+    except ValueError as e:
+        raise ValueError(f"model.cfec: {e}") from e
+
+
+class VideoARModule(ExperimentModule):
+    """Trains `models.videoar.VideoAR` class-conditionally on clips (pixels or a token cache).
+
+    net: VideoARConfig fields (bits, scales, num_classes 0 = from the tokenizer / data).
+    tokenizer_ckpt: the frozen video tokenizer; None = the DataModule's (a token cache's) tokenizer.
+    scale_weighting: 'uniform' or 'infinity' per-token loss weights.
+    cfec: the initial Cross-Frame Error Correction knob (CFECConfig fields).
+    frame_mask_prob / frame_mask_window: the initial Random Frame Mask knob.
+    sample: generation at validation end (num_clips 0 = off): guidance [first_start, first_end,
+        final], temperature, top_k, top_p; clips are decoded and logged to TensorBoard.
+    """
+
+    def __init__(self, net: dict, optim: Optional[dict] = None, tokenizer_ckpt: Optional[str] = None,
+                 scale_weighting: str = "infinity", cfec: Optional[dict] = None, frame_mask_prob: float = 0.0,
+                 frame_mask_window: Optional[int] = None, sample: Optional[dict] = None, seed: int = 0,
+                 init_ckpt: Optional[str] = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.net_cfg = VideoARConfig.from_dict(dict(net))
+        except ValueError as e:
+            raise ValueError(f"invalid model.net: {e}") from e
+        self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
+        if scale_weighting not in ("uniform", "infinity"):
+            raise ValueError(f"model.scale_weighting must be 'uniform' or 'infinity', got {scale_weighting!r}")
+        if not 0.0 <= frame_mask_prob < 1.0:
+            raise ValueError(f"model.frame_mask_prob must be in [0, 1), got {frame_mask_prob}")
+        self.scale_weighting = scale_weighting
+        self.cfec = _cfec_from(cfec)
+        self.frame_mask_prob = frame_mask_prob
+        self.frame_mask_window = frame_mask_window
+        self.sample_cfg = {"num_clips": 4, "guidance": [1.0, 3.0, 5.0], "temperature": 1.0, "top_k": 0,
+                           "top_p": 0.0, **(sample or {})}
+        self.seed = seed
+        self.tokenizer_ckpt = tokenizer_ckpt
+        self.init_ckpt = init_ckpt
+        self.net: VideoAR | None = None
+        self.tokenizer_info: dict[str, Any] = {}
+        self._tokenizer: VisualTokenizer | None = None  # frozen, kept out of the module tree (not trained,
+        # not sharded, not in this module's state dict: the checkpoint records its path and digest)
+
+    # ------------------------------------------------------------------------------- building
+    @property
+    def tokenizer(self) -> VisualTokenizer:
+        if self._tokenizer is None:
+            raise RuntimeError("the video tokenizer is not loaded yet (configure_model)")
+        return self._tokenizer
+
+    def _load_tokenizer(self) -> None:
+        if self._tokenizer is not None:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tokenizer_ckpt:
+            tok, info = load_media_tokenizer(self.tokenizer_ckpt, expect_kind="visual")
+        elif dm is not None and getattr(dm, "tokenizer", None) is not None:
+            tok, info = dm.tokenizer, dict(dm.tokenizer_info)
+        else:
+            raise ValueError("model.tokenizer_ckpt is not set and the DataModule has no tokenizer (use data=tokens "
+                             "or set model.tokenizer_ckpt to a video tokenizer checkpoint)")
+        if dm is not None and getattr(dm, "tokenizer_info", None) and dm.tokenizer_info.get("digest") != info["digest"]:
+            raise ValueError(f"model.tokenizer_ckpt ({info['digest']}) is not the tokenizer of the token cache "
+                             f"({dm.tokenizer_info.get('digest')})")
+        self._tokenizer = tok.eval().requires_grad_(False)
+        self.tokenizer_info = {k: info[k] for k in ("kind", "config", "digest", "checkpoint_sha256", "path") if k in info}
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        self._load_tokenizer()
+        tcfg = self.tokenizer.cfg
+        cfg = self.net_cfg
+        if cfg.bits == 0:
+            cfg.bits = tcfg.dim
+        if cfg.scales is None:
+            cfg.scales = [list(s) for s in tcfg.scales]
+        if cfg.bits != tcfg.dim or [list(s) for s in cfg.scales] != [list(s) for s in tcfg.scales]:
+            raise ValueError(f"model.net bits/scales ({cfg.bits}, {cfg.scales}) differ from the tokenizer's "
+                             f"({tcfg.dim}, {tcfg.scales})")
+        if cfg.num_classes == 0:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            n = int(getattr(dm, "num_classes", 0) or 0)
+            if n < 1:
+                raise ValueError("model.net.num_classes=0 needs a DataModule that knows its classes (or set it)")
+            cfg.num_classes = n
+        # stored back so that load_from_checkpoint rebuilds the same shapes
+        self.hparams["net"] = {**self.hparams["net"], "bits": cfg.bits, "scales": cfg.scales,
+                               "num_classes": cfg.num_classes}
+        if self.tokenizer_ckpt is None and self.tokenizer_info.get("path"):
+            self.hparams["tokenizer_ckpt"] = self.tokenizer_info["path"]
+        self.net = VideoAR(cfg)
+        if self.init_ckpt:
+            ckpt = torch.load(self.init_ckpt, map_location="cpu", weights_only=False)
+            state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+            try:
+                self.net.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"model.init_ckpt={self.init_ckpt} does not match model.net: {e}") from e
+        mesh = self._device_mesh if self._trainer is not None else None
+        if mesh is not None:
+            from models.parallelize import parallelize
+
+            parallelize(self.net, mesh, blocks_attr="blocks")
+
+    def on_fit_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def on_test_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    # ------------------------------------------------------------------------------- data
+    @torch.no_grad()
+    def latents(self, batch) -> torch.Tensor:
+        """The tokenizer's continuous latent per latent frame, [B, T, d, H, W]."""
+        if getattr(batch, "features", None) is not None:
+            z = batch.features
+        elif hasattr(batch, "pixels"):
+            z = self.tokenizer.encode_features(batch.pixels)
+        else:
+            raise ValueError("VideoAR needs clips (data=video) or a token cache built with features")
+        return z.float().transpose(1, 2)
+
+    def labels_of(self, batch, drop: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        labels = batch.labels.clone()
+        labels[labels < 0] = self.net.null_class
+        if drop > 0:
+            u = torch.rand(labels.shape, generator=generator, device=labels.device)
+            labels[u < drop] = self.net.null_class
+        return labels
+
+    # ------------------------------------------------------------------------------- training
+    def _step(self, batch, stage: str, corrupt: bool) -> dict:
+        feats = self.latents(batch)
+        B, T = feats.shape[:2]
+        gen = None
+        if corrupt:
+            gen = torch.Generator(device=feats.device).manual_seed(
+                step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
+        with torch.no_grad():
+            tf = teacher_forcing_sequence(self.tokenizer.quantizer, feats, self.cfec if corrupt else None, gen)
+        keep = None
+        window = None
+        if corrupt:
+            if self.frame_mask_prob > 0:
+                keep = frame_mask_keep(B, T, self.frame_mask_prob, gen, feats.device)
+            window = self.frame_mask_window
+        labels = self.labels_of(batch, self.net_cfg.cond_dropout if corrupt else 0.0, gen)
+        logits = self.net(tf["inputs"], labels, T, keep, window)
+        weights = scale_token_weights(self.net.scales, T, self.scale_weighting)
+        loss, per_token = bitwise_loss(logits, tf["labels"], weights)
+        return {"loss": loss, "per_token": per_token.detach(), "logits": logits.detach(), "labels": tf["labels"],
+                "flip_p": tf["flip_p"], "T": T, "keep": keep}
+
+    def _log_breakdown(self, out: dict, stage: str) -> None:
+        T, scales = out["T"], self.net.scales
+        per_tok = out["per_token"]
+        correct = (out["logits"].argmax(-1) == out["labels"].long()).float().mean(-1)  # [B, L]
+        sizes = [h * w for h, w in scales]
+        frame_len = sum(sizes)
+        kw = dict(on_step=stage == "train", on_epoch=stage != "train", batch_size=per_tok.shape[0],
+                  sync_dist=stage != "train")
+        logs = {}
+        for k, n in enumerate(sizes):
+            start = sum(sizes[:k])
+            idx = torch.cat([torch.arange(t * frame_len + start, t * frame_len + start + n) for t in range(T)])
+            logs[f"{stage}/loss_scale_{k + 1}"] = per_tok[:, idx].mean()
+            logs[f"{stage}/bit_acc_scale_{k + 1}"] = correct[:, idx].mean()
+        for t in range(T):
+            logs[f"{stage}/bit_acc_frame_{t}"] = correct[:, t * frame_len:(t + 1) * frame_len].mean()
+            logs[f"{stage}/loss_frame_{t}"] = per_tok[:, t * frame_len:(t + 1) * frame_len].mean()
+        logs[f"{stage}/bit_acc"] = correct.mean()
+        self.log_dict(logs, **kw)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = self._step(batch, "train", corrupt=True)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite VideoAR loss at step {self.global_step}")
+        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
+        self._log_breakdown(out, "train")
+        if self.cfec.enabled:
+            self.log("train/cfec_flip_p_mean", out["flip_p"].mean(), on_step=True, on_epoch=False)
+        if out["keep"] is not None:
+            T = out["T"]
+            earlier = torch.tril(torch.ones(T, T, dtype=torch.bool, device=out["keep"].device), -1)
+            hidden = (~out["keep"] & earlier).sum() / earlier.sum().clamp_min(1) / out["keep"].shape[0]
+            self.log("train/frame_mask_hidden_frac", hidden.float(), on_step=True, on_epoch=False)
+        return out["loss"]
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int) -> None:
+        out = self._step(batch, "val", corrupt=False)
+        self.log("val/loss", out["loss"], prog_bar=True, on_epoch=True, batch_size=out["labels"].shape[0], sync_dist=True)
+        self._log_breakdown(out, "val")
+
+    @torch.no_grad()
+    def test_step(self, batch, batch_idx: int) -> None:
+        out = self._step(batch, "test", corrupt=False)
+        self.log("test/loss", out["loss"], on_epoch=True, batch_size=out["labels"].shape[0], sync_dist=True)
+        self._log_breakdown(out, "test")
+
+    # ------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_clips(self, labels: torch.Tensor, num_frames: int, generator: Optional[torch.Generator] = None,
+                       prefix_tokens=None, **overrides) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(tokens per scale, decoded pixels [B, 3, T_pix, H, W]) sampled for class ids `labels`."""
+        opts = {**self.sample_cfg, **overrides}
+        g = opts["guidance"]
+        sched = GuidanceSchedule(*g) if isinstance(g, (list, tuple)) else GuidanceSchedule.constant(float(g))
+        was = self.net.training
+        self.net.eval()
+        tokens = self.net.generate(self.tokenizer.quantizer, labels, num_frames, prefix_tokens=prefix_tokens,
+                                   guidance=sched, temperature=opts["temperature"], top_k=opts["top_k"],
+                                   top_p=opts["top_p"], generator=generator)
+        self.net.train(was)
+        return tokens, self.tokenizer.decode(tokens).clamp(-1, 1)
+
+    def on_validation_epoch_end(self) -> None:
+        n = int(self.sample_cfg.get("num_clips", 0))
+        if n <= 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers:
+            return
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        labels = torch.arange(n, device=self.device) % self.net_cfg.num_classes
+        frames = int(self.sample_cfg.get("num_frames", 0) or 0) or self._val_latent_frames()
+        _, video = self.generate_clips(labels, frames, gen)
+        clip = ((video + 1) / 2).transpose(1, 2).cpu()  # [B, T, 3, H, W] in [0, 1]
+        for w in writers:
+            w.add_video("samples/generated", clip, self.global_step, fps=4)
+            from torchvision.utils import make_grid
+
+            strip = make_grid(clip.flatten(0, 1), nrow=clip.shape[1], padding=1)
+            w.add_image("samples/generated_frames", strip, self.global_step)
+
+    def _val_latent_frames(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        nf = getattr(dm, "num_frames", None)
+        return self.tokenizer.cfg.latent_frames(nf) if nf else 2
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["video_tokenizer"] = dict(self.tokenizer_info)
+        checkpoint["knobs"] = {"cfec": asdict(self.cfec), "frame_mask_prob": self.frame_mask_prob,
+                               "frame_mask_window": self.frame_mask_window}
