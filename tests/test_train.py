@@ -50,10 +50,32 @@ def experiment_data_group(name: str) -> str:
     return "text"
 
 
+@pytest.fixture(scope="session")
+def tiny_video_tokenizer(tmp_path_factory) -> Path:
+    """An untrained tiny video tokenizer export (16x16 frames, time stride 2, scales 1/2/4)."""
+    from models.tokenizers.checkpoint import save_tokenizer_export
+    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(preset="tiny")
+    path = tmp_path_factory.mktemp("tok") / "tiny_video_tokenizer.pt"
+    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
+    return path
+
+
+def experiment_extras(name: str, tokenizer: Path) -> list[str]:
+    """Experiments over a frozen tokenizer get the tiny one (and data of its shape)."""
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    if "tokenizer_ckpt: ???" in text:
+        return [f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16", "data.num_frames=5"]
+    return []
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache):
+def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache, tiny_video_tokenizer):
     cfg = compose_train_cfg(
         [f"experiment={experiment}", "debug=fdr", *SMALL_DATA[experiment_data_group(experiment)],
+         *experiment_extras(experiment, tiny_video_tokenizer),
          "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
         tmp_path, data_cache if experiment_data_group(experiment) == "text" else None,
     )

@@ -140,7 +140,10 @@ class AudioTokenizer(nn.Module):
         self.decoder = nn.Sequential(*dec)
         self.rvq = ResidualVQ(cfg.num_quantizers, cfg.codebook_size, cfg.latent_dim, l2_normalize=False,
                               ema=cfg.ema, commitment_weight=0.25)
-        self._inverse: Optional[nn.Module] = None
+        # Griffin-Lim is built on first use and kept in a plain list, never as a submodule: its buffers
+        # would otherwise appear in state_dict only after the first mel_to_wave call, and checkpoints
+        # saved after one (e.g. TensorBoard audio at validation end) would not load into a fresh model.
+        self._inverse: list[nn.Module] = []
 
     @property
     def codes_per_second(self) -> float:
@@ -161,16 +164,16 @@ class AudioTokenizer(nn.Module):
 
     def mel_to_wave(self, log_mel: torch.Tensor, num_samples: Optional[int] = None) -> torch.Tensor:
         """Waveform [B, L'] from a normalised log-mel by inverse mel scale + Griffin-Lim."""
-        if self._inverse is None:
+        if not self._inverse or next(self._inverse[0].buffers()).device != log_mel.device:
             cfg = self.cfg
-            self._inverse = nn.Sequential(
+            self._inverse[:] = [nn.Sequential(
                 torchaudio.transforms.InverseMelScale(n_stft=cfg.n_fft // 2 + 1, n_mels=cfg.n_mels,
                                                       sample_rate=cfg.sample_rate),
                 torchaudio.transforms.GriffinLim(n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=2.0,
                                                  n_iter=cfg.griffin_lim_iters),
-            ).to(log_mel.device)
+            ).to(log_mel.device)]
         power = torch.exp(log_mel.float() * self.cfg.log_mel_std + self.cfg.log_mel_mean) - 1e-5
-        wave = self._inverse(power.clamp_min(0))
+        wave = self._inverse[0](power.clamp_min(0))
         if num_samples is not None:
             wave = F.pad(wave, (0, max(0, num_samples - wave.shape[-1])))[..., :num_samples]
         return wave

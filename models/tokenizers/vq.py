@@ -56,13 +56,16 @@ class VectorQuantizer(nn.Module):
         self.commitment_weight = commitment_weight
         self.search_chunk = search_chunk
         init = torch.randn(codebook_size, dim)
+        # EMA of per-code assignment counts; starts "alive" so nothing restarts on step 1.
+        count0 = float(dead_code_threshold) + 1.0
+        self.register_buffer("ema_count", torch.full((codebook_size,), count0))
         if ema:
             self.register_buffer("embed", init)
-            self.register_buffer("ema_sum", init.clone())
+            # sum = code x count, so that an unassigned code keeps its value (sum / count) instead of
+            # being scaled by 1 / count on the first update
+            self.register_buffer("ema_sum", init * count0)
         else:
             self.embed = nn.Parameter(init)
-        # EMA of per-code assignment counts; starts "alive" so nothing restarts on step 1.
-        self.register_buffer("ema_count", torch.full((codebook_size,), float(dead_code_threshold) + 1.0))
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embed, dim=-1) if self.l2_normalize else self.embed
