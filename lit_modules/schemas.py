@@ -171,6 +171,8 @@ class VideoARModuleSchema:
     sample: VideoARSampleConfig = field(default_factory=VideoARSampleConfig)
     seed: int = 0
     init_ckpt: Optional[str] = None
+    tokenizer_scales: Optional[list] = None
+    image_prob: float = 0.0
 
 
 @dataclass

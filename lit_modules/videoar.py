@@ -5,6 +5,7 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
     cfec: CFECConfig            Cross-Frame Error Correction (bit flips + re-quantization); off by default
     frame_mask_prob: float      Random Frame Mask: P(an earlier frame is hidden from a query frame); 0 = off
     frame_mask_window: int|None frames a query frame may look back (None = all)
+    image_prob: float           joint image/video training: P(a batch is cut to its first latent frame)
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ class VideoARModule(ExperimentModule):
     frame_mask_prob / frame_mask_window: the initial Random Frame Mask knob.
     sample: generation at validation end (num_clips 0 = off): guidance [first_start, first_end,
         final], temperature, top_k, top_p; clips are decoded and logged to TensorBoard.
+    tokenizer_scales: another scale schedule for the tokenizer (another resolution; staged training).
+    init_ckpt: a previous stage's checkpoint (weights only; a grown scale schedule gets fresh scale
+        embeddings for its new scales).
     """
 
     def __init__(self, net: dict, optim: Optional[dict] = None, tokenizer_ckpt: Optional[str] = None,
                  scale_weighting: str = "infinity", cfec: Optional[dict] = None, frame_mask_prob: float = 0.0,
                  frame_mask_window: Optional[int] = None, sample: Optional[dict] = None, seed: int = 0,
-                 init_ckpt: Optional[str] = None) -> None:
+                 init_ckpt: Optional[str] = None, tokenizer_scales: Optional[list] = None,
+                 image_prob: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         try:
@@ -71,7 +76,11 @@ class VideoARModule(ExperimentModule):
             raise ValueError(f"model.scale_weighting must be 'uniform' or 'infinity', got {scale_weighting!r}")
         if not 0.0 <= frame_mask_prob < 1.0:
             raise ValueError(f"model.frame_mask_prob must be in [0, 1), got {frame_mask_prob}")
+        if not 0.0 <= image_prob <= 1.0:
+            raise ValueError(f"model.image_prob must be in [0, 1], got {image_prob}")
         self.scale_weighting = scale_weighting
+        self.tokenizer_scales = tokenizer_scales
+        self.image_prob = image_prob
         self.cfec = _cfec_from(cfec)
         self.frame_mask_prob = frame_mask_prob
         self.frame_mask_window = frame_mask_window
@@ -106,7 +115,13 @@ class VideoARModule(ExperimentModule):
         if dm is not None and getattr(dm, "tokenizer_info", None) and dm.tokenizer_info.get("digest") != info["digest"]:
             raise ValueError(f"model.tokenizer_ckpt ({info['digest']}) is not the tokenizer of the token cache "
                              f"({dm.tokenizer_info.get('digest')})")
-        self._tokenizer = tok.eval().requires_grad_(False)
+        # object.__setattr__: an nn.Module attribute would register the tokenizer as a submodule
+        object.__setattr__(self, "_tokenizer", tok.eval().requires_grad_(False))
+        if self.tokenizer_scales:
+            try:
+                self._tokenizer.set_scales(self.tokenizer_scales)
+            except ValueError as e:
+                raise ValueError(f"model.tokenizer_scales: {e}") from e
         self.tokenizer_info = {k: info[k] for k in ("kind", "config", "digest", "checkpoint_sha256", "path") if k in info}
 
     def configure_model(self) -> None:
@@ -114,14 +129,15 @@ class VideoARModule(ExperimentModule):
             return
         self._load_tokenizer()
         tcfg = self.tokenizer.cfg
+        tok_scales = [list(s) for s in self.tokenizer.scales]
         cfg = self.net_cfg
         if cfg.bits == 0:
             cfg.bits = tcfg.dim
         if cfg.scales is None:
-            cfg.scales = [list(s) for s in tcfg.scales]
-        if cfg.bits != tcfg.dim or [list(s) for s in cfg.scales] != [list(s) for s in tcfg.scales]:
+            cfg.scales = tok_scales
+        if cfg.bits != tcfg.dim or [list(s) for s in cfg.scales] != tok_scales:
             raise ValueError(f"model.net bits/scales ({cfg.bits}, {cfg.scales}) differ from the tokenizer's "
-                             f"({tcfg.dim}, {tcfg.scales})")
+                             f"({tcfg.dim}, {tok_scales})")
         if cfg.num_classes == 0:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             n = int(getattr(dm, "num_classes", 0) or 0)
@@ -135,17 +151,32 @@ class VideoARModule(ExperimentModule):
             self.hparams["tokenizer_ckpt"] = self.tokenizer_info["path"]
         self.net = VideoAR(cfg)
         if self.init_ckpt:
-            ckpt = torch.load(self.init_ckpt, map_location="cpu", weights_only=False)
-            state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-            try:
-                self.net.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError(f"model.init_ckpt={self.init_ckpt} does not match model.net: {e}") from e
+            self._load_init(self.init_ckpt)
         mesh = self._device_mesh if self._trainer is not None else None
         if mesh is not None:
             from models.parallelize import parallelize
 
             parallelize(self.net, mesh, blocks_attr="blocks")
+
+    def _load_init(self, path: str) -> None:
+        """Start from a previous stage: same trunk; the scale embedding may grow (new scales start fresh)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        own = self.net.state_dict()
+        grown = []
+        for key in ("scale_emb.weight",):
+            if key in state and key in own and state[key].shape[1:] == own[key].shape[1:] \
+                    and state[key].shape[0] != own[key].shape[0]:
+                new = own[key].clone()
+                n = min(new.shape[0], state[key].shape[0])
+                new[:n] = state[key][:n]
+                state[key] = new
+                grown.append(key)
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"model.init_ckpt={path} does not match model.net: {e}") from e
+        self.init_report = {"path": path, "resized": grown}
 
     def on_fit_start(self) -> None:
         self.tokenizer.to(self.device)
@@ -179,11 +210,14 @@ class VideoARModule(ExperimentModule):
     # ------------------------------------------------------------------------------- training
     def _step(self, batch, stage: str, corrupt: bool) -> dict:
         feats = self.latents(batch)
-        B, T = feats.shape[:2]
         gen = None
         if corrupt:
             gen = torch.Generator(device=feats.device).manual_seed(
                 step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
+            # joint image + video training: an image is the first latent frame of a causal clip
+            if self.image_prob > 0 and float(torch.rand((), generator=gen, device=feats.device)) < self.image_prob:
+                feats = feats[:, :1]
+        B, T = feats.shape[:2]
         with torch.no_grad():
             tf = teacher_forcing_sequence(self.tokenizer.quantizer, feats, self.cfec if corrupt else None, gen)
         keep = None

@@ -66,9 +66,13 @@ def tiny_video_tokenizer(tmp_path_factory) -> Path:
 def experiment_extras(name: str, tokenizer: Path) -> list[str]:
     """Experiments over a frozen tokenizer get the tiny one (and data of its shape)."""
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    out = []
     if "tokenizer_ckpt: ???" in text:
-        return [f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16", "data.num_frames=5"]
-    return []
+        out += [f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16", "data.num_frames=5",
+                "model.tokenizer_scales=null"]
+    if "init_ckpt: ???" in text:
+        out.append("model.init_ckpt=null")  # the stage chain itself is tested in tests/lit_modules
+    return out
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

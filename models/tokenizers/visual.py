@@ -133,6 +133,18 @@ class VisualTokenizer(nn.Module):
     def bitwise(self) -> bool:
         return self.quantizer.bitwise
 
+    def set_scales(self, scales) -> None:
+        """Use another scale schedule (e.g. for another resolution), of at most as many scales as trained.
+
+        Scale k keeps its learned code magnitude (and per-scale phi); only the grid sizes change, so a
+        tokenizer trained with (1, 2, 4, 6, 8) on 32x32 frames can tokenize 16x16 frames with (1, 2, 3, 4).
+        """
+        new = parse_scales(scales)
+        trained = len(self.cfg.scales)
+        if len(new) > trained:
+            raise ValueError(f"{len(new)} scales requested, the tokenizer was trained with {trained}")
+        self.quantizer.scales = list(new)
+
     # -- shape plumbing: latent [B, d, T', H, W] <-> per-frame maps [B*T', d, H, W] -----------------
 
     def _as_video(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
