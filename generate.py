@@ -1,9 +1,13 @@
-"""Sample text from a trained language-model checkpoint.
+"""Sample from a trained checkpoint: text (language models) or video (VideoAR).
 
     python generate.py logs/train/runs/<run>/checkpoints/last.ckpt --prompt "Mira Okafor was born" -n 3
+    python generate.py VIDEOAR.ckpt --classes 0 5 7 --frames 3 --out samples/ --format gif
+    python generate.py VIDEOAR.ckpt --continue-from clip.mp4 --classes 4 --frames 8 --out samples/
 
-The checkpoint carries the tokenizer, so nothing else is needed. An FSDP2 (directory) checkpoint is
-first consolidated with tools/consolidate_checkpoint.py.
+A language-model checkpoint carries its tokenizer; a VideoAR checkpoint records the path of its
+frozen video tokenizer. `--frames` counts latent frames (1 + time_stride * (n - 1) pixel frames);
+continuing past the trained length re-encodes the last frames of each window (frame re-encoding).
+An FSDP2 (directory) checkpoint is first consolidated with tools/consolidate_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -31,9 +35,76 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
     return module.to(device).eval()
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def is_videoar(ckpt: str | Path) -> bool:
+    path = Path(ckpt)
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return "video_tokenizer" in state
+
+
+def load_videoar(ckpt: str | Path, device: str = "cpu"):
+    from lit_modules.videoar import VideoARModule
+
+    module = VideoARModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    module.configure_model()
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    module.tokenizer.to(device)
+    return module.to(device).eval()
+
+
+def generate_video(args) -> list[Path]:
+    from datamodules.media_io import write_video
+
+    module = load_videoar(args.ckpt, args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    labels = torch.tensor(args.classes or [0], device=args.device)
+    overrides = {"temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 0.0}
+    if args.guidance is not None:
+        overrides["guidance"] = args.guidance
+    if args.continue_from:
+        from datamodules.media_io import read_video
+
+        frames, _ = read_video(args.continue_from, num_frames=args.given_frames)
+        size = module.tokenizer.scales[-1][0] * module.tokenizer.cfg.spatial_factor
+        from torchvision.transforms import v2
+
+        x = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])(frames.permute(0, 3, 1, 2))
+        x = (x.float() / 127.5 - 1).permute(1, 0, 2, 3)[None].to(args.device)
+        tau = module.tokenizer.cfg.time_stride
+        x = x[:, :, : 1 + (x.shape[2] - 1) // tau * tau]
+        window = args.window or module.net_cfg.max_frames
+        video = module.extend_video(x.expand(len(labels), -1, -1, -1, -1), labels, args.frames, window,
+                                    args.overlap, gen, **overrides)
+    else:
+        _, video = module.generate_clips(labels, args.frames, gen, **overrides)
+    out_dir = Path(args.out)
+    paths = []
+    for i in range(video.shape[0]):
+        frames = ((video[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu()  # [T, H, W, 3]
+        path = out_dir / f"sample_{i:03d}_class{int(labels[i])}.{args.format}"
+        write_video(path, frames, fps=args.fps)
+        paths.append(path)
+        print(path)
+    return paths
+
+
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a .ckpt file written by train.py")
+    v = p.add_argument_group("video (VideoAR checkpoints)")
+    v.add_argument("--classes", type=int, nargs="*", help="one clip per class id")
+    v.add_argument("--frames", type=int, default=3, help="latent frames to produce")
+    v.add_argument("--guidance", type=float, nargs=3, default=None, metavar=("FIRST_START", "FIRST_END", "FINAL"),
+                   help="temporal-spatial CFG schedule (default: the checkpoint's)")
+    v.add_argument("--continue-from", default=None, help="a video file whose frames are continued")
+    v.add_argument("--given-frames", type=int, default=None, help="pixel frames read from --continue-from")
+    v.add_argument("--window", type=int, default=None, help="latent frames per generation window (re-encoding)")
+    v.add_argument("--overlap", type=int, default=1, help="latent frames re-encoded as the next window's context")
+    v.add_argument("--out", default="samples", help="output folder")
+    v.add_argument("--format", default="gif", choices=["gif", "mp4"])
+    v.add_argument("--fps", type=int, default=8)
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: empty prompt")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -43,6 +114,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if is_videoar(args.ckpt):
+        if args.temperature == 0.8 and "--temperature" not in (argv or []):
+            args.temperature = 1.0
+        return generate_video(args)
 
     module = load_module(args.ckpt, args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -296,6 +296,36 @@ class VideoARModule(ExperimentModule):
         self.net.train(was)
         return tokens, self.tokenizer.decode(tokens).clamp(-1, 1)
 
+    @torch.no_grad()
+    def extend_video(self, pixels: torch.Tensor, labels: torch.Tensor, total_latent: int, window: int,
+                     overlap: int = 1, generator: Optional[torch.Generator] = None, **overrides) -> torch.Tensor:
+        """Continue real clips [B, 3, T, H, W] to `total_latent` latent frames, past the trained length.
+
+        Generation runs in windows of `window` latent frames. After each window the pixels of its last
+        `overlap` latent frames are decoded and RE-ENCODED as a fresh clip (its first frame on its own,
+        as the causal tokenizer does for any clip start); they are the next window's given frames, so
+        positions restart and never exceed what was trained (VideoAR's frame re-encoding).
+        """
+        tau = self.tokenizer.cfg.time_stride
+        if not 0 < overlap < window:
+            raise ValueError(f"need 0 < overlap ({overlap}) < window ({window})")
+        out = pixels
+        have = self.tokenizer.cfg.latent_frames(pixels.shape[2])
+
+        def tail_tokens(video: torch.Tensor, latents: int) -> list[torch.Tensor]:
+            return self.tokenizer.encode(video[:, :, video.shape[2] - (1 + (latents - 1) * tau):])
+
+        prefix = tail_tokens(out, min(have, window - 1))
+        while have < total_latent:
+            given = prefix[0].shape[1]
+            steps = min(window - given, total_latent - have)
+            tokens, video = self.generate_clips(labels, given + steps, generator, prefix_tokens=prefix, **overrides)
+            new = video[:, :, video.shape[2] - steps * tau:]
+            out = torch.cat([out, new], dim=2)
+            have += steps
+            prefix = tail_tokens(out, overlap)
+        return out
+
     def on_validation_epoch_end(self) -> None:
         n = int(self.sample_cfg.get("num_clips", 0))
         if n <= 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:

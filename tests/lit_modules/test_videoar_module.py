@@ -165,3 +165,26 @@ def test_fsdp2_on_two_cpu_processes(tmp_path, tokenizer):
                    "trainer.val_check_interval=2", "test=false", *QUIET, f"hydra.run.dir={out}"])
     loss = read_metric(find_metrics(out), "train/loss")
     assert len(loss) == 2 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+
+
+def test_generate_cli_class_to_video_and_continuation_past_trained_length(tmp_path, tokenizer):
+    import generate
+    from datamodules.media_io import read_video, write_video
+
+    cfg = cfg_for(tmp_path, tokenizer, "trainer.max_steps=1", "trainer.limit_val_batches=0", "test=false",
+                  "model.net.max_frames=3")
+    train.run(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    paths = generate.main([str(ckpt), "--classes", "0", "3", "--frames", "3", "--out", str(tmp_path / "s"),
+                           "--device", "cpu"])
+    frames, _ = read_video(paths[1])
+    assert len(paths) == 2 and frames.shape == (5, 16, 16, 3)  # 3 latent frames = 1 + 2 * 2 pixel frames
+    # continue a 3-frame clip (2 latent frames) to 6 latent frames = 11 pixel frames, past max_frames=3:
+    # windows of 3 latent frames, the last frame of each window re-encoded as the next one's context
+    clip = (torch.rand(3, 16, 16, 3) * 255).byte()
+    write_video(tmp_path / "c.mp4", clip, fps=4)
+    paths = generate.main([str(ckpt), "--classes", "1", "--frames", "6", "--continue-from", str(tmp_path / "c.mp4"),
+                           "--window", "3", "--overlap", "1", "--out", str(tmp_path / "c"), "--format", "mp4",
+                           "--device", "cpu"])
+    frames, _ = read_video(paths[0])
+    assert frames.shape[0] == 1 + 2 * 5
