@@ -188,3 +188,26 @@ def test_generate_cli_class_to_video_and_continuation_past_trained_length(tmp_pa
                            "--device", "cpu"])
     frames, _ = read_video(paths[0])
     assert frames.shape[0] == 1 + 2 * 5
+
+
+def test_frechet_distance_reference_values():
+    from tools.eval_videoar import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    b = torch.randn(4000, 3, generator=g) * 2 + torch.tensor([1.0, 0.0, 0.0])
+    # N(0, I) vs N((1,0,0), 4I): |mu|^2 + 3 * (1 + 4 - 2 * 2) = 1 + 3 = 4
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
+
+
+def test_eval_tool_reports_every_metric(tmp_path, tokenizer):
+    from tools.eval_videoar import evaluate
+
+    cfg = cfg_for(tmp_path, tokenizer, "trainer.max_steps=1", "trainer.limit_val_batches=0", "test=false")
+    train.run(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    res = evaluate(str(ckpt), ["experiment=videoar", f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16",
+                               "data.num_frames=5", "data.num_clips=16", "data.val_fraction=0.5"], num_clips=8, batch=4)
+    assert res["clips"] == 8 and res["latent_frames"] == 3
+    assert res["fd_tokenizer"] >= 0 and set(res["future_psnr"]) == {1, 2} and len(res["bit_acc_per_frame"]) == 3

@@ -1,0 +1,130 @@
+"""Evaluate a VideoAR checkpoint on held-out clips of its data; prints one JSON object.
+
+    python tools/eval_videoar.py VIDEOAR.ckpt experiment=videoar [--num-clips 64] [--seed 0]
+
+Metrics (trailing key=value arguments are Hydra overrides selecting the data, as for train.py):
+- fd_tokenizer: Frechet distance between Gaussian fits of tokenizer features of generated and real
+  clips (class-conditional, the real clips' classes). Features: the frozen tokenizer's encoder
+  latent, averaged over space, per latent frame, concatenated over frames. An FVD proxy that needs
+  no downloaded network; comparable only between runs sharing the tokenizer and data.
+- fd_tokenizer_real_split: the same distance between two halves of the real clips (its floor).
+- future PSNR / SSIM per horizon h: given the first latent frame of a real clip, the model
+  generates the rest; pixel frames of latent frame h are compared with the real ones.
+- bit accuracy and loss per frame under teacher forcing (the drift CFEC targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussian fits of rows of a and b."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^1/2) = sum of sqrt of the eigenvalues of S_a^1/2 S_b S_a^1/2 (symmetric PSD)
+    ea, va = torch.linalg.eigh(sa)
+    sqrt_a = va @ torch.diag(ea.clamp_min(0).sqrt()) @ va.T
+    mid = sqrt_a @ sb @ sqrt_a
+    tr_sqrt = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * tr_sqrt)
+
+
+@torch.no_grad()
+def clip_features(tokenizer, video: torch.Tensor) -> torch.Tensor:
+    z = tokenizer.encode_features(video)  # [B, d, T', H, W]
+    return z.mean(dim=(-2, -1)).flatten(1)
+
+
+@torch.no_grad()
+def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0, batch: int = 16,
+             device: str = "cpu") -> dict:
+    from generate import load_videoar
+    from tools.tokenize_dataset import compose_data_config
+
+    module = load_videoar(ckpt, device)
+    tok = module.tokenizer
+    dm = hydra.utils.instantiate(compose_data_config(overrides), _convert_="all")
+    dm.setup("fit")
+    data = dm.test_dataset if len(dm.test_dataset) else dm.val_dataset
+    if len(data) < 4:
+        raise ValueError(f"only {len(data)} held-out clips; raise data.num_clips or data.val_fraction")
+    n = min(num_clips, len(data))
+    real = torch.stack([data[i]["pixels"] for i in range(n)]).to(device)
+    labels = torch.tensor([data[i]["label"] for i in range(n)], device=device).clamp_min(0)
+    T = tok.cfg.latent_frames(real.shape[2])
+    tau = tok.cfg.time_stride
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    fake, cont = [], []
+    for s in range(0, n, batch):
+        lab = labels[s:s + batch]
+        _, video = module.generate_clips(lab, T, gen)
+        fake.append(video)
+        given = [t[:, :1] for t in tok.encode(real[s:s + batch])]
+        _, video = module.generate_clips(lab, T, gen, prefix_tokens=given)
+        cont.append(video)
+    fake, cont = torch.cat(fake), torch.cat(cont)
+
+    f_real, f_fake = clip_features(tok, real), clip_features(tok, fake)
+    half = n // 2
+    out = {"checkpoint": ckpt, "clips": n, "latent_frames": T, "seed": seed,
+           "fd_tokenizer": frechet_distance(f_real, f_fake),
+           "fd_tokenizer_real_split": frechet_distance(f_real[:half], f_real[half:2 * half]),
+           "future_psnr": {}, "future_ssim": {}}
+    unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
+    for h in range(1, T):
+        sl = slice(1 + (h - 1) * tau, 1 + h * tau)
+        a = unit(cont[:, :, sl]).transpose(1, 2).flatten(0, 1)
+        b = unit(real[:, :, sl]).transpose(1, 2).flatten(0, 1)
+        out["future_psnr"][h] = float(peak_signal_noise_ratio(a, b, data_range=1.0))
+        out["future_ssim"][h] = float(structural_similarity_index_measure(a, b, data_range=1.0))
+
+    # teacher-forced bit accuracy per frame (no corruption)
+    from datamodules.batch import VisualBatch
+
+    acc = torch.zeros(T)
+    for s in range(0, n, batch):
+        b = VisualBatch(real[s:s + batch], labels[s:s + batch], torch.arange(s, min(n, s + batch)))
+        res = module._step(b, "eval", corrupt=False)
+        correct = (res["logits"].argmax(-1) == res["labels"].long()).float().mean(-1)
+        per_frame = correct.view(correct.shape[0], T, -1).mean(-1).sum(0)
+        acc += per_frame.cpu()
+    out["bit_acc_per_frame"] = (acc / n).tolist()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--num-clips", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    res = evaluate(args.ckpt, args.overrides, args.num_clips, args.seed, args.batch, args.device)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
