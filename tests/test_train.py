@@ -39,6 +39,7 @@ SMALL_DATA = {
     "video": ["data.num_clips=6", "data.batch_size=2"],
     "image": ["data.num_clips=4", "data.batch_size=2"],
     "audio": ["data.num_clips=6", "data.batch_size=2"],
+    "tokens": [],
 }
 
 
@@ -64,9 +65,17 @@ def tiny_video_tokenizer(tmp_path_factory) -> Path:
 
 
 def experiment_extras(name: str, tokenizer: Path) -> list[str]:
-    """Experiments over a frozen tokenizer get the tiny one (and data of its shape)."""
+    """Experiments over a frozen tokenizer get the tiny one (and data of its shape, or a cache)."""
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     out = []
+    if "cache_dir: ???" in text:
+        from tools.tokenize_dataset import tokenize
+
+        cache = tokenizer.parent / "cache"
+        if not (cache / "manifest.json").is_file():
+            tokenize(str(tokenizer), str(cache), ["experiment=videoar", "data.num_clips=6", "data.image_size=16",
+                                                  "data.num_frames=5", "data.val_fraction=0.34"], shard_size=8)
+        return [f"data.cache_dir={cache}", f"data.tokenizer_ckpt={tokenizer}", "data.batch_size=2"]
     if "tokenizer_ckpt: ???" in text:
         out += [f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16", "data.num_frames=5",
                 "model.tokenizer_scales=null"]
