@@ -95,20 +95,24 @@ class PassCounter:
 
 @torch.no_grad()
 def raster_generate(model: VideoAR, labels: torch.Tensor, num_frames: int,
-                    generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+                    generator: torch.Generator | None = None, temperature: float = 1.0,
+                    guidance: float | None = None) -> torch.Tensor:
     """Token-by-token raster decoding on VideoAR's trunk: one forward pass per video token.
 
     Visits the same video tokens as next-scale decoding (frame, scale, row, col order) with the same
     RoPE positions, scale embeddings and condition prefix; each step feeds one query token (the
     previous token's sampled bits through `word_embed`, as +-1, plus the next token's scale
     embedding; the first is <SOS>) through `model._trunk` against the KV cache of all earlier tokens.
+    guidance (constant CFG, as in `generate`): conditional and null-class rows in one batch of 2B.
     Returns bits uint8 [B, L_video, d]. A cost model of raster AR decoding, not a trained sampler.
     """
     B, dev = labels.shape[0], labels.device
     n, d = model.cfg.cond_len, model.cfg.bits
+    cfg_on = guidance is not None and guidance != 1.0
+    lab = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_on else labels
     cos_all, sin_all = model.rope(model.positions(num_frames, dev))
     caches = [dict() for _ in model.blocks]
-    prefix, sos = model.condition(labels)
+    prefix, sos = model.condition(lab)
     model._trunk(prefix, cos_all[:n], sin_all[:n], None, caches)
     scale_vecs = model.scale_emb(model.scale_ids(num_frames, dev))  # [L, C]
     L = scale_vecs.shape[0]
@@ -117,11 +121,14 @@ def raster_generate(model: VideoAR, labels: torch.Tensor, num_frames: int,
     for i in range(L):
         p = n + i
         hid = model._trunk(x, cos_all[p:p + 1], sin_all[p:p + 1], None, caches)
-        logits = model.head(hid).view(B, 1, d, 2).float()
+        logits = model.head(hid).view(hid.shape[0], 1, d, 2).float()
+        if cfg_on:
+            logits = logits[B:] + guidance * (logits[:B] - logits[B:])
         bits = sample_bits(logits, temperature, generator=generator)  # [B, 1, d]
         out[:, i] = bits[:, 0]
         if i + 1 < L:
-            x = model.word_embed(bits.float() * 2 - 1) + scale_vecs[i + 1]
+            feat = bits.float() * 2 - 1
+            x = model.word_embed(torch.cat([feat, feat]) if cfg_on else feat) + scale_vecs[i + 1]
     return out
 
 
@@ -144,17 +151,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=None, help="latent frames (default 8; 3 with --quick)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (None/1 = off: one pass, batch B)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0 = leave torch's default). Default 1: these ops are too small for OpenMP "
+                        "to pay off, and on a shared, oversubscribed CPU every parallel region waits for a "
+                        "descheduled thread (measured ~40x slower linears with 2 threads at load 5 on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.threads:
+    device = torch.device(args.device)
+    threads_before = torch.get_num_threads()
+    if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may run inside a test process
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict:
     preset = args.preset or ("tiny" if args.quick else "small")
     frames = args.frames or (3 if args.quick else 8)
     repeats = 2 if args.quick else args.repeats
-    device = torch.device(args.device)
     load_before = os.getloadavg()[0]
 
     tok, model = build(preset, num_classes=10, device=device, seed=args.seed)
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def raster():
         g = torch.Generator(device=device).manual_seed(args.seed + 7)
-        return raster_generate(model, labels, frames, generator=g)
+        return raster_generate(model, labels, frames, generator=g, guidance=args.guidance)
 
     # -- correctness and pass counts (untimed) --------------------------------------------------
     with PassCounter(model) as c_cached:
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         "goal_speedup": GOAL_SPEEDUP, "meets_speedup_goal": cache_pair["speedup"] >= GOAL_SPEEDUP,
         "forward_passes": {"cached": c_cached.calls - 1, "uncached": c_uncached.calls},
         "expected_forward_passes": ns_passes,
-        "trunk_calls": {"cached": c_cached.calls, "uncached": c_uncached.calls, "note": "cached = 1 prefix pass + decoding passes"},
+        "trunk_calls": {"cached": c_cached.calls, "uncached": c_uncached.calls,
+                        "note": "cached = 1 prefix pass + decoding passes"},
         "tokens_equal": tokens_equal, "max_abs_logit_diff": max_diff, "max_abs_logit": max_logit,
         "goal_max_abs_logit_diff": GOAL_LOGIT_DIFF, "meets_logit_goal": max_diff <= GOAL_LOGIT_DIFF,
         "logits_dtype": str(logit_c[0].dtype).replace("torch.", ""),
