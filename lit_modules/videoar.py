@@ -348,6 +348,8 @@ class VideoARModule(ExperimentModule):
     def _val_latent_frames(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)
         nf = getattr(dm, "num_frames", None)
+        if nf is None and getattr(dm, "manifest", None):  # a token cache records the clips' data config
+            nf = dm.manifest["data"]["config"].get("num_frames")
         return self.tokenizer.cfg.latent_frames(nf) if nf else 2
 
     # ------------------------------------------------------------------------------- checkpoints
