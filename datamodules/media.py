@@ -34,7 +34,6 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -49,6 +48,7 @@ from datamodules.media_io import (
     read_image,
     read_video,
 )
+from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
 from datamodules.synthetic_audio import AUDIO_CLASSES, render_synthetic_audio
 from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, render_moving_shapes
@@ -188,7 +188,7 @@ class MediaDataset(Dataset):
 # ---------------------------------------------------------------------------
 
 
-class MediaDataModule(L.LightningDataModule):
+class MediaDataModule(ResumableDataModule):
     """Splits, loaders, world-size checks, exact resume and the bad-file policy for media data.
 
     Subclasses set `modality`, `suffixes`, `sample_key`, `_convert` and implement `_synthetic_groups`,
@@ -284,21 +284,6 @@ class MediaDataModule(L.LightningDataModule):
 
     # -- distributed context -------------------------------------------------------
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def per_rank_batch_size(self) -> int:
-        """Global `batch_size` divided by the world size (which must divide it)."""
-        _, world = self._rank_and_world()
-        if self.batch_size % world != 0:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is the global batch size and must be divisible by "
-                f"the world size ({world} processes)"
-            )
-        return self.batch_size // world
 
     # -- building ------------------------------------------------------------------
 
@@ -459,44 +444,6 @@ class MediaDataModule(L.LightningDataModule):
 
     def _collate_fn(self) -> Callable:
         return collate_visual
-
-    # -- exact resume (same protocol as TextDataModule) -------------------------------
-
-    def state_dict(self) -> dict:
-        """Sampler position from the trainer's progress counters (not from prefetching workers)."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        epoch = trainer.current_epoch
-        num_batches = getattr(trainer, "num_training_batches", float("inf"))
-        if ready >= num_batches:
-            # A finished epoch is stored as "start of the next one": with workers the DataLoader
-            # draws the sampler order before Lightning calls set_epoch.
-            epoch, ready = epoch + 1, 0
-        _, world = self._rank_and_world()
-        state = ResumableSampler.state_for(epoch, ready, self.per_rank_batch_size())
-        return {"sampler": state, "world_size": world}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the sampler position; applied now or when the train loader is created."""
-        state = state_dict.get("sampler")
-        if state is None:
-            return
-        state = dict(state)
-        _, world = self._rank_and_world()
-        saved_world = state_dict.get("world_size", world)
-        if saved_world != world:
-            # Rank r takes every world-th index of the same global order, so skipping the same
-            # global prefix (divided over the new ranks) preserves what was seen.
-            state["consumed"] = state["consumed"] * saved_world // world
-            log.warning("resuming with world size %d instead of %d: mid-epoch position is approximate",
-                        world, saved_world)
-        if self._train_sampler is not None:
-            self._train_sampler.load_state_dict(state)
-        else:
-            self._pending_sampler_state = state
-
 
 def _check_short_clip(short_clip: str) -> None:
     if short_clip not in ("pad", "skip"):

@@ -8,7 +8,7 @@ with an optional patch discriminator (hinge loss, LeCAM regularisation), off by 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch

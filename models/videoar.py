@@ -17,12 +17,14 @@ error correction), losses, generation.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.config import config_from_dict
 
 from models.layers.block_mask import block_causal_mask, block_layout
 from models.layers.ffn import SwiGLU, swiglu_hidden
@@ -107,11 +109,7 @@ class VideoARConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VideoARConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown model.net keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # ---------------------------------------------------------------------------------------- blocks

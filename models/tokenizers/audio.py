@@ -11,13 +11,15 @@ levels, D latent dim.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+
+from models.config import config_from_dict
 
 from models.tokenizers.vq import ResidualVQ
 
@@ -99,11 +101,7 @@ class AudioTokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AudioTokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown model.net keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class _Res1d(nn.Module):

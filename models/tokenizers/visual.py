@@ -10,11 +10,13 @@ tokens never depend on later frames.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from models.config import config_from_dict
 
 from models.tokenizers.causal_conv import Decoder, Encoder, inflate_state_dict
 from models.tokenizers.multiscale import MultiScaleQuantizer, QuantizerConfig, flip_bits, parse_scales
@@ -106,11 +108,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown model.net keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class VisualTokenizer(nn.Module):

@@ -1,0 +1,79 @@
+"""What the DataModules here share: the global batch split over ranks and exact mid-epoch resume.
+
+Subclasses create `self._train_sampler` (a `ResumableSampler`) in `train_dataloader` and apply
+`self._pending_sampler_state` to it when set; `batch_size` is the GLOBAL batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+
+from datamodules.sampler import ResumableSampler
+
+__all__ = ["ResumableDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class ResumableDataModule(L.LightningDataModule):
+    """Rank/world helpers, per-rank batch size, and sampler-position `state_dict`/`load_state_dict`."""
+
+    batch_size: int
+    _train_sampler: ResumableSampler | None = None
+    _pending_sampler_state: dict | None = None
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def per_rank_batch_size(self) -> int:
+        """Global `batch_size` divided by the world size (which must divide it)."""
+        _, world = self._rank_and_world()
+        if self.batch_size % world != 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch size and must be divisible by "
+                f"the world size ({world} processes)"
+            )
+        return self.batch_size // world
+
+    # -- exact resume ------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Sampler position from the trainer's progress counters (not from prefetching workers)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        epoch = trainer.current_epoch
+        num_batches = getattr(trainer, "num_training_batches", float("inf"))
+        if ready >= num_batches:
+            # A finished epoch is stored as "start of the next one": with workers the
+            # DataLoader draws the sampler order before Lightning calls set_epoch, so
+            # the restored epoch must already be the one that runs next.
+            epoch, ready = epoch + 1, 0
+        _, world = self._rank_and_world()
+        state = ResumableSampler.state_for(epoch, ready, self.per_rank_batch_size())
+        return {"sampler": state, "world_size": world}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the sampler position; applied now or when the train loader is created."""
+        state = state_dict.get("sampler")
+        if state is None:
+            return
+        state = dict(state)
+        _, world = self._rank_and_world()
+        saved_world = state_dict.get("world_size", world)
+        if saved_world != world:
+            # Rank r takes every world-th index of the same global order, so skipping the
+            # same global prefix (divided over the new ranks) preserves what was seen.
+            state["consumed"] = state["consumed"] * saved_world // world
+            log.warning("resuming with world size %d instead of %d: mid-epoch position is approximate",
+                        world, saved_world)
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(state)
+        else:
+            self._pending_sampler_state = state
