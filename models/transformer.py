@@ -193,7 +193,9 @@ class Block(nn.Module):
             y = pool.forward_routed_subset(
                 h_NC, plan.token_idx, plan.weight, plan.counts, [w13s[e] for e in cand], [w2s[e] for e in cand]
             )
-            counts = plan.counts.new_zeros(pool.num_experts).index_copy_(0, routing.allowed[self.layer].nonzero().flatten(), plan.counts)
+            # the candidate list is host-side: no device sync (unlike nonzero() on the mask)
+            cand_idx = torch.as_tensor(cand, dtype=torch.long, device=plan.counts.device)
+            counts = plan.counts.new_zeros(pool.num_experts).index_copy_(0, cand_idx, plan.counts)
         if self.shared is not None:
             y = y + self.shared(h_NC)
         state_NS = routing.next_state(self.layer, state_NS, out.topk_idx, out.topk_weight)
