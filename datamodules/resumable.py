@@ -7,6 +7,7 @@ Subclasses create `self._train_sampler` (a `ResumableSampler`) in `train_dataloa
 from __future__ import annotations
 
 import logging
+import warnings
 
 import lightning as L
 
@@ -39,6 +40,33 @@ class ResumableDataModule(L.LightningDataModule):
                 f"the world size ({world} processes)"
             )
         return self.batch_size // world
+
+    # -- samplers ------------------------------------------------------------------
+
+    def _make_train_sampler(self, num_items: int, too_few: str) -> ResumableSampler:
+        """Shuffled, rank-sharded train sampler with any pending resume position applied.
+
+        too_few: the error message when this rank would get less than one batch.
+        """
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; these DataModules restore the
+        # sampler position themselves (state_dict/load_state_dict), so the warning does not apply here.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        rank, world = self._rank_and_world()
+        sampler = ResumableSampler(num_items, self.seed, shuffle=True, rank=rank, world_size=world)
+        if len(sampler) < self.per_rank_batch_size():
+            raise ValueError(too_few)
+        if self._pending_sampler_state is not None:
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        self._train_sampler = sampler
+        return sampler
+
+    def _make_eval_sampler(self, num_items: int) -> ResumableSampler:
+        """Sequential sampler over this rank's shard of an evaluation split."""
+        rank, world = self._rank_and_world()
+        # Padding by wrapping (drop_last=False) keeps per-rank batch counts equal, as collective
+        # ops in DDP require; the few duplicated items only matter when world > 1.
+        return ResumableSampler(num_items, self.seed, shuffle=False, rank=rank, world_size=world, drop_last=False)
 
     # -- exact resume ------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import random
 import re
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -396,23 +395,12 @@ class TextDataModule(ResumableDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled, rank-sharded, exactly resumable loader with the per-rank batch size."""
         self._require_setup()
-        # Lightning warns that a plain DataLoader cannot resume mid-epoch; this DataModule restores the
-        # sampler position itself (state_dict/load_state_dict), so the warning does not apply here.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        rank, world = self._rank_and_world()
-        batch_size = self.per_rank_batch_size()
-        sampler = ResumableSampler(len(self.train_dataset), self.seed, shuffle=True,
-                                   rank=rank, world_size=world)
-        if len(sampler) < batch_size:
-            raise ValueError(
-                f"train split has {len(self.train_dataset)} windows, fewer than one global batch "
-                f"(data.batch_size={self.batch_size}); lower data.batch_size or data.seq_len"
-            )
-        if self._pending_sampler_state is not None:
-            sampler.load_state_dict(self._pending_sampler_state)
-            self._pending_sampler_state = None
-        self._train_sampler = sampler
-        return self._loader(self.train_dataset, sampler, batch_size, drop_last=True)
+        sampler = self._make_train_sampler(
+            len(self.train_dataset),
+            f"train split has {len(self.train_dataset)} windows, fewer than one global batch "
+            f"(data.batch_size={self.batch_size}); lower data.batch_size or data.seq_len",
+        )
+        return self._loader(self.train_dataset, sampler, self.per_rank_batch_size(), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         """Sequential loader over this rank's shard of the val split."""
@@ -424,11 +412,7 @@ class TextDataModule(ResumableDataModule):
 
     def _eval_loader(self) -> DataLoader:
         self._require_setup()
-        rank, world = self._rank_and_world()
-        # Padding by wrapping (drop_last=False) keeps per-rank batch counts equal, as
-        # collective ops in DDP require; the few duplicated windows only matter when world > 1.
-        sampler = ResumableSampler(len(self.val_dataset), self.seed, shuffle=False, rank=rank,
-                                   world_size=world, drop_last=False)
+        sampler = self._make_eval_sampler(len(self.val_dataset))
         return self._loader(self.val_dataset, sampler, self.per_rank_batch_size(), drop_last=False)
 
     def _loader(
