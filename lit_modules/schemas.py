@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from lit_modules.base import OptimConfig
 from lit_modules.data_schemas import register_data_schemas
+from lit_modules.visual_tokenizer import GANConfig, TokenizerLossConfig
 from models.tokenizers.audio import AudioTokenizerConfig
 from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
@@ -74,27 +75,8 @@ class LMModuleSchema:
     init_ckpt: Optional[str] = None
 
 
-@dataclass
-class TokenizerLossSchema:
-    l1: float = 1.0
-    l2: float = 1.0
-    commit: float = 0.25
-    quant: float = 1.0
-    entropy: float = 0.1
-
-
-@dataclass
-class GANSchema:
-    enabled: bool = False
-    weight: float = 0.1
-    start_step: int = 0
-    lecam: float = 1e-3
-    lecam_decay: float = 0.999
-    channels: int = 32
-    layers: int = 3
-    lr: Optional[float] = None
-
-
+TokenizerLossSchema = schema_of(TokenizerLossConfig)
+GANSchema = schema_of(GANConfig)
 VisualTokenizerNetSchema = schema_of(TokenizerConfig)
 
 
