@@ -53,12 +53,8 @@ def compose_data_config(overrides: list[str]):
 @torch.no_grad()
 def encode_batch(tokenizer, kind: str, batch, features: bool) -> dict:
     if kind == "visual":
-        x = batch.pixels
-        z = tokenizer.encode_features(x)
-        b = z.shape[0]
-        flat = tokenizer._frames(z)
-        tokens = [t.reshape(b, -1, *t.shape[1:]) for t in tokenizer.quantizer.encode(flat)]
-        out = {"tokens": tokens}
+        z = tokenizer.encode_features(batch.pixels)
+        out = {"tokens": tokenizer.features_to_tokens(z)}
         if features:
             out["features"] = z.float()
         return out

@@ -199,7 +199,11 @@ class VisualTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> list[torch.Tensor]:
         """Tokens per scale: [B, T', h_k, w_k, d] bits (or [B, T', h_k, w_k] indices)."""
-        z = self.encode_features(video)
+        return self.features_to_tokens(self.encode_features(video))
+
+    @torch.no_grad()
+    def features_to_tokens(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Quantize a continuous latent [B, d, T', H', W'] frame by frame into tokens per scale."""
         b = z.shape[0]
         return [t.reshape(b, -1, *t.shape[1:]) for t in self.quantizer.encode(self._frames(z))]
 
@@ -231,9 +235,7 @@ class VisualTokenizer(nn.Module):
         while start < video.shape[2]:
             feats.append(self.encoder(video[:, :, start:start + size], cache))
             start, size = start + size, chunk_latents * tau
-        z = torch.cat(feats, dim=2)
-        b = z.shape[0]
-        return [t.reshape(b, -1, *t.shape[1:]) for t in self.quantizer.encode(self._frames(z))]
+        return self.features_to_tokens(torch.cat(feats, dim=2))
 
     def flip(self, bits: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Bitwise self-correction's corruption: flip each bit with probability p."""
