@@ -10,13 +10,14 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_modules.base import ExperimentModule, OptimConfig, step_seed
+from models.config import config_from_dict
 from models.layers.block_mask import frame_mask_keep
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.visual import VisualTokenizer
@@ -34,15 +35,11 @@ __all__ = ["VideoARModule"]
 
 
 def _cfec_from(d: Optional[dict]) -> CFECConfig:
-    d = dict(d or {})
-    known = {f.name for f in fields(CFECConfig)}
-    bad = sorted(set(d) - known)
-    if bad:
-        raise ValueError(f"unknown model.cfec keys {bad}; known: {sorted(known)}")
     try:
-        return CFECConfig(**d)
+        return config_from_dict(CFECConfig, dict(d or {}), "model.cfec")
     except ValueError as e:
-        raise ValueError(f"model.cfec: {e}") from e
+        # CFECConfig's own range checks do not know where in the config they sit
+        raise (e if "model.cfec" in str(e) else ValueError(f"model.cfec: {e}")) from e
 
 
 class VideoARModule(ExperimentModule):

@@ -18,19 +18,11 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lit_modules.base import ExperimentModule, OptimConfig, param_groups, warmup_cosine
+from models.config import config_from_dict
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer, inflate_2d_to_3d
 
 __all__ = ["GANConfig", "TokenizerLossConfig", "VisualTokenizerModule", "load_visual_tokenizer"]
-
-
-def _from_dict(cls, d: Optional[dict], where: str):
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    bad = sorted(set(d) - known)
-    if bad:
-        raise ValueError(f"unknown {where} keys {bad}; known: {sorted(known)}")
-    return cls(**d)
 
 
 @dataclass
@@ -136,8 +128,8 @@ class VisualTokenizerModule(ExperimentModule):
         except ValueError as e:
             raise ValueError(f"invalid model.net: {e}") from e
         self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
-        self.loss_cfg = _from_dict(TokenizerLossConfig, loss, "model.loss")
-        self.gan_cfg = _from_dict(GANConfig, gan, "model.gan")
+        self.loss_cfg = config_from_dict(TokenizerLossConfig, dict(loss or {}), "model.loss")
+        self.gan_cfg = config_from_dict(GANConfig, dict(gan or {}), "model.gan")
         if inflate_from and not self.net_cfg.video:
             raise ValueError("model.inflate_from needs model.net.video=true (it inflates a 2D tokenizer into 3D)")
         self.seed = seed
