@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import alternate  # noqa: E402
 from models.layers.ffn import SwiGLU  # noqa: E402
 from models.moe import MoEConfig, MoELayer, reference_moe  # noqa: E402
 from models.moe.experts import grouped_mm_supported  # noqa: E402
@@ -37,41 +37,14 @@ SHAPES = {
 GOALS = {"coarse": 1.10, "fine_grained": 2.0}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds for one call, device work included."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def bench_pair(fn_a: Callable[[], None], fn_b: Callable[[], None], repeats: int, device: torch.device | None = None,
                warmup: int = 2) -> dict:
     """Time A and B alternately (order flipped every pair); ratio = median over pairs of t_a / t_b.
 
     Alternation makes slow drifts (thermal, other processes) hit both sides of each pair.
     """
-    device = device or torch.device("cpu")
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb, ratios = [], [], []
-    for i in range(repeats):
-        if i % 2:
-            b = time_call(fn_b, device)
-            a = time_call(fn_a, device)
-        else:
-            a = time_call(fn_a, device)
-            b = time_call(fn_b, device)
-        ta.append(a)
-        tb.append(b)
-        ratios.append(a / b)
+    ta, tb = alternate(fn_a, fn_b, repeats, device or torch.device("cpu"), warmup)
+    ratios = [a / b for a, b in zip(ta, tb)]
     return {
         "ratio": statistics.median(ratios),
         "ratio_spread": [min(ratios), max(ratios)],

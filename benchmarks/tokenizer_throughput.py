@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import alternate  # noqa: E402
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer  # noqa: E402
 
 
@@ -41,19 +42,8 @@ def _timeit(fn, repeats: int, warmup: int = 1) -> float:
 
 def bench_pair(fn_a, fn_b, repeats: int) -> dict:
     """A and B alternately (order flipped every pair); ratio = median over pairs of t_b / t_a (speed-up of A)."""
-    fn_a()
-    fn_b()
-    ta, tb, ratios = [], [], []
-    for i in range(repeats):
-        order = (fn_b, fn_a) if i % 2 else (fn_a, fn_b)
-        times = {}
-        for fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[fn] = time.perf_counter() - t0
-        ta.append(times[fn_a])
-        tb.append(times[fn_b])
-        ratios.append(times[fn_b] / times[fn_a])
+    ta, tb = alternate(fn_a, fn_b, repeats)
+    ratios = [b / a for a, b in zip(ta, tb)]
     return {"speedup": statistics.median(ratios), "speedup_spread": [min(ratios), max(ratios)],
             "ms_fast": 1e3 * statistics.median(ta), "ms_naive": 1e3 * statistics.median(tb)}
 

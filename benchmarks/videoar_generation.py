@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import alternate  # noqa: E402
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer  # noqa: E402
 from models.videoar import VideoAR, VideoARConfig, sample_bits  # noqa: E402
 
@@ -41,36 +41,11 @@ GOAL_SPEEDUP = 3.0
 GOAL_LOGIT_DIFF = 1e-5
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def bench_pair(fn_fast: Callable[[], object], fn_slow: Callable[[], object], repeats: int, device: torch.device,
                warmup: int = 1) -> dict:
     """fast and slow alternately (order flipped every pair); speedup = median over pairs of t_slow / t_fast."""
-    for _ in range(warmup):
-        fn_fast()
-        fn_slow()
-    ta, tb, ratios = [], [], []
-    for i in range(repeats):
-        if i % 2:
-            b = time_call(fn_slow, device)
-            a = time_call(fn_fast, device)
-        else:
-            a = time_call(fn_fast, device)
-            b = time_call(fn_slow, device)
-        ta.append(a)
-        tb.append(b)
-        ratios.append(b / a)
+    ta, tb = alternate(fn_fast, fn_slow, repeats, device, warmup)
+    ratios = [b / a for a, b in zip(ta, tb)]
     return {"speedup": statistics.median(ratios), "speedup_spread": [min(ratios), max(ratios)],
             "ms_fast": 1e3 * statistics.median(ta), "ms_slow": 1e3 * statistics.median(tb)}
 
