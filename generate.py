@@ -46,10 +46,8 @@ def is_videoar(ckpt: str | Path) -> bool:
 def load_videoar(ckpt: str | Path, device: str = "cpu"):
     from lit_modules.videoar import VideoARModule
 
+    # on_load_checkpoint builds the net (and loads its frozen tokenizer) before the weights go in
     module = VideoARModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
-    module.configure_model()
-    state = torch.load(ckpt, map_location=device, weights_only=False)
-    module.load_state_dict(state["state_dict"])
     module.tokenizer.to(device)
     return module.to(device).eval()
 

@@ -47,9 +47,14 @@ def print_config_tree(cfg: DictConfig, save_dir: Path | None) -> None:
     rich.print(tree)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        with open(save_dir / "config_tree.log", "w") as f:
-            rich.print(tree, file=f)
-        OmegaConf.save(cfg, save_dir / "resolved_config.yaml", resolve=True)
+        from models.io import atomic_write, atomic_write_text
+
+        def write_tree(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                rich.print(tree, file=f)
+
+        atomic_write(save_dir / "config_tree.log", write_tree)
+        atomic_write_text(save_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _is_multi_process(trainer_cfg: DictConfig) -> bool:

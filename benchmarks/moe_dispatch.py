@@ -141,8 +141,8 @@ def main(argv=None) -> dict:
 
         def moe_step(layer):
             def step():
-                y, aux = layer(x)
-                (y.float() * gy).sum().add(aux.aux_loss + aux.z_loss).backward()
+                y, info = layer(x)
+                (y.float() * gy).sum().add(info.loss).backward()
             return step
 
         def dense_step_loss():

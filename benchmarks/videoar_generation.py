@@ -11,7 +11,7 @@
 
 Timings alternate A and B in one process (order flipped every pair); ratios are medians of per-pair
 ratios; a cached-vs-cached pair gives the A/A noise floor. Forward passes are counted with a hook on
-the trunk's final norm (called once per `_trunk` call). The model is untrained (its weights are
+the trunk's final norm (called once per trunk forward). The model is untrained (its weights are
 jittered so that logits and samples vary): cost and equality do not depend on training.
 
     python benchmarks/videoar_generation.py            # prints one JSON object
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.timing import alternate  # noqa: E402
+from models.layers.mask import AttentionMask  # noqa: E402
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer  # noqa: E402
 from models.videoar import VideoAR, VideoARConfig, sample_bits  # noqa: E402
 
@@ -51,7 +52,7 @@ def bench_pair(fn_fast: Callable[[], object], fn_slow: Callable[[], object], rep
 
 
 class PassCounter:
-    """Counts `_trunk` calls (each ends in `model.norm`) while installed."""
+    """Counts trunk forwards (each ends in `model.trunk.norm`) while installed."""
 
     def __init__(self, model: VideoAR) -> None:
         self.model, self.calls, self.handle = model, 0, None
@@ -61,7 +62,7 @@ class PassCounter:
 
     def __enter__(self) -> "PassCounter":
         self.calls = 0
-        self.handle = self.model.norm.register_forward_hook(self._hook)
+        self.handle = self.model.trunk.norm.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,7 +78,7 @@ def raster_generate(model: VideoAR, labels: torch.Tensor, num_frames: int,
     Visits the same video tokens as next-scale decoding (frame, scale, row, col order) with the same
     RoPE positions, scale embeddings and condition prefix; each step feeds one query token (the
     previous token's sampled bits through `word_embed`, as +-1, plus the next token's scale
-    embedding; the first is <SOS>) through `model._trunk` against the KV cache of all earlier tokens.
+    embedding; the first is <SOS>) through `model.trunk` against the KV cache of all earlier tokens.
     guidance (constant CFG, as in `generate`): conditional and null-class rows in one batch of 2B.
     Returns bits uint8 [B, L_video, d]. A cost model of raster AR decoding, not a trained sampler.
     """
@@ -85,17 +86,18 @@ def raster_generate(model: VideoAR, labels: torch.Tensor, num_frames: int,
     n, d = model.cfg.cond_len, model.cfg.bits
     cfg_on = guidance is not None and guidance != 1.0
     lab = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_on else labels
-    cos_all, sin_all = model.rope(model.positions(num_frames, dev))
-    caches = [dict() for _ in model.blocks]
+    pos = model.positions(num_frames, dev)
     prefix, sos = model.condition(lab)
-    model._trunk(prefix, cos_all[:n], sin_all[:n], None, caches)
+    caches = model.trunk.new_cache(lab.shape[0], n + model.cfg.frame_tokens * num_frames)
+    visible = AttentionMask.full()  # the newest token sees every cached one
+    model.trunk(prefix, pos[:n], visible, caches)
     scale_vecs = model.scale_emb(model.scale_ids(num_frames, dev))  # [L, C]
     L = scale_vecs.shape[0]
     out = torch.empty(B, L, d, dtype=torch.uint8, device=dev)
     x = (sos + scale_vecs[0])[:, None, :]
     for i in range(L):
         p = n + i
-        hid = model._trunk(x, cos_all[p:p + 1], sin_all[p:p + 1], None, caches)
+        hid = model.trunk(x, pos[p:p + 1], visible, caches).hidden
         logits = model.head(hid).view(hid.shape[0], 1, d, 2).float()
         if cfg_on:
             logits = logits[B:] + guidance * (logits[:B] - logits[B:])
@@ -205,7 +207,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         "speedup_raster_over_next_scale": raster_pair["speedup"], "speedup_spread": raster_pair["speedup_spread"],
         "video_tokens_per_s": {"next_scale": args.batch * video_tokens / (raster_pair["ms_fast"] / 1e3),
                                "raster": args.batch * video_tokens / (raster_pair["ms_slow"] / 1e3)},
-        "raster_model": "one query token per forward through model._trunk, KV-cached, same layers / positions / "
+        "raster_model": "one query token per forward through model.trunk, KV-cached, same layers / positions / "
                         "sequence length; input = word_embed(previous bits as +-1) + scale embedding",
     }
     out = {

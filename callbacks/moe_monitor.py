@@ -1,4 +1,4 @@
-"""Routing monitor for MoE / MoUE language models: per-layer statistics and load heatmaps."""
+"""Routing monitor for sparse (MoE / MoUE) models on the trunk: per-layer statistics and load heatmaps."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class MoEMonitor(L.Callback):
     summarised by moue/pool_max_violation: max_e F_e / pi_e - 1, the depth-aggregated load against
     the topology's expected share. Images (TensorBoard): moe/load_heatmap (layers x experts) and,
     for MoUE, moue/pool_load (the pool's load summed over layers).
-    Reads the module's `last_routing` (written by its training step); a dense model logs nothing.
+    Reads the module's `last_routing` and `routing_topology()` (lit_modules/trunk.py); a dense
+    model logs nothing.
     """
 
     def __init__(self, every_n_steps: int = 50, images: bool = True):
@@ -49,33 +50,34 @@ class MoEMonitor(L.Callback):
         step = trainer.global_step
         if info is None or step % self.every_n_steps:
             return
-        routing = pl_module.model.routing
+        topology = pl_module.routing_topology()
         counts = info["counts"]
         metrics: dict[str, float] = {}
         per_layer: dict[str, list[float]] = {}
-        for layer in range(counts.shape[0]):
-            c, p = counts[layer], info["probs_mean"][layer]
-            if routing is not None:
-                keep = routing.allowed[layer]
+        for row, layer in enumerate(info["layers"]):
+            c, p = counts[row], info["probs_mean"][row]
+            if topology is not None:
+                keep = topology["allowed"][layer]
                 c, p = c[keep], p[keep] / p[keep].sum().clamp_min(1e-20)
-            stats = routing_stats(c, p, info["dropped"][layer], info["num_pairs"])
-            stats["entropy"] = info["entropy"][layer]
+            stats = routing_stats(c, p, info["dropped"][row], info["num_pairs"])
+            stats["entropy"] = info["entropy"][row]
             for name in ("max_vio", "cv", "dead_frac", "dropped_frac", "entropy"):
                 key = "max_violation" if name == "max_vio" else name
                 metrics[f"moe/{key}/layer_{layer}"] = float(stats[name])
                 per_layer.setdefault(key, []).append(float(stats[name]))
         for key, vals in per_layer.items():
             metrics[f"moe/{key}/mean"] = sum(vals) / len(vals)
-        if routing is not None:
+        if topology is not None:
             F = counts.sum(0) / counts.sum().clamp_min(1.0)
-            live = routing.pi > 0
-            metrics["moue/pool_max_violation"] = float((F[live] / routing.pi[live]).max() - 1.0)
-            metrics["moue/window"] = float(routing.window)
+            pi = topology["pi"].to(F.device)
+            live = pi > 0
+            metrics["moue/pool_max_violation"] = float((F[live] / pi[live]).max() - 1.0)
+            metrics["moue/window"] = float(topology["window"])
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if self.images and trainer.is_global_zero:
             load = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):
                     lg.experiment.add_image("moe/load_heatmap", heatmap(load), step)
-                    if routing is not None:
+                    if topology is not None:
                         lg.experiment.add_image("moue/pool_load", heatmap(counts.sum(0, keepdim=True)), step)

@@ -39,8 +39,7 @@ class MoUEWindowSchedule(L.Callback):
         return window
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total = pl_module.optim_cfg.total_steps or int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
-        window = self.window_at(trainer.global_step, total)
+        window = self.window_at(trainer.global_step, pl_module.planned_steps)
         if window != pl_module.moue_window:
             pl_module.moue_window = window
         self.current = window

@@ -12,11 +12,12 @@ from __future__ import annotations
 from fractions import Fraction
 import os
 from pathlib import Path
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from models.io import atomic_write
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -236,14 +237,6 @@ _VIDEO_FORMATS = {
 }
 
 
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory (os.replace stays a rename) and same suffix (tools that sniff by name still work).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    return tmp
-
-
 def write_video(
     path: str | os.PathLike,
     frames: torch.Tensor | np.ndarray,
@@ -282,8 +275,7 @@ def write_video(
     opts = dict(options or {})
     if codec in ("libx264", "h264"):
         opts.setdefault("crf", "18")
-    tmp = _atomic_target(path)
-    try:
+    def write(tmp: str) -> None:
         with av.open(tmp, mode="w", format=fmt) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
@@ -295,11 +287,9 @@ def write_video(
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    # the temporary file keeps the suffix: tools that sniff the format by name still work
+    return atomic_write(path, write, keep_suffix=True)
 
 
 # ---------------------------------------------------------------------------
@@ -381,11 +371,5 @@ def write_audio(path: str | os.PathLike, wave: torch.Tensor | np.ndarray, sample
         raise ValueError("wave has no samples")
     arr = np.clip(arr, -1.0, 1.0)
     fmt, subtype = _AUDIO_FORMATS[suffix]
-    tmp = _atomic_target(path)
-    try:
-        sf.write(tmp, arr, int(sample_rate), format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: sf.write(tmp, arr, int(sample_rate), format=fmt, subtype=subtype),
+                        keep_suffix=True)

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from datamodules.batch import collate_lm
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
 from datamodules.synthetic_bios import BiographyCorpus, generate_biographies
+from models.io import atomic_write
 from models.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
 
 __all__ = [
@@ -206,17 +206,11 @@ class PackedDataset(Dataset):
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _load_npy(path: Path) -> np.ndarray | None:

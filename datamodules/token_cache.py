@@ -18,13 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
+from models.io import atomic_torch_save, atomic_write
 from models.tokenizers.checkpoint import file_sha256
 
 __all__ = ["CACHE_VERSION", "TokenCacheWriter", "data_fingerprint", "read_manifest", "verify_shard"]
@@ -47,26 +47,12 @@ def data_fingerprint(data_config: dict, item_sources: Optional[dict] = None) -> 
     return h.hexdigest()[:20]
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
 
-    _atomic_write_bytes(cache_dir / MANIFEST, write)
+    atomic_write(cache_dir / MANIFEST, write)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
@@ -150,7 +136,7 @@ class TokenCacheWriter:
 
     def write_shard(self, split: str, i: int, payload: dict[str, Any], num_shards: int) -> None:
         name = f"{split}-{i:05d}.pt"
-        _atomic_write_bytes(self.cache_dir / name, lambda tmp: torch.save(payload, tmp))
+        atomic_torch_save(payload, self.cache_dir / name)
         entry = self.manifest["splits"][split]
         entry["shards"].append({"file": name, "items": int(payload["labels"].shape[0]),
                                 "sha256": file_sha256(self.cache_dir / name)})

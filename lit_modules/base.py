@@ -125,6 +125,17 @@ class ExperimentModule(L.LightningModule):
         if "rng_states" in checkpoint:
             set_rng_state(checkpoint["rng_states"])
 
+    @property
+    def planned_steps(self) -> int:
+        """The run's planned optimiser steps: model.optim.total_steps, else trainer.max_steps, else the
+        trainer's estimate (epochs x batches). The LR schedule's horizon, and what step-fraction
+        schedules (callbacks) are measured against."""
+        if self.optim_cfg.total_steps:
+            return int(self.optim_cfg.total_steps)
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return int(self.trainer.estimated_stepping_batches)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         # trainer.model holds the sharded/wrapped parameters under FSDP2 and DDP.

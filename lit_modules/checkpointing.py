@@ -19,30 +19,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from models.io import atomic_torch_save, fsync_dir
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    """torch.save to `path` through a temporary file in the same directory + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["AtomicCheckpointIO", "AtomicModelParallelStrategy", "atomic_torch_save"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,7 +64,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             link = path.with_name(f".{path.name}.{uuid.uuid4().hex}.lnk")
             os.symlink(target.name, link)
             os.replace(link, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             if old is not None and old != target:
                 _remove(old)
         self.barrier("atomic_checkpoint_swapped")

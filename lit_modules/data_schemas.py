@@ -1,89 +1,68 @@
-"""Typed Hydra schemas of the media DataModules (`conf/data/{image,video,audio}.yaml`).
+"""Typed Hydra schemas of the DataModules (`conf/data/*.yaml`), derived from their constructors.
 
-Field for field the DataModules' arguments, so a misspelt key (`data.num_frame=3`) or a wrong type
-fails at compose time with the full key named. `register_data_schemas` is called from
-`lit_modules.schemas.register_schemas`.
+Each schema is made from the DataModule's `__init__` signature (names, annotations, defaults), so the
+two cannot drift: a new DataModule argument is a config key the day it is added, and a misspelt
+key (`data.num_frame=3`) or a wrong type fails at compose time with the full key named.
+`register_data_schemas` is called from `lit_modules.schemas.register_schemas`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import inspect
+import types
+import typing
+from dataclasses import field, make_dataclass
+from typing import Optional, Union
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
-__all__ = ["AudioDataSchema", "ImageDataSchema", "VideoDataSchema", "register_data_schemas"]
+__all__ = ["DATA_SCHEMAS", "register_data_schemas", "schema_from_signature"]
 
-
-@dataclass
-class ImageDataSchema:
-    _target_: str = "datamodules.media.ImageDataModule"
-    source: str = "synthetic"
-    image_size: int = 32
-    batch_size: int = 16
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    data_seed: int = 0
-    num_workers: int = 0
-    pin_memory: bool = False
-    on_bad_file: str = "error"
-    labels_from_dirs: bool = False
-    num_classes: int = 12
-    num_clips: int = 64
-    num_frames: int = 8
-    background: str = "mixed"
+# ConfigStore name -> the DataModule whose constructor it mirrors
+DATA_SCHEMAS = {
+    "text_schema": "datamodules.text.TextDataModule",
+    "image_schema": "datamodules.media.ImageDataModule",
+    "video_schema": "datamodules.media.VideoDataModule",
+    "audio_schema": "datamodules.media.AudioDataModule",
+    "tokens_schema": "datamodules.tokens.TokenDataModule",
+}
 
 
-@dataclass
-class VideoDataSchema:
-    _target_: str = "datamodules.media.VideoDataModule"
-    source: str = "synthetic"
-    num_frames: int = 9
-    fps: Optional[float] = None
-    frame_stride: int = 1
-    image_size: int = 32
-    short_clip: str = "pad"
-    batch_size: int = 8
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    data_seed: int = 0
-    num_workers: int = 0
-    pin_memory: bool = False
-    on_bad_file: str = "error"
-    labels_from_dirs: bool = False
-    num_classes: int = 12
-    num_clips: int = 256
-    synthetic_frames: Optional[int] = None
-    background: str = "mixed"
+def _omegaconf_type(hint):
+    """`X | None` (PEP 604) -> Optional[X]: OmegaConf 2.3 understands typing.Union, not types.UnionType."""
+    if isinstance(hint, types.UnionType):
+        args = typing.get_args(hint)
+        return Union[tuple(_omegaconf_type(a) for a in args)]
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return Optional[_omegaconf_type(next(a for a in typing.get_args(hint) if a is not type(None)))] \
+            if type(None) in typing.get_args(hint) else hint
+    return hint
 
 
-@dataclass
-class AudioDataSchema:
-    _target_: str = "datamodules.media.AudioDataModule"
-    source: str = "synthetic"
-    sample_rate: int = 16000
-    clip_seconds: float = 1.0
-    short_clip: str = "pad"
-    batch_size: int = 16
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    data_seed: int = 0
-    num_workers: int = 0
-    pin_memory: bool = False
-    on_bad_file: str = "error"
-    labels_from_dirs: bool = False
-    num_classes: int = 5
-    num_clips: int = 256
+def schema_from_signature(target: str) -> type:
+    """A dataclass with `_target_ = target` and one typed field per argument of the class's __init__."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    hints = typing.get_type_hints(cls.__init__)
+    spec = [("_target_", str, field(default=target))]
+    for pname, param in inspect.signature(cls.__init__).parameters.items():
+        if pname == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if pname not in hints:
+            raise TypeError(f"{target}.__init__ argument {pname!r} needs a type annotation (it is a config key)")
+        default = MISSING if param.default is inspect.Parameter.empty else param.default
+        if isinstance(default, (list, dict)):
+            spec.append((pname, _omegaconf_type(hints[pname]), field(default_factory=lambda d=default: type(d)(d))))
+        else:
+            spec.append((pname, _omegaconf_type(hints[pname]), field(default=default)))
+    return make_dataclass(f"{name}Schema", spec)
 
 
 def register_data_schemas(cs: ConfigStore) -> None:
-    """Store the media data schemas as group "data": image_schema, video_schema, audio_schema."""
-    cs.store(group="data", name="image_schema", node=ImageDataSchema)
-    cs.store(group="data", name="video_schema", node=VideoDataSchema)
-    cs.store(group="data", name="audio_schema", node=AudioDataSchema)
+    """Store every DataModule's schema as group "data" (text_schema, image_schema, ...)."""
+    for store_name, target in DATA_SCHEMAS.items():
+        cs.store(group="data", name=store_name, node=schema_from_signature(target))

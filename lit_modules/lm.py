@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_modules.base import ExperimentModule, OptimConfig
-from models.transformer import Transformer, TransformerConfig, lm_loss
+from lit_modules.base import OptimConfig
+from lit_modules.trunk import TrunkModule
+from models.transformer import Transformer, TransformerConfig, lm_loss, upgrade_state_dict
 
 NONFINITE_POLICIES = ("error", "skip", "off")
 
@@ -40,7 +41,7 @@ def tokenizer_from_state(state: dict):
         return cls.load(path)
 
 
-class LanguageModelModule(ExperimentModule):
+class LanguageModelModule(TrunkModule):
     """Trains `models.transformer.Transformer` on packed next-token batches.
 
     net: TransformerConfig fields (vocab_size 0 = take it from the DataModule's tokenizer).
@@ -51,9 +52,14 @@ class LanguageModelModule(ExperimentModule):
     sample: text sampled at each validation end and logged to TensorBoard (max_new_tokens 0: off).
     init_ckpt: a checkpoint whose weights initialise the network (weights only: a fresh optimiser
         and schedule; e.g. the output of tools/convert_moe_to_moue.py). `ckpt_path` resumes instead.
+    compile / compile_backend: regional compilation, `torch.compile` of each trunk block.
 
-    Knobs set by callbacks: `moue_window` (MoUE: blocks each layer may route to).
+    Knobs set by callbacks: `moue_window` (MoUE: blocks each layer may route to); the rest of the
+    callbacks' surface is described in lit_modules/trunk.py.
     """
+
+    network_attr = "model"
+    upgrade_state_dict = staticmethod(upgrade_state_dict)
 
     def __init__(
         self,
@@ -64,6 +70,8 @@ class LanguageModelModule(ExperimentModule):
         sample: Optional[dict] = None,
         seed: int = 0,
         init_ckpt: Optional[str] = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -79,14 +87,13 @@ class LanguageModelModule(ExperimentModule):
         self.sample_cfg = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": None, **(sample or {})}
         self.seed = seed
         self.init_ckpt = init_ckpt
+        self.compile_trunk, self.compile_backend = compile, compile_backend
         self.model: Transformer | None = None
         self.tokenizer = None
         self.nonfinite_skipped = 0
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._last_step_time: float | None = None
-        self.last_routing: dict | None = None
-        self._pending_counts: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -104,50 +111,32 @@ class LanguageModelModule(ExperimentModule):
         self.model = Transformer(self.net_cfg)
         if self.init_ckpt:
             self._load_init_weights(self.init_ckpt)
-        mesh = self._device_mesh if self._trainer is not None else None
-        if mesh is not None:
-            from models.parallelize import parallelize
-
-            parallelize(self.model, mesh, **self.fsdp_cfg)
+        self.finish_build(self.fsdp_cfg)
 
     def _load_init_weights(self, path: str) -> None:
         # Before parallelize(): every rank loads the full tensors, then fully_shard keeps its shard.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = self.upgrade_legacy_state(state, "")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"model.init_ckpt={path} does not match model.net: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
-        if "moue_window" in ckpt and self.model.routing is not None:
+        if "moue_window" in ckpt and self.model.trunk.pool is not None:
             self.moue_window = ckpt["moue_window"]
         rank_zero_info(f"initialised {len(state)} tensors from {path}")
-
-    @property
-    def moue_window(self) -> int | None:
-        """Knob: the number of pool blocks each MoUE layer may route to (None if not MoUE)."""
-        return None if self.model is None or self.model.routing is None else self.model.routing.window
-
-    @moue_window.setter
-    def moue_window(self, window: int) -> None:
-        if self.model is None or self.model.routing is None:
-            raise AttributeError("moue_window is only defined for model.net.ffn=moue")
-        self.model.routing.set_window(int(window))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
     # ----------------------------------------------------------------------------- steps
-    @property
-    def sparse(self) -> bool:
-        return self.net_cfg.ffn != "dense"
-
     def training_step(self, batch, batch_idx: int):
         if self.sparse:
             logits, balance, infos = self.model(batch.tokens, return_routing=True)
             ce = lm_loss(logits, batch.targets)
             loss = ce + balance
-            self._record_routing(infos)
+            self.record_routing(infos)
         else:
             logits = self.model(batch.tokens)
             loss = ce = lm_loss(logits, batch.targets)
@@ -171,44 +160,9 @@ class LanguageModelModule(ExperimentModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/ppl", ce.detach().exp(), on_step=True, on_epoch=False)
         if self.sparse:
-            self.log("train/ce", ce.detach(), on_step=True, on_epoch=False)
-            self.log("train/balance_loss", balance.detach(), on_step=True, on_epoch=False)
+            self.log_routing_losses(ce, balance)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
-
-    # ----------------------------------------------------------------------------- routing
-    def _record_routing(self, infos) -> None:
-        """Keep the last step's routing statistics (for monitors) and the token counts since the last
-        optimiser step (for aux-loss-free bias updates, so gradient accumulation is respected)."""
-        counts = torch.stack([i.counts for i in infos]).float()
-        self.last_routing = {
-            "counts": counts,
-            "probs_mean": torch.stack([i.probs_mean.detach() for i in infos]),
-            "dropped": torch.stack([i.dropped.float() for i in infos]),
-            "num_pairs": infos[0].num_pairs,
-            "entropy": torch.stack([i.entropy for i in infos]),
-        }
-        self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        super().on_before_optimizer_step(optimizer)
-        if self._pending_counts is None:
-            return
-        counts, self._pending_counts = self._pending_counts, None
-        if not self.net_cfg.moe.bias_balancing:
-            return
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)  # every rank applies the same update
-        if self.net_cfg.ffn == "moe":
-            for layer, c in zip(self.model.layers, counts):
-                layer.ffn.router.update_bias(c)
-        else:
-            routing = self.model.routing
-            # balance against the topology's expected share pi_e (uniform target: plain counts)
-            load = counts.sum(0) / routing.pi.clamp_min(1e-12)
-            load = torch.where(routing.pi > 0, load, load[routing.pi > 0].mean())
-            for router in routing.routers:
-                router.update_bias(load)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -268,13 +222,7 @@ class LanguageModelModule(ExperimentModule):
 
     # ----------------------------------------------------------------------------- bookkeeping
     def on_fit_start(self) -> None:
-        counts = self.model.num_params()
-        metrics = {"params/total": float(counts["total"]), "params/activated": float(counts["activated"])}
-        for lg in self.loggers:
-            lg.log_metrics(metrics, step=0)
-        rank_zero_info(f"parameters: total {counts['total']:,}, activated per token {counts['activated']:,}")
-        if self.model.routing is not None:
-            rank_zero_info(f"MoUE topology: {self.model.routing.report()}")
+        self.log_param_counts()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -294,5 +242,6 @@ class LanguageModelModule(ExperimentModule):
         if self.model is None and vocab:
             self.net_cfg.vocab_size = vocab
             self.configure_model()
-        if "moue_window" in checkpoint and self.model is not None and self.model.routing is not None:
+        self.upgrade_legacy_checkpoint(checkpoint)
+        if "moue_window" in checkpoint and self.moue_window is not None:
             self.moue_window = checkpoint["moue_window"]

@@ -73,6 +73,8 @@ class LMModuleSchema:
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 0
     init_ckpt: Optional[str] = None
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 TokenizerLossSchema = schema_of(TokenizerLossConfig)
@@ -91,25 +93,6 @@ class VisualTokenizerModuleSchema:
     inflate_from: Optional[str] = None
     init_ckpt: Optional[str] = None
     log_samples: int = 4
-
-
-@dataclass
-class TextDataSchema:
-    _target_: str = "datamodules.text.TextDataModule"
-    source: str = "bios"
-    num_people: int = 2000
-    corpus_seed: int = 0
-    tokenizer: str = "bpe"
-    vocab_size: int = 2048
-    seq_len: int = 128
-    batch_size: int = 32
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    seed: int = 0
-    num_workers: int = 0
-    cache_dir: str = "data/cache"
-    pin_memory: bool = False
-    txt_split: str = "paragraph"
 
 
 AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)
@@ -155,17 +138,9 @@ class VideoARModuleSchema:
     init_ckpt: Optional[str] = None
     tokenizer_scales: Optional[list] = None
     image_prob: float = 0.0
-
-
-@dataclass
-class TokensDataSchema:
-    _target_: str = "datamodules.tokens.TokenDataModule"
-    cache_dir: str = "???"
-    tokenizer_ckpt: str = "???"
-    batch_size: int = 8
-    seed: int = 0
-    num_workers: int = 0
-    pin_memory: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 def _product(*values) -> int:
@@ -182,9 +157,7 @@ def register_schemas() -> None:
     OmegaConf.register_new_resolver("mul", _product, replace=True)
     cs = ConfigStore.instance()
     cs.store(group="model", name="lm_schema", node=LMModuleSchema)
-    cs.store(group="data", name="text_schema", node=TextDataSchema)
-    register_data_schemas(cs)  # image / video / audio
+    register_data_schemas(cs)  # text / image / video / audio / tokens, derived from the constructors
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
-    cs.store(group="data", name="tokens_schema", node=TokensDataSchema)
     cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
     cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)

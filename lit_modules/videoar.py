@@ -16,9 +16,11 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_modules.base import ExperimentModule, OptimConfig, step_seed
+from lit_modules.base import OptimConfig, step_seed
+from lit_modules.trunk import TrunkModule
 from models.config import config_from_dict
-from models.layers.block_mask import frame_mask_keep
+from models.layers.mask import frame_mask_keep
+from models.random import uniform
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.visual import VisualTokenizer
 from models.videoar import (
@@ -29,6 +31,7 @@ from models.videoar import (
     bitwise_loss,
     scale_token_weights,
     teacher_forcing_sequence,
+    upgrade_state_dict,
 )
 
 __all__ = ["VideoARModule"]
@@ -42,7 +45,7 @@ def _cfec_from(d: Optional[dict]) -> CFECConfig:
         raise (e if "model.cfec" in str(e) else ValueError(f"model.cfec: {e}")) from e
 
 
-class VideoARModule(ExperimentModule):
+class VideoARModule(TrunkModule):
     """Trains `models.videoar.VideoAR` class-conditionally on clips (pixels or a token cache).
 
     net: VideoARConfig fields (bits, scales, num_classes 0 = from the tokenizer / data).
@@ -55,13 +58,22 @@ class VideoARModule(ExperimentModule):
     tokenizer_scales: another scale schedule for the tokenizer (another resolution; staged training).
     init_ckpt: a previous stage's checkpoint (weights only; a grown scale schedule gets fresh scale
         embeddings for its new scales).
+    compile / compile_backend: regional compilation, `torch.compile` of each trunk block.
+    fsdp: options for `models.parallelize.parallelize` under `trainer=fsdp`.
+
+    With a sparse trunk (`net.ffn=moe|moue`) the loss adds the balance loss and the module keeps
+    the routing statistics and bias updates of lit_modules/trunk.py (so `moe_monitor` works here too).
     """
+
+    network_attr = "net"
+    upgrade_state_dict = staticmethod(upgrade_state_dict)
 
     def __init__(self, net: dict, optim: Optional[dict] = None, tokenizer_ckpt: Optional[str] = None,
                  scale_weighting: str = "infinity", cfec: Optional[dict] = None, frame_mask_prob: float = 0.0,
                  frame_mask_window: Optional[int] = None, sample: Optional[dict] = None, seed: int = 0,
                  init_ckpt: Optional[str] = None, tokenizer_scales: Optional[list] = None,
-                 image_prob: float = 0.0) -> None:
+                 image_prob: float = 0.0, compile: bool = False, compile_backend: str = "inductor",
+                 fsdp: Optional[dict] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         try:
@@ -86,6 +98,8 @@ class VideoARModule(ExperimentModule):
         self.seed = seed
         self.tokenizer_ckpt = tokenizer_ckpt
         self.init_ckpt = init_ckpt
+        self.compile_trunk, self.compile_backend = compile, compile_backend
+        self.fsdp_cfg = {"mixed_precision": "auto", "activation_checkpointing": False, **(fsdp or {})}
         self.net: VideoAR | None = None
         self.tokenizer_info: dict[str, Any] = {}
         self._tokenizer: VisualTokenizer | None = None  # frozen, kept out of the module tree (not trained,
@@ -149,16 +163,13 @@ class VideoARModule(ExperimentModule):
         self.net = VideoAR(cfg)
         if self.init_ckpt:
             self._load_init(self.init_ckpt)
-        mesh = self._device_mesh if self._trainer is not None else None
-        if mesh is not None:
-            from models.parallelize import parallelize
-
-            parallelize(self.net, mesh, blocks_attr="blocks")
+        self.finish_build(self.fsdp_cfg)
 
     def _load_init(self, path: str) -> None:
         """Start from a previous stage: same trunk; the scale embedding may grow (new scales start fresh)."""
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        state = self.upgrade_legacy_state(state, "")
         own = self.net.state_dict()
         grown = []
         for key in ("scale_emb.weight",):
@@ -177,6 +188,7 @@ class VideoARModule(ExperimentModule):
 
     def on_fit_start(self) -> None:
         self.tokenizer.to(self.device)
+        self.log_param_counts()
 
     def on_validation_start(self) -> None:
         self.tokenizer.to(self.device)
@@ -200,7 +212,7 @@ class VideoARModule(ExperimentModule):
         labels = batch.labels.clone()
         labels[labels < 0] = self.net.null_class
         if drop > 0:
-            u = torch.rand(labels.shape, generator=generator, device=labels.device)
+            u = uniform(labels.shape, generator, labels.device)
             labels[u < drop] = self.net.null_class
         return labels
 
@@ -212,7 +224,7 @@ class VideoARModule(ExperimentModule):
             gen = torch.Generator(device=feats.device).manual_seed(
                 step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
             # joint image + video training: an image is the first latent frame of a causal clip
-            if self.image_prob > 0 and float(torch.rand((), generator=gen, device=feats.device)) < self.image_prob:
+            if self.image_prob > 0 and float(uniform((), gen, feats.device)) < self.image_prob:
                 feats = feats[:, :1]
         B, T = feats.shape[:2]
         with torch.no_grad():
@@ -224,11 +236,11 @@ class VideoARModule(ExperimentModule):
                 keep = frame_mask_keep(B, T, self.frame_mask_prob, gen, feats.device)
             window = self.frame_mask_window
         labels = self.labels_of(batch, self.net_cfg.cond_dropout if corrupt else 0.0, gen)
-        logits = self.net(tf["inputs"], labels, T, keep, window)
+        logits, balance, infos = self.net(tf["inputs"], labels, T, keep, window, return_routing=True)
         weights = scale_token_weights(self.net.scales, T, self.scale_weighting)
         loss, per_token = bitwise_loss(logits, tf["labels"], weights)
-        return {"loss": loss, "per_token": per_token.detach(), "logits": logits.detach(), "labels": tf["labels"],
-                "flip_p": tf["flip_p"], "T": T, "keep": keep}
+        return {"loss": loss, "balance": balance, "routing": infos, "per_token": per_token.detach(),
+                "logits": logits.detach(), "labels": tf["labels"], "flip_p": tf["flip_p"], "T": T, "keep": keep}
 
     def _log_breakdown(self, out: dict, stage: str) -> None:
         T, scales = out["T"], self.net.scales
@@ -252,9 +264,14 @@ class VideoARModule(ExperimentModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = self._step(batch, "train", corrupt=True)
-        if not torch.isfinite(out["loss"]):
+        loss = out["loss"]
+        if self.sparse:
+            loss = loss + out["balance"]
+            self.record_routing(out["routing"])
+            self.log_routing_losses(out["loss"], out["balance"])
+        if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite VideoAR loss at step {self.global_step}")
-        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._log_breakdown(out, "train")
         if self.cfec.enabled:
             self.log("train/cfec_flip_p_mean", out["flip_p"].mean(), on_step=True, on_epoch=False)
@@ -263,7 +280,7 @@ class VideoARModule(ExperimentModule):
             earlier = torch.tril(torch.ones(T, T, dtype=torch.bool, device=out["keep"].device), -1)
             hidden = (~out["keep"] & earlier).sum() / earlier.sum().clamp_min(1) / out["keep"].shape[0]
             self.log("train/frame_mask_hidden_frac", hidden.float(), on_step=True, on_epoch=False)
-        return out["loss"]
+        return loss
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -350,8 +367,19 @@ class VideoARModule(ExperimentModule):
         return self.tokenizer.cfg.latent_frames(nf) if nf else 2
 
     # ------------------------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.net is None and self._trainer is None:
+            # load_from_checkpoint restores weights without a Trainer: build the net (and its tokenizer) first
+            self.configure_model()
+        self.upgrade_legacy_checkpoint(checkpoint)
+        if "moue_window" in checkpoint and self.moue_window is not None:
+            self.moue_window = checkpoint["moue_window"]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.moue_window is not None:
+            checkpoint["moue_window"] = self.moue_window
         checkpoint["video_tokenizer"] = dict(self.tokenizer_info)
         checkpoint["knobs"] = {"cfec": asdict(self.cfec), "frame_mask_prob": self.frame_mask_prob,
                                "frame_mask_window": self.frame_mask_window}

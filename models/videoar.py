@@ -1,4 +1,4 @@
-"""VideoAR: next-scale prediction inside a frame, next-frame prediction across frames (LLaMA-style).
+"""VideoAR: next-scale prediction inside a frame, next-frame prediction across frames, on the shared trunk.
 
 Shapes: B batch, L tokens, C model dim, d bits per token (the tokenizer's code dim), T latent
 frames, K scales, (h_k, w_k) scale k's grid, n condition (prefix) tokens.
@@ -9,10 +9,11 @@ downsampled to scale k's grid, through `word_embed` (d -> C), plus a learnable s
 Scale 1 of frame 0 is the <SOS> embedding of the class; scale 1 of a later frame is the previous
 frame's full accumulation downsampled to scale 1's grid. Each token predicts the d bits of its
 own position of R_k (a bitwise head: 2 logits per bit). Attention is block-causal over
-(frame, scale) blocks; positions are multi-scale temporal RoPE over (t, h, w).
+(frame, scale) blocks (a described `AttentionMask`); positions are multi-scale temporal RoPE over
+(t, h, w). The trunk's FFN is dense, MoE or MoUE (`ffn`).
 
-Read top to bottom: config and presets, block, network, teacher-forced inputs (with cross-frame
-error correction), losses, generation.
+Read top to bottom: config and presets, network, teacher-forced inputs (with cross-frame error
+correction), losses, generation, and the key map for checkpoints written before the trunk.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import config_from_dict
-
-from models.layers.block_mask import block_causal_mask, block_layout
-from models.layers.ffn import SwiGLU, swiglu_hidden
-from models.layers.rope import apply_rotary
-from models.layers.rope3d import MultiAxisRoPE, sequence_positions
+from models.layers.mask import AttentionMask, block_layout
+from models.layers.positions import sequence_positions
+from models.layers.trunk import Trunk, TrunkConfig, rename_prefix
+from models.random import uniform
 from models.tokenizers.multiscale import MultiScaleQuantizer, flip_bits, parse_scales
 
 __all__ = ["CFECConfig", "GuidanceSchedule", "PRESETS", "VideoAR", "VideoARConfig", "bitwise_loss",
-           "scale_token_weights", "teacher_forcing_sequence"]
+           "sample_bits", "scale_token_weights", "teacher_forcing_sequence", "upgrade_state_dict"]
 
 # `tiny` for tests; `small` trains on CPU in minutes; `base` is VideoAR-L (24 layers, 1536 wide).
 PRESETS: dict[str, dict] = {
@@ -42,23 +42,25 @@ PRESETS: dict[str, dict] = {
     "base": dict(n_layers=24, d_model=1536, n_heads=12),
 }
 
+# model.net.rope -> the position layout of the video tokens (models/layers/positions.py)
+ROPE_LAYOUTS = {"mst": "raw", "1d": "1d", "center": "center"}
+
 
 @dataclass
-class VideoARConfig:
-    """Architecture of the VideoAR decoder. Fields left `None` come from `preset`.
+class VideoARConfig(TrunkConfig):
+    """Architecture of the VideoAR decoder: the trunk's fields (`TrunkConfig`, incl. ffn / moe / moue)
+    plus VideoAR's. Fields left `None` come from `preset`.
 
     bits / scales / num_classes: 0 or None = taken from the tokenizer / data by the LightningModule.
     cond_len: condition tokens |Psi| (a class is embedded into cond_len tokens).
     cond_dropout: probability a training clip's class is replaced by the null class (for CFG).
-    rope: 'mst' (multi-scale temporal RoPE, (t+n, h+n, w+n)) or '1d' (sequence-index RoPE, the
-        ablation baseline); rope_split: fractions of the rotated pairs for (t, h, w).
+    rope: 'mst' (multi-scale temporal RoPE, (t+n, h+n, w+n) with raw grid indices), '1d'
+        (sequence-index positions, the ablation baseline) or 'center' (ERNIE 5.0's Uni-RoPE: grid
+        cell centres on the final scale's grid, fractional); rope_split: fractions of the rotated
+        pairs for (t, h, w).
     """
 
     preset: str = "tiny"
-    n_layers: Optional[int] = None
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
-    ffn_hidden: Optional[int] = None
     bits: int = 0
     scales: Optional[list] = None
     num_classes: int = 0
@@ -66,11 +68,7 @@ class VideoARConfig:
     cond_dropout: float = 0.1
     max_frames: int = 64
     rope: str = "mst"
-    rope_split: list = field(default_factory=lambda: [0.25, 0.375, 0.375])
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    rope_split: Optional[list] = field(default_factory=lambda: [0.25, 0.375, 0.375])
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -78,14 +76,14 @@ class VideoARConfig:
         for k, v in PRESETS[self.preset].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"model.net: d_model={self.d_model} must split into n_heads={self.n_heads} even-sized heads")
-        if self.ffn_hidden is None:
-            self.ffn_hidden = swiglu_hidden(self.d_model)
-        if self.rope not in ("mst", "1d"):
-            raise ValueError(f"model.net.rope must be 'mst' or '1d', got {self.rope!r}")
-        if len(self.rope_split) != 3:
+        if self.rope not in ROPE_LAYOUTS:
+            raise ValueError(f"model.net.rope must be one of {sorted(ROPE_LAYOUTS)}, got {self.rope!r}")
+        if self.rope_split is None or len(self.rope_split) != 3:
             raise ValueError(f"model.net.rope_split must have 3 fractions (t, h, w), got {self.rope_split}")
+        try:
+            self.validate_trunk()
+        except ValueError as e:
+            raise ValueError(f"model.net: {e}") from e
         if self.cond_len < 1:
             raise ValueError(f"model.net.cond_len must be >= 1, got {self.cond_len}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -112,53 +110,11 @@ class VideoARConfig:
         return config_from_dict(cls, d)
 
 
-# ---------------------------------------------------------------------------------------- blocks
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with RoPE, an explicit boolean mask and an append-only KV cache."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.wo = nn.Linear(d_model, d_model, bias=False)
-        self.dropout = dropout
-
-    def forward(self, x_BLC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
-        B, L, _ = x_BLC.shape
-        q, k, v = self.wqkv(x_BLC).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.wo(y.transpose(1, 2).reshape(B, L, -1))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: VideoARConfig) -> None:
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
-
-
 # --------------------------------------------------------------------------------------- network
 
 
 class VideoAR(nn.Module):
-    """The VideoAR decoder: embeds scale inputs, runs block-causal attention, predicts bits."""
+    """The VideoAR decoder: embeds scale inputs, runs the block-causal trunk, predicts bits."""
 
     def __init__(self, cfg: VideoARConfig) -> None:
         super().__init__()
@@ -173,27 +129,42 @@ class VideoAR(nn.Module):
         self.sos = nn.Parameter(torch.zeros(C))
         self.word_embed = nn.Linear(cfg.bits, C)
         self.scale_emb = nn.Embedding(self.K, C)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(C, eps=cfg.norm_eps)
+        self.trunk = Trunk(cfg)
         self.head = nn.Linear(C, 2 * cfg.bits)
-        self.rope = MultiAxisRoPE(C // cfg.n_heads, cfg.rope_split, cfg.rope_theta)
-        self.apply(self._init)
+        self.init_weights()
 
-    def _init(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Embeddings and head N(0, init_std), biases and <SOS> 0; the trunk's own scheme for the blocks."""
+        for m in (self.class_emb, self.word_embed, self.scale_emb, self.head):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
-            if isinstance(m, nn.Linear) and m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.sos)
+        self.trunk.init_weights()
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and those one token activates (experts counted k per sparse layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        trunk = self.trunk.num_params()
+        return {"total": total, "activated": total - trunk["total"] + trunk["activated"]}
 
     # -- sequence bookkeeping -----------------------------------------------------------------
 
     def positions(self, num_frames: int, device=None) -> torch.Tensor:
-        layout = "raw" if self.cfg.rope == "mst" else "1d"
-        return sequence_positions(self.cfg.cond_len, self.scales, num_frames, layout).to(device)
+        return sequence_positions(self.cfg.cond_len, self.scales, num_frames, ROPE_LAYOUTS[self.cfg.rope]).to(device)
 
     def scale_ids(self, num_frames: int, device=None) -> torch.Tensor:
         ids = torch.cat([torch.full((h * w,), k, dtype=torch.long) for k, (h, w) in enumerate(self.scales)])
         return ids.repeat(num_frames).to(device)
+
+    def mask(self, num_frames: int, frame_keep: Optional[torch.Tensor] = None, window: Optional[int] = None,
+             device=None) -> AttentionMask:
+        """Block-causal over [prefix][(frame, scale) blocks], with the Random Frame Mask if given."""
+        block, frame = block_layout(self.cfg.cond_len, self.scales, num_frames, device)
+        if frame_keep is None and window is None:
+            return AttentionMask.blocks(block)
+        return AttentionMask.blocks(block, frame_ids=frame, frame_keep=frame_keep, frame_window=window)
 
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix tokens [B, n, C], <SOS> vector [B, C]) for class ids (null_class = unconditional)."""
@@ -211,28 +182,24 @@ class VideoAR(nn.Module):
             x = torch.cat([sos[:, None, :].expand(B, n0, -1) + self.scale_emb.weight[0], x[:, n0:]], dim=1)
         return torch.cat([prefix, x], dim=1) if with_prefix else x
 
-    def _trunk(self, x: torch.Tensor, cos, sin, mask=None, caches=None) -> torch.Tensor:
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask, None if caches is None else caches[i])
-        return self.norm(x)
-
     def forward(self, feats_BLd: torch.Tensor, labels: torch.Tensor, num_frames: int,
-                frame_keep: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
-        """Teacher-forced bit logits [B, L_video, d, 2] (L_video = num_frames * tokens per frame).
+                frame_keep: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                return_routing: bool = False, layers: Optional[Sequence[int]] = None):
+        """Teacher-forced bit logits [B, L_video, d, 2] (L_video = num_frames * tokens per frame); with
+        `return_routing` also (balance loss, per-layer LayerRouting list) of a sparse trunk.
 
         feats_BLd: the scale inputs (Eq. 6) of every video token; frame 0 scale 1 rows are ignored
-            (replaced by <SOS>). frame_keep / window: the Random Frame Mask (see block_causal_mask).
+            (replaced by <SOS>). frame_keep / window: the Random Frame Mask (see models/layers/mask.py).
         """
         if num_frames > self.cfg.max_frames:
             raise ValueError(f"{num_frames} latent frames exceed model.net.max_frames={self.cfg.max_frames}")
         n = self.cfg.cond_len
         x = self.embed(feats_BLd, labels, 0, num_frames, with_prefix=True)
         dev = x.device
-        cos, sin = self.rope(self.positions(num_frames, dev))
-        block, frame = block_layout(n, self.scales, num_frames, dev)
-        mask = block_causal_mask(block, block, frame, frame, frame_keep, window)
-        h = self._trunk(x, cos, sin, mask)
-        return self.head(h[:, n:]).view(h.shape[0], -1, self.cfg.bits, 2)
+        out = self.trunk(x, self.positions(num_frames, dev), self.mask(num_frames, frame_keep, window, dev),
+                         layers=layers)
+        logits = self.head(out.hidden[:, n:]).view(x.shape[0], -1, self.cfg.bits, 2)
+        return (logits, out.balance_loss, out.routing) if return_routing else logits
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -258,7 +225,8 @@ class VideoAR(nn.Module):
             are teacher-forced, the remaining num_frames - T0 frames are sampled.
         guidance: classifier-free guidance, a constant or a GuidanceSchedule over (frame, scale);
             None or 1.0 = no guidance (a single conditional pass).
-        use_cache: False recomputes the whole prefix at every step (the slow reference).
+        use_cache: False recomputes the whole prefix at every step under the block-causal mask
+            (the slow reference); True keeps every layer's keys and values in a preallocated cache.
         """
         B, dev = labels.shape[0], labels.device
         sched = guidance if isinstance(guidance, GuidanceSchedule) else GuidanceSchedule.constant(guidance or 1.0)
@@ -266,15 +234,17 @@ class VideoAR(nn.Module):
         lab = torch.cat([labels, torch.full_like(labels, self.null_class)]) if cfg_on else labels
         n, K = self.cfg.cond_len, self.K
         pos = self.positions(num_frames, dev)
-        cos_all, sin_all = self.rope(pos)
         grid = self.scales[-1]
         d = self.cfg.bits
         given = 0 if prefix_tokens is None else prefix_tokens[0].shape[1]
-        caches = [dict() for _ in self.blocks] if use_cache else None
+        total = n + num_frames * self.cfg.frame_tokens
+        caches = self.trunk.new_cache(lab.shape[0], total) if use_cache else None
+        # a (frame, scale) block sees every earlier token and itself: no mask over [cache; block]
+        visible = AttentionMask.full()
 
         prefix_emb, sos = self.condition(lab)
         if use_cache:
-            self._trunk(prefix_emb, cos_all[:n], sin_all[:n], None, caches)
+            self.trunk(prefix_emb, pos[:n], visible, caches)
         seq = [prefix_emb]  # embedded blocks so far (for the uncached path)
 
         out_tokens = [torch.zeros(B, num_frames, h, w, d, dtype=torch.uint8, device=dev) for h, w in self.scales]
@@ -293,16 +263,13 @@ class VideoAR(nn.Module):
                     if cfg_on:
                         feat = torch.cat([feat, feat])
                     x = self.word_embed(feat) + self.scale_emb.weight[k]
-                cos, sin = cos_all[offset:offset + L], sin_all[offset:offset + L]
                 if use_cache:
-                    hid = self._trunk(x, cos, sin, None, caches)
+                    hid = self.trunk(x, pos[offset:offset + L], visible, caches).hidden
                 else:
                     seq.append(x)
                     full = torch.cat(seq, dim=1)
-                    blk, _ = block_layout(n, self.scales, num_frames, dev)
                     S = full.shape[1]
-                    mask = block_causal_mask(blk[:S], blk[:S])
-                    hid = self._trunk(full, cos_all[:S], sin_all[:S], mask)[:, -L:]
+                    hid = self.trunk(full, pos[:S], self.mask(num_frames, device=dev)).hidden[:, -L:]
                 logits = self.head(hid).view(hid.shape[0], L, d, 2).float()
                 if cfg_on:
                     g = sched(t, k, num_frames, K)
@@ -334,7 +301,7 @@ def sample_bits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         keep = (probs == top) | (top < top_p)
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         probs = probs / probs.sum(-1, keepdim=True)
-    u = torch.rand(probs.shape[:-1], generator=generator, device=probs.device)
+    u = uniform(probs.shape[:-1], generator, probs.device)
     return (u < probs[..., 1]).to(torch.uint8)
 
 
@@ -432,7 +399,7 @@ def teacher_forcing_sequence(quantizer: MultiScaleQuantizer, feats: torch.Tensor
                 lo = torch.full((B,), cfec.p_min + shift, device=dev)
                 if cfec.inherit and k == 0 and t > 0:
                     lo = torch.minimum(p_last, hi)
-                p = lo + (hi - lo) * torch.rand(B, generator=generator, device=dev)
+                p = lo + (hi - lo) * uniform((B,), generator, dev)
                 flip_p[:, t, k] = p
                 used = flip_bits(bits, p.view(B, 1, 1, 1), generator)
                 if k == K - 1:
@@ -468,3 +435,16 @@ def bitwise_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     ce = F.cross_entropy(logits.float().reshape(-1, 2), labels.reshape(-1).long(), reduction="none")
     per_token = ce.view(labels.shape).mean(-1)  # [B, L]
     return (per_token * weights.to(per_token.device)).sum(-1).mean(), per_token
+
+
+# ------------------------------------------------------------------------- old checkpoints
+
+
+def upgrade_state_dict(state: dict, prefix: str = "") -> tuple[dict, dict[str, list[str]]]:
+    """Map a pre-trunk VideoAR state dict (`blocks.i.*`, `norm.*`) onto today's names (`trunk.layers.i.*`,
+    `trunk.norm.*`; the fused wqkv kept its layout); returns (new state, {new key: [old key]})."""
+    if not any(k.startswith(f"{prefix}blocks.") for k in state):
+        return state, {k: [k] for k in state}
+    renames = [(f"{prefix}blocks.", f"{prefix}trunk.layers."), (f"{prefix}norm.", f"{prefix}trunk.norm.")]
+    new = {rename_prefix(k, renames): v for k, v in state.items()}
+    return new, {rename_prefix(k, renames): [k] for k in state}

@@ -78,5 +78,5 @@ def test_fsdp2_moue_pool_sharded_once_trains_and_resumes(tmp_path):
     ckpt = consolidate(tmp_path / "b" / "checkpoints" / "last.ckpt", tmp_path / "c.ckpt")
     # one pool tensor for the whole model, full-sized after consolidation, none inside the blocks
     pool_keys = [k for k in ckpt["state_dict"] if "w13" in k]
-    assert pool_keys == ["model.pool.w13"]
-    assert ckpt["state_dict"]["model.pool.w13"].shape[0] == 2 * 4
+    assert pool_keys == ["model.trunk.pool.experts.w13"]
+    assert ckpt["state_dict"]["model.trunk.pool.experts.w13"].shape[0] == 2 * 4

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_modules.checkpointing import atomic_torch_save  # noqa: E402
-from models.transformer import Transformer, TransformerConfig  # noqa: E402
+from models.io import atomic_torch_save, atomic_write_text  # noqa: E402
+from models.transformer import Transformer, TransformerConfig, upgrade_state_dict  # noqa: E402
 
 
 def moue_config_from_moe(net: dict, window: int, trajectory: str, state_dim: int, beta: float) -> dict:
@@ -64,22 +64,23 @@ def convert_state(src: dict[str, torch.Tensor], src_cfg: TransformerConfig, dst:
         used.add(src_key)
 
     d = src_cfg.d_model
+    routers = "trunk.pool.routing.routers."
     for key in target:
-        if key.startswith("routing.routers.") and key.endswith("weight"):
+        if key.startswith(routers) and key.endswith("weight"):
             target[key][:, d:] = 0.0  # trajectory-state columns: the state starts with no influence
     for key, value in src.items():
         parts = key.split(".")
-        if key.startswith("layers.") and parts[2] == "ffn":
-            layer, rest = int(parts[1]), ".".join(parts[3:])
+        if key.startswith("trunk.layers.") and parts[3] == "ffn":
+            layer, rest = int(parts[2]), ".".join(parts[4:])
             home = slice(layer * E, (layer + 1) * E)
             if rest in ("experts.w13", "experts.w2"):
-                put(key, f"pool.{parts[-1]}", value, rows=home)
+                put(key, f"trunk.pool.{rest}", value, rows=home)
             elif rest.startswith("router.") and rest.endswith("weight"):
-                put(key, "routing.routers.0." + rest.removeprefix("router."), value, rows=home, cols=slice(0, d))
+                put(key, routers + "0." + rest.removeprefix("router."), value, rows=home, cols=slice(0, d))
             elif rest == "router.expert_bias":
-                put(key, "routing.routers.0.expert_bias", value, rows=home)
+                put(key, routers + "0.expert_bias", value, rows=home)
             elif rest.startswith("shared."):
-                put(key, f"layers.{layer}.{rest}", value)
+                put(key, f"trunk.layers.{layer}.ffn.{rest}", value)
             else:
                 raise ValueError(f"no MoUE counterpart for MoE tensor {key}")
         elif key in target:
@@ -102,6 +103,7 @@ def convert(src_path: str | Path, out_dir: str | Path, window: int = 2, trajecto
     dst_cfg = TransformerConfig.from_dict(copy.deepcopy(net))
     dst = Transformer(dst_cfg)
     src = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    src = upgrade_state_dict(src)[0]  # a checkpoint written before the one-trunk refactor
     state, mapping = convert_state(src, src_cfg, dst)
     dst.load_state_dict(state)
 
@@ -135,7 +137,7 @@ def _write_experiment(out_dir: Path, net: dict, ckpt: Path, schedule: list[list[
     path = out_dir / "experiment" / "moue_converted.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# @package _global_\n# Written by tools/convert_moe_to_moue.py: continue training the converted MoUE.\n"
-    path.write_text(text + OmegaConf.to_yaml(OmegaConf.create(exp)))
+    atomic_write_text(path, text + OmegaConf.to_yaml(OmegaConf.create(exp)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,8 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
 
+from models.io import atomic_write_text  # noqa: E402
+
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussian fits of rows of a and b."""
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     return res
 
 

@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.io import atomic_write_text  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "baseline": ["model.net.rope=1d", "model.cfec.enabled=false"],
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.setdefault(name, []).append(json.loads(res_path.read_text()))
     table = summarize(results)
     print(table)
-    (out / "summary.md").write_text(table)
+    atomic_write_text(out / "summary.md", table)
     return results
 
 

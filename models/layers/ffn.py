@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["DenseFFN", "SwiGLU", "swiglu_hidden"]
+
 
 def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
     """LLaMA's hidden size: 2/3 of 4d (same parameters as a 4d GELU MLP), rounded up."""
@@ -22,5 +24,18 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, 0.0, std)
+        nn.init.normal_(self.w3.weight, 0.0, std)
+        nn.init.normal_(self.w2.weight, 0.0, out_std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DenseFFN(SwiGLU):
+    """A block's dense FFN, with the trunk's FFN interface: (h, state) -> (y, state, routing info = None)."""
+
+    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, None, None]:
+        return super().forward(x), state, None

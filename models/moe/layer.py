@@ -13,9 +13,9 @@ from torch import nn
 
 from models.layers.ffn import SwiGLU
 from models.moe.balance import router_entropy, router_z_loss, switch_aux_loss
-from models.moe.dispatch import moe_forward
+from models.moe.dispatch import DispatchPlan, moe_forward
 from models.moe.experts import IMPLS, GroupedExperts
-from models.moe.router import GATES, Router
+from models.moe.router import GATES, Router, RouterOutput
 
 
 @dataclass
@@ -66,24 +66,44 @@ class MoEConfig:
 
 
 @dataclass
-class MoEAux:
-    """Losses (already weighted) and detached routing statistics of one MoE layer call."""
+class LayerRouting:
+    """What one sparse layer reports, with the same meaning for an MoE and a MoUE layer.
 
-    aux_loss: torch.Tensor  # scalar, times aux_loss_coef
-    z_loss: torch.Tensor  # scalar, times z_loss_coef
-    counts: torch.Tensor  # [E] int64 kept pairs per expert
-    probs_mean: torch.Tensor  # [E] mean gate probability
-    dropped: torch.Tensor  # scalar int64 dropped pairs
+    loss: this layer's weighted loss term (aux_loss_coef * Switch loss for MoE, + z_loss_coef * z_loss);
+        a MoUE pool's Universal Expert Load Balance is pooled over layers and added by the trunk.
+    z_loss: the raw router z-loss (`router_z_loss`), with gradient.
+    probs_mean: [E] mean gate probability (with gradient: the MoUE balance needs it).
+    entropy: mean per-token router entropy in nats (`router_entropy`), detached.
+    """
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+    counts: torch.Tensor  # [E] int64 kept pairs per expert (E = pool size for MoUE)
+    probs_mean: torch.Tensor
+    dropped: torch.Tensor  # scalar int64 pairs dropped by capacity
     num_pairs: int  # N * k
-    entropy: torch.Tensor  # mean per-token router entropy, nats (balance.router_entropy)
+    entropy: torch.Tensor
+    layer: int = 0
+
+
+def layer_routing(r: RouterOutput, plan: DispatchPlan, counts: torch.Tensor, layer: int,
+                  aux_loss: Optional[torch.Tensor], z_loss_coef: float) -> LayerRouting:
+    """The LayerRouting of one routed call (aux_loss: the layer's weighted balance term, or None)."""
+    z = router_z_loss(r.logits)
+    loss = r.probs.new_zeros(()) if aux_loss is None else aux_loss
+    if z_loss_coef:
+        loss = loss + z * z_loss_coef
+    return LayerRouting(loss=loss, z_loss=z, counts=counts.detach(), probs_mean=r.probs.mean(0),
+                        dropped=plan.dropped.detach(), num_pairs=r.topk_idx.numel(),
+                        entropy=router_entropy(r.probs.detach()), layer=layer)
 
 
 class MoELayer(nn.Module):
     """Router + GroupedExperts (+ shared experts) for one block."""
 
-    def __init__(self, dim: int, cfg: MoEConfig):
+    def __init__(self, dim: int, cfg: MoEConfig, layer: int = 0):
         super().__init__()
-        self.dim, self.cfg = dim, cfg
+        self.dim, self.cfg, self.layer = dim, cfg, layer
         self.router = Router(
             dim, cfg.num_experts, cfg.top_k, gate=cfg.gate, renormalize=cfg.renormalize, noise_std=cfg.noise_std,
             bias_balancing=cfg.bias_balancing, bias_update_rate=cfg.bias_update_rate,
@@ -93,27 +113,24 @@ class MoELayer(nn.Module):
         if cfg.num_shared:
             self.shared = SwiGLU(dim, cfg.num_shared * (cfg.shared_hidden or cfg.expert_hidden))
 
-    def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.reset_parameters(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
+
+    def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
         r = self.router(x_NC)
         y_NC, plan = moe_forward(x_NC, r, self.experts, self.cfg.capacity_factor)
         if self.shared is not None:
             y_NC = y_NC + self.shared(x_NC)
-        zero = r.probs.new_zeros(())
-        E = self.cfg.num_experts
-        aux = switch_aux_loss(r.probs, r.topk_idx, E) * self.cfg.aux_loss_coef if self.cfg.aux_loss_coef else zero
-        z = router_z_loss(r.logits) * self.cfg.z_loss_coef if self.cfg.z_loss_coef else zero
-        info = MoEAux(
-            aux_loss=aux,
-            z_loss=z,
-            counts=plan.counts.detach(),
-            probs_mean=r.probs.detach().mean(0),
-            dropped=plan.dropped.detach(),
-            num_pairs=r.topk_idx.numel(),
-            entropy=router_entropy(r.probs.detach()),
-        )
-        return y_NC.view(shape), info
+        aux = None
+        if self.cfg.aux_loss_coef:
+            aux = switch_aux_loss(r.probs, r.topk_idx, self.cfg.num_experts) * self.cfg.aux_loss_coef
+        return y_NC.view(shape), layer_routing(r, plan, plan.counts, self.layer, aux, self.cfg.z_loss_coef)
 
     def num_params(self) -> dict[str, int]:
         """Total parameters and those one token activates (router + shared + k experts)."""
@@ -121,3 +138,11 @@ class MoELayer(nn.Module):
         per_expert = self.experts.num_params_per_expert()
         activated = total - (self.cfg.num_experts - self.cfg.top_k) * per_expert
         return {"total": total, "activated": activated}
+
+
+class MoEFFN(MoELayer):
+    """A block's MoE FFN, with the trunk's FFN interface: (h, state) -> (y, state, LayerRouting)."""
+
+    def forward(self, x_BTC: torch.Tensor, state=None):
+        y, info = super().forward(x_BTC)
+        return y, state, info

@@ -1,11 +1,13 @@
 """Mixture of Universal Experts: one expert pool shared by every layer.
 
-Pieces (papers.md section 1.2; the paper body is not public, so the forms below are the
-reconstruction documented there, every choice a config field):
+Pieces (the paper body is not public, so the forms below are a documented reconstruction, every
+choice a config field):
   * `MoUEConfig`                - pool layout, topology, router and balance options;
   * `staggered_rotational_mask` - which pool experts each layer may route to (Staggered Rotational Topology);
   * `uelb_loss`                 - Universal Expert Load Balance on depth-aggregated statistics;
-  * `UniversalRouting`          - the universal router, its trajectory state and the pool masks.
+  * `UniversalRouting`          - the universal router, its trajectory state and the pool masks;
+  * `UniversalPool`             - the pool's experts + routing, and one layer's dispatch into its window;
+  * `MoUEFFN`                   - a block's FFN: its layer's routing into the pool + the layer's shared experts.
 
 Shapes: L layers, N tokens, U pool experts (N_U), B pool blocks, S state dim, D model dim, k top-k.
 """
@@ -18,6 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.layers.ffn import SwiGLU
+from models.moe.dispatch import moe_forward, plan_dispatch
+from models.moe.experts import GroupedExperts
+from models.moe.layer import LayerRouting, MoEConfig, layer_routing
 
 TRAJECTORIES = ("off", "additive", "gru")
 ROUTERS = ("universal", "per_layer")
@@ -226,7 +233,129 @@ class UniversalRouting(nn.Module):
             return self.gru(msg, state_NS)
         return self.state_norm(state_NS + msg)
 
-    def balance_loss(self, f_LU: torch.Tensor, P_LU: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """Routers N(0, std); the trajectory signatures and depth embeddings start neutral (0)."""
+        for router in self.routers:
+            router.reset_parameters(std)
+        if self.state_dim:
+            nn.init.zeros_(self.signatures)
+            if self.depth is not None:
+                nn.init.zeros_(self.depth)
+            nn.init.ones_(self.state_norm.weight)
+            if self.gru is not None:
+                self.gru.reset_parameters()
+        if self.block_bias is not None:
+            self.block_bias.copy_(self._initial_block_bias(self.cfg.block_bias_init))
+
+    def balance_loss(self, f_LU: torch.Tensor, P_LU: torch.Tensor, layers: Optional[list[int]] = None) -> torch.Tensor:
+        """UELB (or the naive per-layer loss) over the layers that ran (all by default, rows in order)."""
+        allowed = self.allowed if layers is None else self.allowed[layers]
         if self.cfg.balance == "uelb":
-            return uelb_loss(f_LU, P_LU, self.pi)
-        return naive_balance_loss(f_LU, P_LU, self.allowed)
+            pi = self.pi if layers is None or len(layers) == self.n_layers else uelb_target(allowed, self.cfg.uelb_target)
+            return uelb_loss(f_LU, P_LU, pi.to(f_LU.device))
+        return naive_balance_loss(f_LU, P_LU, allowed)
+
+    def bias_load(self, counts_LU: torch.Tensor) -> torch.Tensor:
+        """Pool load for aux-loss-free bias updates: counts against the topology's expected share pi_e."""
+        load = counts_LU.sum(0) / self.pi.clamp_min(1e-12)
+        return torch.where(self.pi > 0, load, load[self.pi > 0].mean())
+
+
+# ------------------------------------------------------------------------------------ the pool
+
+
+class UniversalPool(nn.Module):
+    """The expert pool every MoUE layer shares, with its routing; owned once by the trunk (FSDP2 shards
+    it once, with the root) and used by every block's `MoUEFFN`.
+
+    The trajectory state travels from block to block as an ordinary tensor argument / return value
+    (so FSDP2's hooks see it); `begin` starts it for one forward.
+    """
+
+    def __init__(self, n_layers: int, dim: int, moe: MoEConfig, moue: MoUEConfig):
+        super().__init__()
+        num_blocks = moue.num_blocks or n_layers
+        pool_size = num_blocks * (moue.block_size or moe.num_experts)
+        self.moe_cfg = moe
+        self.experts = GroupedExperts(pool_size, dim, moe.expert_hidden, impl=moe.impl)
+        self.routing = UniversalRouting(
+            n_layers, dim, pool_size, num_blocks, moe.top_k, moue,
+            router_kwargs=dict(gate=moe.gate, renormalize=moe.renormalize, noise_std=moe.noise_std,
+                               bias_balancing=moe.bias_balancing, bias_update_rate=moe.bias_update_rate),
+        )
+        self._views: Optional[tuple[tuple, tuple]] = None  # this forward's per-expert weight views
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.experts.init_weights(std, out_std)
+        self.routing.init_weights(std)
+
+    def begin(self, x_BTC: torch.Tensor) -> Optional[torch.Tensor]:
+        """Start one forward over x: returns the initial trajectory state [N, S] (None if off) and
+        picks the dispatch path (per-expert weight views on CPU when the loop is faster)."""
+        x_NC = x_BTC.reshape(-1, x_BTC.shape[-1])
+        self._views = None
+        # choose_impl judges work per expert over the whole pool; a layer spreads its pairs over
+        # only window/num_blocks of it, hence the scaling.
+        pairs = x_NC.shape[0] * self.moe_cfg.top_k * self.routing.num_blocks // self.routing.window
+        if x_NC.device.type == "cpu" and self.experts.choose_impl(pairs, x_NC.device, x_NC.dtype) == "loop":
+            # one unbind per forward: every layer takes its window's experts from these views
+            self._views = (self.experts.w13.unbind(0), self.experts.w2.unbind(0))
+        return self.routing.init_state(x_NC)
+
+    def forward_layer(self, layer: int, h_NC: torch.Tensor, state: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
+        """Route `layer`'s tokens into its window of the pool: (y, next trajectory state, LayerRouting)."""
+        out = self.routing.route(layer, h_NC, state)
+        cf = self.moe_cfg.capacity_factor
+        if self._views is None:
+            y, plan = moe_forward(h_NC, out, self.experts, cf)
+            counts = plan.counts
+        else:
+            # Dispatch among this layer's candidates only, with per-expert views of the pool: the
+            # backward then touches just the experts this layer used.
+            cand = self.routing.candidates[layer]
+            local = self.routing.local_index[layer][out.topk_idx]
+            plan = plan_dispatch(local, out.topk_weight, len(cand), cf)
+            w13s, w2s = self._views
+            y = self.experts.forward_routed_subset(
+                h_NC, plan.token_idx, plan.weight, plan.counts, [w13s[e] for e in cand], [w2s[e] for e in cand]
+            )
+            # the candidate list is host-side: no device sync (unlike nonzero() on the mask)
+            cand_idx = torch.as_tensor(cand, dtype=torch.long, device=plan.counts.device)
+            counts = plan.counts.new_zeros(self.num_experts).index_copy_(0, cand_idx, plan.counts)
+        state = self.routing.next_state(layer, state, out.topk_idx, out.topk_weight)
+        # the pooled UELB is added by the trunk; a layer contributes only its z-loss
+        return y, state, layer_routing(out, plan, counts, layer, None, self.moe_cfg.z_loss_coef)
+
+
+class MoUEFFN(nn.Module):
+    """A block's MoUE FFN: its layer's routing into the shared pool, plus the layer's own shared experts.
+
+    The pool is referenced, not registered: it belongs to the trunk (one tensor set, sharded once).
+    """
+
+    def __init__(self, dim: int, moe: MoEConfig, layer: int, pool: UniversalPool):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "pool", pool)  # not a submodule
+        self.shared = SwiGLU(dim, moe.num_shared * (moe.shared_hidden or moe.expert_hidden)) if moe.num_shared else None
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
+
+    def forward(self, h_BTC: torch.Tensor, state: Optional[torch.Tensor]):
+        """(y, next trajectory state, LayerRouting)."""
+        B, T, C = h_BTC.shape
+        h_NC = h_BTC.reshape(B * T, C)
+        y, state, info = self.pool.forward_layer(self.layer, h_NC, state)
+        if self.shared is not None:
+            y = y + self.shared(h_NC)
+        return y.view(B, T, C), state, info

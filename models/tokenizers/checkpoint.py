@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from models.io import atomic_torch_save
 
 __all__ = ["build_tokenizer_from_entry", "file_sha256", "load_media_tokenizer", "save_tokenizer_export",
            "tokenizer_digest"]
@@ -90,15 +91,6 @@ def load_media_tokenizer(path: str | os.PathLike, expect_kind: str | None = None
 
 
 def save_tokenizer_export(path: str | os.PathLike, tokenizer: nn.Module, kind: str, config: dict) -> None:
-    """Write a standalone tokenizer file (config + weights) atomically: temp file, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a standalone tokenizer file (config + weights) atomically (`models.io.atomic_torch_save`)."""
     payload = {"tokenizer": {"kind": kind, "config": dict(config), "state_dict": tokenizer.state_dict()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, path)

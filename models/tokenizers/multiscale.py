@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.random import uniform
+
 __all__ = [
     "BitwiseQuantizer",
     "MultiScaleQuantizer",
@@ -57,7 +59,7 @@ def parse_scales(scales: Sequence) -> list[tuple[int, int]]:
 
 def flip_bits(bits: torch.Tensor, p: float | torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Flip each bit independently with probability `p` (a float, or a tensor broadcastable to `bits`)."""
-    noise = torch.rand(bits.shape, generator=generator, device=bits.device)
+    noise = uniform(bits.shape, generator, bits.device)
     flip = noise < (p if not torch.is_tensor(p) else p.to(bits.device))
     return torch.where(flip, 1 - bits, bits)
 

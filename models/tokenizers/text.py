@@ -11,31 +11,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-import tempfile
 
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as hf_models
+
+from models.io import atomic_write_text
 
 __all__ = ["BPETokenizer", "ByteTokenizer", "TextTokenizer", "build_tokenizer", "load_tokenizer"]
 
 EOS_TOKEN = "<eos>"
 PAD_TOKEN = "<pad>"
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    # A crash or a concurrent reader (another rank) must never see a half-written file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TextTokenizer:
@@ -135,7 +120,7 @@ class ByteTokenizer(TextTokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a small JSON marker file (there is no vocabulary to store)."""
-        _atomic_write_text(path, json.dumps({"kind": self.kind, "version": self._VERSION}))
+        atomic_write_text(path, json.dumps({"kind": self.kind, "version": self._VERSION}))
 
     @classmethod
     def _from_json(cls, data: dict, path: Path) -> ByteTokenizer:
@@ -224,7 +209,7 @@ class BPETokenizer(TextTokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the standard `tokenizers` JSON file (atomically)."""
-        _atomic_write_text(path, self._tok.to_str())
+        atomic_write_text(path, self._tok.to_str())
 
     def _fingerprint_payload(self) -> str:
         # Canonical JSON so that key order in the serializer cannot change the hash.

@@ -48,7 +48,7 @@ def test_bias_balancing_updates_once_per_optimizer_step(make_cfg):
     cfg = make_cfg(MOE + ["model.net.moe.bias_balancing=true", "model.net.moe.aux_loss_coef=0", "model.net.moe.bias_update_rate=0.01",
                           "trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "test=false", "trainer.limit_val_batches=0"])
     _, objects = train.run(cfg)
-    bias = objects["model"].model.layers[0].ffn.router.expert_bias
+    bias = objects["model"].model.trunk.layers[0].ffn.router.expert_bias
     # each update moves every entry by exactly +-rate (or 0): after 3 optimiser steps |b| <= 3 * rate,
     # and in multiples of the rate, not 6 (one per micro-batch)
     steps = (bias / 0.01).round()

@@ -1,13 +1,13 @@
-"""VideoAR network pieces: block mask, MST-RoPE, KV-cached generation, CFEC teacher forcing."""
+"""VideoAR network pieces: block mask, MST-RoPE, KV-cached generation, CFEC teacher forcing, sparse FFNs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.layers.block_mask import block_causal_mask, block_layout, frame_mask_keep, reference_block_mask
-from models.layers.rope import apply_rotary
-from models.layers.rope3d import MultiAxisRoPE, axis_pairs, sequence_positions
+from models.layers.mask import AttentionMask, block_layout, frame_mask_keep, reference_video_mask
+from models.layers.positions import sequence_positions
+from models.layers.rope import Rotary, apply_rotary, axis_pairs
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
 from models.videoar import (
     CFECConfig,
@@ -49,16 +49,24 @@ def _feats(tok, b=2, frames=3, seed=0):
 # ------------------------------------------------------------------------------------ mask
 
 
+def _video_mask(block, frame, keep=None, window=None):
+    """The VideoAR mask description, materialised as SDPA's dense booleans [B|1, L, L]."""
+    L = block.numel()
+    if keep is None and window is None:
+        return AttentionMask.blocks(block).dense(L, L)[:, 0]
+    return AttentionMask.blocks(block, frame_ids=frame, frame_keep=keep, frame_window=window).dense(L, L)[:, 0]
+
+
 @pytest.mark.parametrize("window", [None, 1])
 def test_block_mask_equals_explicit_construction(window):
     n, T = 3, 4
     block, frame = block_layout(n, SCALES, T)
-    fast = block_causal_mask(block, block, frame, frame, window=window)
-    assert torch.equal(fast, reference_block_mask(n, SCALES, T, window=window))
+    fast = _video_mask(block, frame, window=window)[0]
+    assert torch.equal(fast, reference_video_mask(n, SCALES, T, window=window))
     keep = frame_mask_keep(2, T, 0.5, torch.Generator().manual_seed(0))
-    fast = block_causal_mask(block, block, frame, frame, keep, window)
-    assert fast.shape == (2, 1, block.numel(), block.numel())
-    assert torch.equal(fast[:, 0], reference_block_mask(n, SCALES, T, keep, window))
+    fast = _video_mask(block, frame, keep, window)
+    assert fast.shape == (2, block.numel(), block.numel())
+    assert torch.equal(fast, reference_video_mask(n, SCALES, T, keep, window))
 
 
 def test_random_frame_mask_hides_exactly_the_sampled_frames():
@@ -68,8 +76,8 @@ def test_random_frame_mask_hides_exactly_the_sampled_frames():
     keep[0, 3, 1] = False  # frame 3 may not see frame 1
     keep[0, 2, 2] = False  # a query's own frame is never hidden
     keep[0, 1, 3] = False  # nor a later frame's entry (it is not visible anyway)
-    m = block_causal_mask(block, block, frame, frame, keep)[0, 0]
-    base = block_causal_mask(block, block)
+    m = _video_mask(block, frame, keep)[0]
+    base = _video_mask(block, frame)[0]
     diff = base & ~m
     q, k = diff.nonzero(as_tuple=True)
     assert q.numel() > 0 and bool((frame[q] == 3).all()) and bool((frame[k] == 1).all())
@@ -96,7 +104,7 @@ def test_mst_rope_positions_match_the_paper_figure():
 
 def test_rope_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
-    rope = MultiAxisRoPE(16)
+    rope = Rotary(16, split=[0.25, 0.375, 0.375])
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(pq, pk):

@@ -29,9 +29,9 @@ def test_param_counts_are_matched_by_construction():
     routers_moe = 3 * 4 * 64
     assert moe.num_params()["activated"] == dense.num_params()["total"] + routers_moe
     # MoUE pool = union of the MoE's experts (N_U = L * E): equal totals up to routing extras
-    assert moue.pool.w13.shape[0] == 12
+    assert moue.trunk.pool.experts.w13.shape[0] == 12
     extras = moue.num_params()["total"] - moe.num_params()["total"]
-    routing = moue.routing
+    routing = moue.trunk.pool.routing
     expected_extras = (
         routing.routers[0].weight.numel() - routers_moe + routing.signatures.numel() + routing.depth.numel()
         + sum(p.numel() for p in routing.state_norm.parameters())
@@ -47,7 +47,7 @@ def test_balance_loss_reaches_router_gradients(ffn):
     x = torch.randint(0, 61, (2, 12))
     logits, bal, infos = m(x, return_routing=True)
     assert bal.requires_grad and bal.item() > 0
-    router = m.layers[0].ffn.router if ffn == "moe" else m.routing.routers[0]
+    router = m.trunk.layers[0].ffn.router if ffn == "moe" else m.trunk.pool.routing.routers[0]
     g1 = torch.autograd.grad(logits.float().mean(), router.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(logits.float().mean() + bal, router.weight)[0]
     assert not torch.allclose(g1, g2)
@@ -99,7 +99,7 @@ def test_moue_routes_only_inside_each_layer_window():
 def test_conversion_preserves_every_tensor_and_the_logits():
     src = build("moe", moe=dict(num_shared=1))
     with torch.no_grad():  # a trained-looking router bias as well
-        for layer in src.layers:
+        for layer in src.trunk.layers:
             layer.ffn.router.expert_bias.normal_()
     net = moue_config_from_moe(src.cfg.to_dict(), window=2, trajectory="additive", state_dim=8, beta=4.0)
     dst = Transformer(TransformerConfig.from_dict(copy.deepcopy(net)))
@@ -110,16 +110,16 @@ def test_conversion_preserves_every_tensor_and_the_logits():
     d = src.cfg.d_model
     for layer in range(3):
         home = slice(layer * 4, (layer + 1) * 4)
-        assert torch.equal(dst.pool.w13[home], src.layers[layer].ffn.experts.w13)
-        assert torch.equal(dst.routing.routers[0].weight[home, :d], src.layers[layer].ffn.router.weight)
-        assert torch.equal(dst.layers[layer].shared.w1.weight, src.layers[layer].ffn.shared.w1.weight)
-    assert (dst.routing.routers[0].weight[:, d:] == 0).all() and (dst.routing.signatures == 0).all()
+        assert torch.equal(dst.trunk.pool.experts.w13[home], src.trunk.layers[layer].ffn.experts.w13)
+        assert torch.equal(dst.trunk.pool.routing.routers[0].weight[home, :d], src.trunk.layers[layer].ffn.router.weight)
+        assert torch.equal(dst.trunk.layers[layer].ffn.shared.w1.weight, src.trunk.layers[layer].ffn.shared.w1.weight)
+    assert (dst.trunk.pool.routing.routers[0].weight[:, d:] == 0).all() and (dst.trunk.pool.routing.signatures == 0).all()
     x = torch.randint(0, 61, (3, 20))
     src.eval()
     dst.eval()
-    dst.routing.set_window(1)
+    dst.trunk.set_moue_window(1)
     torch.testing.assert_close(dst(x), src(x), atol=1e-5, rtol=1e-5)
-    dst.routing.set_window(2)  # opening the window changes the function only through the (-beta) bias
+    dst.trunk.set_moue_window(2)  # opening the window changes the function only through the (-beta) bias
     assert not torch.equal(dst(x), src(x))
 
 
@@ -155,6 +155,6 @@ def test_moue_per_expert_view_path_equals_full_pool_path(monkeypatch):
     (l1, c1, g1), (l2, c2, g2) = results
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(c1, c2))
-    assert g1.keys() == g2.keys() and "pool.w13" in g1
+    assert g1.keys() == g2.keys() and "trunk.pool.experts.w13" in g1
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -1,0 +1,139 @@
+"""What the LightningModules of every family on the trunk share.
+
+Sparse routing bookkeeping (the statistics monitors read, aux-loss-free bias updates once per
+optimiser step), the MoUE window knob, regional compilation, parameter counts, and loading
+checkpoints written before the one-trunk refactor.
+
+The surface callbacks use (documented, stable):
+    moue_window          knob: pool blocks each MoUE layer may route to (None unless ffn=moue)
+    last_routing         the last training step's routing statistics (None for a dense trunk):
+                         {'layers': [l..], 'counts': [R, E], 'probs_mean': [R, E], 'dropped': [R],
+                          'num_pairs': int, 'entropy': [R]}, one row per sparse layer that ran
+    routing_topology()   MoUE only: {'allowed': [L, E] candidate sets, 'pi': [E], 'window': W}
+    planned_steps        the run's planned optimiser steps (model.optim.total_steps or the trainer's)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lit_modules.base import ExperimentModule
+from lit_modules.legacy import upgrade_checkpoint
+
+__all__ = ["TrunkModule"]
+
+
+class TrunkModule(ExperimentModule):
+    """Base of the LM and VideoAR modules (and every later family): the trunk-level behaviour above.
+
+    Subclasses set `network_attr` (the attribute holding the network, which has `.trunk`) and
+    `upgrade_state_dict` (the family's old-checkpoint key map), and call `finish_build()` at the end
+    of `configure_model`.
+    """
+
+    network_attr: str = "model"
+    upgrade_state_dict: Callable = staticmethod(lambda state, prefix: (state, {k: [k] for k in state}))
+    compile_trunk: bool = False  # model.compile (nn.Module.compile is a method: not shadowed)
+    compile_backend: str = "inductor"
+    last_routing: Optional[dict] = None
+    _pending_counts: Optional[torch.Tensor] = None
+
+    @property
+    def network(self) -> Optional[nn.Module]:
+        return getattr(self, self.network_attr, None)
+
+    @property
+    def trunk(self):
+        net = self.network
+        return None if net is None else net.trunk
+
+    @property
+    def sparse(self) -> bool:
+        return self.trunk is not None and self.trunk.cfg.ffn != "dense"
+
+    def finish_build(self, fsdp: Optional[dict] = None) -> None:
+        """After the network is built (and initial weights loaded): regional compile, then FSDP2 sharding."""
+        if self.compile_trunk:
+            # torchtitan's order: compile each block, then shard
+            self.trunk.compile_blocks(backend=self.compile_backend)
+        mesh = self._device_mesh if self._trainer is not None else None
+        if mesh is not None:
+            from models.parallelize import parallelize
+
+            parallelize(self.network, mesh, **(fsdp or {}))
+
+    # -- knobs and the callbacks' surface ---------------------------------------------------------
+
+    @property
+    def moue_window(self) -> Optional[int]:
+        """Knob: the number of pool blocks each MoUE layer may route to (None if not MoUE)."""
+        return None if self.trunk is None else self.trunk.moue_window
+
+    @moue_window.setter
+    def moue_window(self, window: int) -> None:
+        if self.trunk is None or self.trunk.pool is None:
+            raise AttributeError("moue_window is only defined for model.net.ffn=moue")
+        self.trunk.set_moue_window(int(window))
+
+    def routing_topology(self) -> Optional[dict]:
+        return None if self.trunk is None else self.trunk.routing_topology()
+
+    # -- routing bookkeeping ----------------------------------------------------------------------
+
+    def record_routing(self, infos) -> None:
+        """Keep this step's routing statistics (for monitors) and add its token counts to those since
+        the last optimiser step (for aux-loss-free bias updates, so gradient accumulation is respected)."""
+        if not infos:
+            return
+        counts = torch.stack([i.counts for i in infos]).float()
+        self.last_routing = {
+            "layers": [i.layer for i in infos],
+            "counts": counts,
+            "probs_mean": torch.stack([i.probs_mean.detach() for i in infos]),
+            "dropped": torch.stack([i.dropped.float() for i in infos]),
+            "num_pairs": infos[0].num_pairs,
+            "entropy": torch.stack([i.entropy for i in infos]),
+        }
+        full = counts.new_zeros(self.trunk.cfg.n_layers, counts.shape[1])
+        full[[i.layer for i in infos]] = counts
+        self._pending_counts = full if self._pending_counts is None else self._pending_counts + full
+
+    def log_routing_losses(self, task_loss: torch.Tensor, balance: torch.Tensor) -> None:
+        self.log("train/ce", task_loss.detach(), on_step=True, on_epoch=False)
+        self.log("train/balance_loss", balance.detach(), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        if self._pending_counts is None:
+            return
+        counts, self._pending_counts = self._pending_counts, None
+        if not self.trunk.cfg.moe.bias_balancing:
+            return
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank applies the same update
+        self.trunk.update_router_bias(counts)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def log_param_counts(self) -> None:
+        counts = self.network.num_params()
+        metrics = {"params/total": float(counts["total"]), "params/activated": float(counts["activated"])}
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=0)
+        rank_zero_info(f"parameters: total {counts['total']:,}, activated per token {counts['activated']:,}")
+        if self.trunk.pool is not None:
+            rank_zero_info(f"MoUE topology: {self.trunk.pool.routing.report()}")
+
+    def upgrade_legacy_checkpoint(self, checkpoint: dict) -> bool:
+        """Map a checkpoint written before the one-trunk refactor onto today's names (weights and optimizer)."""
+        if self.network is None:
+            return False
+        return upgrade_checkpoint(checkpoint, self, f"{self.network_attr}.", type(self).upgrade_state_dict)
+
+    def upgrade_legacy_state(self, state: dict, prefix: str) -> dict:
+        """The same key map for a bare state dict (e.g. `model.init_ckpt`)."""
+        return type(self).upgrade_state_dict(state, prefix)[0]
