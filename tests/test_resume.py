@@ -60,6 +60,42 @@ def test_resume_reproduces_uninterrupted_losses(num_workers, make_cfg, tmp_path,
         assert not mismatched, f"{name}: losses differ at steps {mismatched}"
 
 
+# No validation before the stop (none configured): the checkpoint callback's monitor (val/loss) is
+# never logged, so Lightning's own step / validation saves never happen and `last.ckpt` is the one
+# written for the final step. It must record the still-open epoch, not the epoch loop closed by
+# max_steps (the resumed run would then start the next epoch's data).
+NO_VALIDATION = [
+    "data.num_people=12",
+    "model.net.dropout=0.1",
+    "logger=csv",
+    "test=false",
+    "trainer.val_check_interval=null",
+    "trainer.limit_val_batches=0",
+]
+
+
+@pytest.mark.slow
+def test_resume_is_exact_when_the_run_stops_before_any_validation(make_cfg, tmp_path, data_cache):
+    per_epoch = batches_per_epoch(data_cache)
+    total = per_epoch * 2 + 3
+    common = NO_VALIDATION + [f"model.optim.total_steps={total}"]
+    train.run(make_cfg(common + [f"trainer.max_steps={total}"], subdir="full"))
+    full = read_metric(find_metrics(tmp_path / "full"))
+    assert sorted(full) == list(range(total))
+    for name, stop in [("mid", per_epoch // 2 + 1), ("boundary", per_epoch)]:
+        train.run(make_cfg(common + [f"trainer.max_steps={stop}"], subdir=f"{name}_a"))
+        ckpt = tmp_path / f"{name}_a" / "checkpoints" / "last.ckpt"
+        state = torch.load(ckpt, weights_only=False)
+        # the data position of the step it stopped at: stop batches into epoch 0 (a finished epoch is
+        # stored as the start of the next one)
+        expect = {"epoch": 0, "consumed": stop * 8} if stop < per_epoch else {"epoch": 1, "consumed": 0}
+        assert state["TextDataModule"]["sampler"] == expect
+        train.run(make_cfg(common + [f"trainer.max_steps={total}", f"ckpt_path={ckpt}"], subdir=f"{name}_b"))
+        resumed = {**read_metric(find_metrics(tmp_path / f"{name}_a")), **read_metric(find_metrics(tmp_path / f"{name}_b"))}
+        mismatched = {s: (full[s], resumed.get(s)) for s in full if full[s] != resumed.get(s)}
+        assert not mismatched, f"{name}: losses differ at steps {mismatched}"
+
+
 def test_step_seeding_makes_dropout_independent_of_prior_rng_use(make_cfg):
     from lit_modules.base import seed_step
 

@@ -73,6 +73,8 @@ def attend(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, pla
            dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v under a MaskPlan, grouped-query heads broadcast."""
     gqa = q_BHTD.shape[1] != k_BKSD.shape[1]
+    if plan.kind == "segments":
+        return _attend_segments(q_BHTD, k_BKSD, v_BKSD, plan.segments, dropout_p, gqa)
     if plan.kind == "flex":
         if dropout_p > 0:
             raise ValueError("FlexAttention has no attention dropout: use attn_impl=sdpa with dropout > 0")
@@ -81,6 +83,27 @@ def attend(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, pla
         q_BHTD, k_BKSD, v_BKSD, attn_mask=plan.dense if plan.kind == "dense" else None,
         is_causal=plan.kind == "causal", dropout_p=dropout_p, enable_gqa=gqa,
     )
+
+
+def _attend_segments(q, k, v, segments, dropout_p: float, gqa: bool) -> torch.Tensor:
+    """One unmasked (or square-causal) SDPA call per run of queries over its contiguous key range."""
+    outs = []
+    for rows, runs in segments:
+        qq, kk, vv = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+        parts = []
+        for r in runs:
+            ks = [kk[:, :, a:b] for a, b in r.keys]
+            vs = [vv[:, :, a:b] for a, b in r.keys]
+            ks, vs = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+            parts.append(F.scaled_dot_product_attention(qq[:, :, r.q0:r.q1], ks, vs, attn_mask=r.mask,
+                                                        is_causal=r.causal, dropout_p=dropout_p, enable_gqa=gqa))
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    if len(outs) == 1:
+        return outs[0]
+    out = torch.empty_like(q)
+    for (rows, _), o in zip(segments, outs):
+        out[rows] = o
+    return out
 
 
 class Attention(nn.Module):

@@ -15,11 +15,18 @@ queries are its last T tokens), never an [S, S] tensor unless a kernel asks for 
                     and the query's own frame are always visible)
 
 Segment-memory keys (Transformer-XL) are prepended by the attention and visible to every query.
-`AttentionMask.plan` turns a description into what one forward needs: nothing (every key
-visible), SDPA's `is_causal`, a dense boolean mask (built once per forward, shared by the layers),
-or a FlexAttention `BlockMask` built from per-block id ranges, never from an [S, S] grid, so its
-memory grows with (S / 128)^2 block entries instead of S^2 booleans. `explicit` wraps a given
-boolean mask: the slow reference the structured masks are tested against.
+`AttentionMask.plan` turns a description into what one forward needs (built once per forward, shared
+by the layers):
+    none       every key visible (full attention, or one newest query under a causal mask)
+    causal     SDPA's `is_causal` (flash kernels on GPU)
+    segments   the queries cut into runs whose visible keys are one contiguous range (a block of a
+               block-causal layout, a packed document's causal square, a bidirectional document),
+               one SDPA call per run with no mask at all: no mask memory, masked work skipped
+               (the CPU training path; a run that is neither gets a small dense mask of its own)
+    flex       a FlexAttention `BlockMask` built from per-block id ranges, never from an [S, S]
+               grid (memory: (S / 128)^2 block entries); on CUDA (CPU FlexAttention has no backward)
+    dense      SDPA with a dense boolean mask (any rule, incl. the Random Frame Mask)
+`explicit` wraps a given boolean mask: the slow reference the structured masks are tested against.
 
 Shapes: B batch (ids may have batch 1: shared), S sequence keys, T queries, M memory keys,
 F frames.
@@ -51,19 +58,35 @@ def flex_available() -> bool:
 
 
 @dataclass
+class Run:
+    """Queries [q0, q1) of one `segments` run, the key ranges they see (in [memory; sequence] indices)
+    and how: causal = SDPA is_causal over the (square) run, mask = a small dense mask of its own."""
+
+    q0: int
+    q1: int
+    keys: list[tuple[int, int]]
+    causal: bool = False
+    mask: Optional[torch.Tensor] = None
+
+
+@dataclass
 class MaskPlan:
     """What one forward's attention calls use (see `AttentionMask.plan`).
 
-    kind: 'none' | 'causal' | 'dense' | 'flex'.
+    kind: 'none' | 'causal' | 'segments' | 'dense' | 'flex'.
+    segments: [(batch rows or None for all, runs)], one entry per distinct per-sample layout.
     """
 
     kind: str
     dense: Optional[torch.Tensor] = None  # [B|1, 1, T, M + S] bool
     block_mask: object = None  # torch.nn.attention.flex_attention.BlockMask
     compiled: bool = True  # flex: run FlexAttention compiled (False: eager, the slow reference)
+    segments: Optional[list] = None
 
     def nbytes(self) -> int:
-        """Bytes held by the materialised mask (dense booleans or the BlockMask's index tensors)."""
+        """Bytes held by the materialised mask (dense booleans, run masks or the BlockMask's indices)."""
+        if self.segments is not None:
+            return sum(r.mask.numel() for _, runs in self.segments for r in runs if r.mask is not None)
         if self.dense is not None:
             return self.dense.numel() * self.dense.element_size()
         if self.block_mask is not None:
@@ -162,8 +185,9 @@ class AttentionMask:
     def plan(self, q_len: int, seq_len: int, memory: int = 0, impl: str = "sdpa", device=None) -> MaskPlan:
         """The cheapest exact way to apply this mask to one forward.
 
-        impl: 'sdpa' (dense booleans for structured masks), 'flex' (FlexAttention BlockMask, compiled)
-            or 'flex_eager' (the same, not compiled: slow, for debugging).
+        impl: 'segments' (runs of unmasked SDPA calls where the rule allows, else dense), 'sdpa'
+            (dense booleans for structured masks), 'flex' (FlexAttention BlockMask, compiled) or
+            'flex_eager' (the same, not compiled: slow, for debugging).
         """
         if self.explicit is not None:
             return MaskPlan("dense", dense=self.explicit.to(device))
@@ -174,7 +198,32 @@ class AttentionMask:
         if impl in ("flex", "flex_eager"):
             return MaskPlan("flex", block_mask=self.block_mask(q_len, seq_len, memory, device),
                             compiled=impl == "flex")
+        if impl == "segments":
+            segments = self.segments(q_len, seq_len, memory, device)
+            if segments is not None:
+                return MaskPlan("segments", segments=segments)
         return MaskPlan("dense", dense=self.dense(q_len, seq_len, memory, device))
+
+    def segments(self, q_len: int, seq_len: int, memory: int = 0, device=None) -> Optional[list]:
+        """The queries as runs that each see one contiguous key range (see the module docstring), or
+        None when the rule is not of that shape (the Random Frame Mask, unsorted ids)."""
+        if self.explicit is not None or self.has_frames:
+            return None
+        qb, kb, qd, kd = self._ids(q_len, seq_len, "cpu")
+        B = max(kb.shape[0], 1 if kd is None else kd.shape[0])
+        layouts: dict[tuple, list[int]] = {}
+        for b in range(B):
+            blk = kb[min(b, kb.shape[0] - 1)]
+            doc = None if kd is None else kd[min(b, kd.shape[0] - 1)]
+            key = (tuple(blk.tolist()), None if doc is None else tuple(doc.tolist()))
+            layouts.setdefault(key, []).append(b)
+        out = []
+        for (blk, doc), rows in layouts.items():
+            runs = _runs(torch.tensor(blk), None if doc is None else torch.tensor(doc), q_len, memory, device)
+            if runs is None:
+                return None
+            out.append((None if len(layouts) == 1 else rows, runs))
+        return out
 
     def _ids(self, q_len: int, seq_len: int, device):
         """(query block ids [B, T], key block ids [B, S], query docs, key docs) as int64 on `device`."""
@@ -292,6 +341,52 @@ class AttentionMask:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _runs(blk: torch.Tensor, doc: Optional[torch.Tensor], q_len: int, memory: int, device) -> Optional[list[Run]]:
+    """Cut the last q_len of a sequence (block ids blk [S], doc ids doc [S] or None) into runs.
+
+    With ids sorted, query i sees keys [doc_start(i), min(block_end(i), doc_end(i))): one range.
+    Consecutive queries seeing the same range form a run with no mask; consecutive queries that
+    each see up to themselves form a causal chain, square (is_causal) when it starts its range.
+    """
+    S = blk.numel()
+    if bool((blk[1:] < blk[:-1]).any()) or (doc is not None and bool((doc[1:] < doc[:-1]).any())):
+        return None
+    block_end = torch.searchsorted(blk, blk, right=True)
+    single = block_end - torch.searchsorted(blk, blk) == 1
+    if doc is None:
+        start, end = torch.zeros_like(blk), block_end
+    else:
+        start = torch.searchsorted(doc, doc)
+        end = torch.minimum(block_end, torch.searchsorted(doc, doc, right=True))
+    off = S - q_len
+    idx = torch.arange(off, S)
+    st, en = start[off:], end[off:]
+    chain = single[off:] & (en == idx + 1)  # a singleton block: sees exactly up to itself
+    runs: list[Run] = []
+    i = 0
+    st_l, en_l, ch_l = st.tolist(), en.tolist(), chain.tolist()
+    while i < q_len:
+        j = i + 1
+        if ch_l[i]:
+            while j < q_len and ch_l[j] and st_l[j] == st_l[i]:
+                j += 1
+        else:
+            while j < q_len and not ch_l[j] and st_l[j] == st_l[i] and en_l[j] == en_l[i]:
+                j += 1
+        s0, e0 = st_l[i], en_l[j - 1]
+        keys = [(0, memory + e0)] if (memory and s0 == 0) else ([(0, memory)] if memory else []) + [(memory + s0, memory + e0)]
+        if not ch_l[i] or j - i == 1:
+            runs.append(Run(i, j, keys))  # every query of the run sees the whole range
+        elif memory == 0 and s0 == off + i:
+            runs.append(Run(i, j, keys, causal=True))  # a square causal chain
+        else:  # a causal chain after a prefix (or memory): lower-right causal, a mask of its own
+            width = sum(b - a for a, b in keys)
+            q = torch.arange(j - i)[:, None] + (width - (j - i))
+            runs.append(Run(i, j, keys, mask=(torch.arange(width)[None, :] <= q).to(device)))
+        i = j
+    return runs
 
 
 def _as_2d(ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

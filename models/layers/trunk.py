@@ -27,7 +27,7 @@ from models.moe.moue import MoUEConfig, MoUEFFN, UniversalPool
 __all__ = ["ATTN_IMPLS", "FFN_KINDS", "Block", "Trunk", "TrunkConfig", "TrunkOutput", "next_memory", "rename_prefix"]
 
 FFN_KINDS = ("dense", "moe", "moue")
-ATTN_IMPLS = ("auto", "sdpa", "flex", "flex_eager")
+ATTN_IMPLS = ("auto", "segments", "sdpa", "flex", "flex_eager")
 
 
 @dataclass
@@ -37,9 +37,10 @@ class TrunkConfig:
     ffn: 'dense' (SwiGLU of ffn_hidden; None = LLaMA's 8/3 d rounded), 'moe' (per-layer experts,
         `moe`) or 'moue' (one pool shared by all layers: `moe` for the expert shape, `moue` for the pool).
     rope_split: None = 1-D rotary positions; three fractions (t, h, w) = three-axis positions.
-    attn_impl: kernel for structured masks: 'auto' (FlexAttention on CUDA, dense SDPA masks on CPU),
-        'sdpa', 'flex' (compiled) or 'flex_eager' (slow; debugging). Plain causal masks always use
-        SDPA's is_causal.
+    attn_impl: kernel for structured masks (models/layers/mask.py): 'auto' (FlexAttention on CUDA,
+        'segments' elsewhere), 'segments' (unmasked SDPA per run of queries; dense masks where the
+        rule needs one), 'sdpa' (dense boolean masks), 'flex' (compiled) or 'flex_eager' (slow;
+        debugging). Plain causal masks always use SDPA's is_causal.
     """
 
     n_layers: Optional[int] = None
@@ -184,7 +185,7 @@ class Trunk(nn.Module):
     def attn_impl(self, device: torch.device) -> str:
         impl = self.cfg.attn_impl
         if impl == "auto":
-            return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+            return "flex" if device.type == "cuda" and flex_available() else "segments"
         return impl
 
     def forward(
