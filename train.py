@@ -107,6 +107,9 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build everything from `cfg`, fit, optionally test; returns (metrics, objects)."""
     check_launch(cfg)
+    from tools.artifacts import ensure_requirements
+
+    ensure_requirements(cfg)  # a frozen tokenizer / previous stage / token cache left null: built or reused
     if cfg.get("extras") and cfg.extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if cfg.get("seed") is not None:  # `is not None`: seed 0 is a seed

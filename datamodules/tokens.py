@@ -83,12 +83,17 @@ class TokenDataModule(MediaDataModule):
 
     cache_dir: the cache (tools/tokenize_dataset.py OUT_DIR).
     tokenizer_ckpt: the tokenizer the model will decode with; it must be the one that wrote the cache.
+    Both must be set by the time the DataModule is built (an experiment's `requires` may build them).
     """
 
     modality = "token"
 
-    def __init__(self, cache_dir: str, tokenizer_ckpt: str, batch_size: int = 8, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, cache_dir: Optional[str] = None, tokenizer_ckpt: Optional[str] = None, batch_size: int = 8,
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> None:
+        for key, value in (("cache_dir", cache_dir), ("tokenizer_ckpt", tokenizer_ckpt)):
+            if not value:
+                raise ValueError(f"data.{key} is not set: give a token cache and the tokenizer that wrote it "
+                                 "(tools/tokenize_dataset.py), or list it under `requires` to build it")
         super().__init__(source=str(cache_dir), batch_size=batch_size, seed=seed, num_workers=num_workers,
                          pin_memory=pin_memory)
         self.cache_dir = Path(cache_dir)

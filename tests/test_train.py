@@ -52,44 +52,18 @@ def experiment_data_group(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_video_tokenizer(tmp_path_factory) -> Path:
-    """An untrained tiny video tokenizer export (16x16 frames, time stride 2, scales 1/2/4)."""
-    from models.tokenizers.checkpoint import save_tokenizer_export
-    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
-
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("tok") / "tiny_video_tokenizer.pt"
-    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
-    return path
-
-
-def experiment_extras(name: str, tokenizer: Path) -> list[str]:
-    """Experiments over a frozen tokenizer get the tiny one (and data of its shape, or a cache)."""
-    text = (CONF / "experiment" / f"{name}.yaml").read_text()
-    out = []
-    if "cache_dir: ???" in text:
-        from tools.tokenize_dataset import tokenize
-
-        cache = tokenizer.parent / "cache"
-        if not (cache / "manifest.json").is_file():
-            tokenize(str(tokenizer), str(cache), ["experiment=videoar", "data.num_clips=6", "data.image_size=16",
-                                                  "data.num_frames=5", "data.val_fraction=0.34"], shard_size=8)
-        return [f"data.cache_dir={cache}", f"data.tokenizer_ckpt={tokenizer}", "data.batch_size=2"]
-    if "tokenizer_ckpt: ???" in text:
-        out += [f"model.tokenizer_ckpt={tokenizer}", "data.image_size=16", "data.num_frames=5",
-                "model.tokenizer_scales=null"]
-    if "init_ckpt: ???" in text:
-        out.append("model.init_ckpt=null")  # the stage chain itself is tested in tests/lit_modules
-    return out
+def artifacts(tmp_path_factory) -> Path:
+    """One empty artifact cache for the session: the first experiment that needs a frozen tokenizer
+    (or stage, or token cache) builds it in debug mode, later ones reuse it."""
+    return tmp_path_factory.mktemp("artifacts")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache, tiny_video_tokenizer):
+def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache, artifacts):
+    """Every experiment as configured, from a fresh clone: no manual step (what it needs is built)."""
     cfg = compose_train_cfg(
         [f"experiment={experiment}", "debug=fdr", *SMALL_DATA[experiment_data_group(experiment)],
-         *experiment_extras(experiment, tiny_video_tokenizer),
-         "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
+         f"paths.artifacts_dir={artifacts}", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
         tmp_path, data_cache if experiment_data_group(experiment) == "text" else None,
     )
     metrics, objects = train.run(cfg)
@@ -203,3 +177,34 @@ def test_optuna_search_runs_and_reports_the_metric(tmp_path):
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in best and "model.optim.lr" in best and "best_value" in best
     assert len(list((tmp_path / "sweep").glob("*/csv/metrics.csv"))) == 2
+
+
+def test_required_tokenizer_is_built_once_reused_and_an_explicit_path_wins(tmp_path, caplog):
+    import logging
+
+    art = tmp_path / "artifacts"
+
+    def cfg(extra, sub):
+        return compose_train_cfg(["experiment=videoar", "debug=fdr", "data.num_clips=6", "data.batch_size=2",
+                                  f"paths.artifacts_dir={art}", "trainer.enable_progress_bar=false",
+                                  "~callbacks.rich_progress_bar", *extra], tmp_path / sub)
+
+    with caplog.at_level(logging.INFO, logger="artifacts"):
+        _, objects = train.run(cfg([], "a"))
+    built = list(art.glob("video_tokenizer-*/final.ckpt"))
+    assert len(built) == 1 and "requires: building experiment=video_tokenizer" in caplog.text
+    assert objects["cfg"].model.tokenizer_ckpt == str(built[0])
+    assert objects["model"].tokenizer_info["path"] == str(built[0])
+    stamp = built[0].stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="artifacts"):
+        train.run(cfg([], "b"))
+    assert "requires: reusing" in caplog.text and built[0].stat().st_mtime_ns == stamp
+    # the run's seed is not the tokenizer's: every seed of a sweep shares one frozen tokenizer
+    _, objects = train.run(cfg(["seed=1"], "c"))
+    assert list(art.glob("video_tokenizer-*/final.ckpt")) == built
+    assert objects["cfg"].model.tokenizer_ckpt == str(built[0])
+    # an explicit tokenizer wins: nothing is built
+    elsewhere = tmp_path / "untouched"
+    train.run(cfg([f"model.tokenizer_ckpt={built[0]}", f"paths.artifacts_dir={elsewhere}"], "d"))
+    assert not elsewhere.exists()

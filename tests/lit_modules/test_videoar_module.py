@@ -211,3 +211,23 @@ def test_eval_tool_reports_every_metric(tmp_path, tokenizer):
                                "data.num_frames=5", "data.num_clips=16", "data.val_fraction=0.5"], num_clips=8, batch=4)
     assert res["clips"] == 8 and res["latent_frames"] == 3
     assert res["fd_tokenizer"] >= 0 and set(res["future_psnr"]) == {1, 2} and len(res["bit_acc_per_frame"]) == 3
+
+
+def test_sparse_videoar_trains_with_balance_loss_routing_monitor_and_bias_updates(tmp_path, tokenizer):
+    """videoar_moe on the trunk: balance loss in the objective, per-layer routing statistics from the
+    shared monitor, aux-loss-free bias updates, and a checkpoint that loads back the same model."""
+    cfg = cfg_for(tmp_path, tokenizer, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                  "trainer.limit_val_batches=1", "callbacks.moe_monitor.every_n_steps=1",
+                  "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=32", "model.net.moe.bias_balancing=true",
+                  "model.net.moe.bias_update_rate=0.1", "test=false", experiment="videoar_moe")
+    metrics, objects = train.run(cfg)
+    logged = read_metric(find_metrics(tmp_path / "run"), "train/balance_loss")
+    assert sorted(logged) == [0, 1, 2] and all(v > 0 for v in logged.values())
+    assert sorted(read_metric(find_metrics(tmp_path / "run"), "moe/max_violation/layer_1")) == [0, 1, 2]
+    module = objects["model"]
+    bias = module.net.trunk.layers[0].ffn.router.expert_bias
+    assert bias.abs().sum() > 0  # three bias steps of +-0.1 per expert
+    from generate import load_videoar
+
+    again = load_videoar(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert torch.equal(again.net.trunk.layers[0].ffn.router.expert_bias, bias)

@@ -243,3 +243,31 @@ def test_losses_and_weights():
     logits = torch.zeros(1, 28, 4, 2)
     loss, per_tok = bitwise_loss(logits, torch.zeros(1, 28, 4, dtype=torch.uint8), w)
     assert abs(loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6 and per_tok.shape == (1, 28)
+
+
+# ------------------------------------------------------------------------------------ on the trunk
+
+
+@pytest.mark.parametrize("rope", ["mst", "1d", "center"])
+@pytest.mark.parametrize("ffn", ["dense", "moe", "moue"])
+def test_every_ffn_and_rope_layout_generates_with_cache_equal_to_uncached(tok, ffn, rope):
+    torch.manual_seed(2)
+    cfg = VideoARConfig(preset="tiny", bits=tok.cfg.dim, scales=tok.cfg.scales, num_classes=4, ffn=ffn, rope=rope,
+                        moe=dict(num_experts=4, top_k=2, expert_hidden=32), moue=dict(window=2, state_dim=8))
+    m = VideoAR(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    labels = torch.tensor([0, 3])
+    a, la = m.generate(tok.quantizer, labels, 2, generator=torch.Generator().manual_seed(5), return_logits=True,
+                       guidance=2.0)
+    b, lb = m.generate(tok.quantizer, labels, 2, generator=torch.Generator().manual_seed(5), return_logits=True,
+                       guidance=2.0, use_cache=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert max((x - y).abs().max().item() for x, y in zip(la, lb)) <= 1e-5
+    feats = torch.randn(2, 2 * cfg.frame_tokens, cfg.bits)
+    logits, balance, routing = m.train()(feats, labels, 2, return_routing=True)
+    assert logits.shape == (2, 2 * cfg.frame_tokens, cfg.bits, 2)
+    assert (len(routing) == 2 and balance > 0) if ffn != "dense" else (not routing and balance == 0)
+    if rope == "center":  # fractional positions reach the rotary tables
+        assert not torch.equal(m.positions(1), m.positions(1).round())

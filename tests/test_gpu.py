@@ -1,0 +1,124 @@
+"""GPU-only paths: one training step and one generation for every family on CUDA, FlexAttention on CUDA
+against the explicit mask, random draws with CUDA (and CPU) generators, compiled blocks with inductor.
+
+Marked `gpu`: skipped without CUDA (tests/conftest.py); `make gpu-test` runs exactly these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train
+from tests.conftest import TINY, compose_train_cfg
+from tests.helpers import find_metrics, read_metric
+
+pytestmark = pytest.mark.gpu
+
+GPU = ["trainer=gpu", "logger=csv", "test=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
+       "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from models.tokenizers.checkpoint import save_tokenizer_export
+    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(preset="tiny")
+    path = tmp_path_factory.mktemp("tok") / "tok.pt"
+    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
+    return path
+
+
+def _losses(run_dir) -> dict:
+    losses = read_metric(find_metrics(run_dir))
+    assert sorted(losses) == [0, 1] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    return losses
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe", "moue"])
+def test_lm_trains_and_generates_on_cuda(ffn, tmp_path, data_cache):
+    sparse = ["model.net.moe.num_experts=4", "model.net.moe.expert_hidden=64", "model.net.moue.window=2",
+              "model.net.moue.state_dim=16"] if ffn != "dense" else []
+    cfg = compose_train_cfg(TINY + GPU + [f"model.net.ffn={ffn}", *sparse], tmp_path / "run", data_cache)
+    _, objects = train.run(cfg)
+    _losses(tmp_path / "run")
+    module = objects["model"].cuda().eval()
+    for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
+        text = module.generate_text(["Born in"], generator=gen, max_new_tokens=8)[0]
+        assert text.startswith("Born in")
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_videoar_trains_with_frame_mask_and_cfec_and_generates_on_cuda(ffn, tokenizer, tmp_path):
+    """The Random Frame Mask drew with a CUDA generator into a CPU tensor and raised before the fix."""
+    cfg = compose_train_cfg(
+        ["experiment=videoar" if ffn == "dense" else "experiment=videoar_moe", f"model.tokenizer_ckpt={tokenizer}",
+         "model.net.preset=tiny", "data.image_size=16", "data.num_frames=5", "data.num_clips=8", "data.batch_size=4",
+         "model.sample.num_clips=2", "model.frame_mask_prob=0.3", "model.cfec.enabled=true", *GPU,
+         "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=64"],
+        tmp_path / "run")
+    _, objects = train.run(cfg)
+    _losses(tmp_path / "run")
+    module = objects["model"].cuda().eval()
+    labels = torch.tensor([0, 1], device="cuda")
+    for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
+        tokens, video = module.generate_clips(labels, 2, gen)
+        assert video.is_cuda and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("experiment", ["video_tokenizer", "audio_tokenizer"])
+def test_media_tokenizers_train_a_step_on_cuda(experiment, tmp_path):
+    data = ["data.num_clips=8", "data.batch_size=4"]
+    cfg = compose_train_cfg([f"experiment={experiment}", *data, *GPU, "~callbacks.rich_progress_bar",
+                             "extras.print_config=false"], tmp_path / "run")
+    metrics, _ = train.run(cfg)
+    assert torch.isfinite(torch.tensor(metrics.get("train/loss", metrics.get("train/loss_total"))))
+
+
+@pytest.mark.parametrize("layout", ["video", "documents"])
+def test_flex_attention_on_cuda_equals_the_explicit_mask(layout):
+    from models.layers.attention import attend
+    from models.layers.mask import AttentionMask, block_layout
+
+    if layout == "video":
+        block, _ = block_layout(1, [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)], 4)
+        mask = AttentionMask.blocks(block.cuda())
+        L = block.numel()
+    else:
+        L = 1000
+        mask = AttentionMask.documents((torch.arange(L) // 300).cuda())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4, L, 32, device="cuda", generator=g, requires_grad=True)
+    k = torch.randn(2, 2, L, 32, device="cuda", generator=g, requires_grad=True)
+    v = torch.randn(2, 2, L, 32, device="cuda", generator=g, requires_grad=True)
+    want = attend(q, k, v, mask.plan(L, L, impl="sdpa", device="cuda"))
+    got = attend(q, k, v, mask.plan(L, L, impl="flex", device="cuda"))
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    gw = torch.autograd.grad(want.sum(), (q, k, v))
+    gg = torch.autograd.grad(got.sum(), (q, k, v))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3)
+
+
+def test_random_draws_follow_the_generator_device():
+    from models.layers.mask import frame_mask_keep
+    from models.random import multinomial, uniform
+
+    for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
+        assert uniform((3, 4), gen, "cuda").is_cuda
+        assert frame_mask_keep(2, 3, 0.5, gen, torch.device("cuda")).is_cuda
+        assert multinomial(torch.full((2, 5), 0.2, device="cuda"), 1, gen).is_cuda
+
+
+def test_regional_compile_with_inductor_matches_eager_on_cuda(tmp_path, data_cache):
+    losses = {}
+    for mode in ("eager", "compiled"):
+        extra = ["model.compile=true"] if mode == "compiled" else []
+        cfg = compose_train_cfg(TINY + GPU + ["trainer.precision=32-true", "model.net.dropout=0.0", *extra],
+                                tmp_path / mode, data_cache)
+        train.run(cfg)
+        losses[mode] = _losses(tmp_path / mode)
+    for step, value in losses["eager"].items():
+        assert abs(losses["compiled"][step] - value) <= 1e-4

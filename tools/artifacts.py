@@ -1,0 +1,206 @@
+"""Frozen artifacts an experiment needs, built on demand: a trained media tokenizer, a previous stage's
+checkpoint, a token cache.
+
+An experiment lists them under `requires` as {config key: how to build it}, e.g.
+
+    requires:
+      model.tokenizer_ckpt: {experiment: video_tokenizer}   # the final checkpoint of that experiment
+      model.init_ckpt: {experiment: videoar_stage1}
+      data.cache_dir: {token_cache: [experiment=videoar]}  # that data, encoded by data.tokenizer_ckpt
+
+`train.py` calls `ensure_requirements(cfg)` first: every listed key that is null gets its artifact
+(an explicit value always wins). An artifact is built once per fingerprint (of the composed config
+that builds it) under `paths.artifacts_dir`, written atomically and under a file lock, and reused
+after; the log says which. Under a `debug` mode it is built in that mode too (fast_dev_run: one
+batch); tokenizer / stage runs use the run's single-device trainer (cpu or gpu). The run's seed is
+not passed on: every seed of a sweep shares one frozen tokenizer (give `overrides` to change that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("artifacts")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+WAIT_S = 3600  # how long a non-zero rank waits for rank zero's build
+
+
+def ensure_requirements(cfg: DictConfig) -> dict[str, str]:
+    """Fill each null key of `cfg.requires` with its artifact (building it if needed); returns {key: path}."""
+    requires = cfg.get("requires") or {}
+    filled = {}
+    for key, spec in requires.items():
+        if OmegaConf.select(cfg, key, throw_on_missing=False) not in (None, "???"):
+            continue  # set explicitly: it wins
+        spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+        if "experiment" in spec:
+            path = experiment_checkpoint(cfg, str(spec["experiment"]), list(spec.get("overrides") or []))
+        elif "token_cache" in spec:
+            tok = spec.get("tokenizer_key", "data.tokenizer_ckpt")
+            tokenizer = OmegaConf.select(cfg, tok)
+            if tokenizer is None:
+                raise ValueError(f"requires.{key}: a token cache needs {tok} (list it before {key} in requires)")
+            path = token_cache(cfg, str(tokenizer), list(spec["token_cache"]))
+        else:
+            raise ValueError(f"requires.{key} must give `experiment` or `token_cache`, got {sorted(spec)}")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, str(path), force_add=True)
+        filled[key] = str(path)
+    return filled
+
+
+# ----------------------------------------------------------------------------------- builders
+
+
+def inherited_overrides(cfg: DictConfig) -> list[str]:
+    """What a build takes from the run that needs it: its debug mode and single-device trainer."""
+    out = []
+    choices = _choices(cfg)
+    if choices.get("debug"):
+        out.append(f"debug={choices['debug']}")
+    trainer = choices.get("trainer")
+    if trainer in ("gpu", "ddp", "fsdp"):
+        import torch
+
+        out.append("trainer=gpu" if torch.cuda.is_available() else "trainer=cpu")
+    return out
+
+
+def experiment_checkpoint(cfg: DictConfig, experiment: str, extra: list[str]) -> Path:
+    """The final checkpoint of `experiment` run with the inherited overrides (+ extra)."""
+    overrides = [f"experiment={experiment}", *inherited_overrides(cfg), *extra]
+    sub = compose(overrides + ["extras.print_config=false", "test=false"])
+    fp = fingerprint({k: sub.get(k) for k in ("model", "data", "trainer", "seed", "requires")}, overrides)
+    out = artifacts_dir(cfg) / f"{experiment}-{fp}"
+    target = out / "final.ckpt"
+
+    def build() -> None:
+        import train  # the entry point itself: the build is an ordinary run
+
+        run_dir = out / "run"
+        with open_dict(sub):
+            sub.hydra.runtime.output_dir = str(run_dir)
+            sub.paths.output_dir = str(run_dir)
+            sub.paths.artifacts_dir = str(artifacts_dir(cfg))
+        with _hydra_config(sub):
+            ensure_requirements(sub)
+            _, objects = train.run(sub)
+        # the trainer's final state (also under fast_dev_run, which writes no checkpoints of its own),
+        # written atomically by the trainer's AtomicCheckpointIO plugin (conf/trainer/default.yaml)
+        objects["trainer"].save_checkpoint(target)
+
+    return _build_once(target, build, " ".join(overrides), fp)
+
+
+def token_cache(cfg: DictConfig, tokenizer_ckpt: str, data_overrides: list[str]) -> Path:
+    """A token cache of the data selected by `data_overrides`, encoded by the tokenizer checkpoint."""
+    from models.tokenizers.checkpoint import file_sha256
+
+    fp = fingerprint({"tokenizer": file_sha256(tokenizer_ckpt)}, data_overrides)
+    out = artifacts_dir(cfg) / f"tokens-{fp}"
+    target = out / "manifest.json"
+
+    def build() -> None:
+        from tools.tokenize_dataset import tokenize
+
+        tokenize(tokenizer_ckpt, str(out), data_overrides)  # shards and manifest written atomically
+
+    _build_once(target, build, f"token cache of {' '.join(data_overrides)} by {tokenizer_ckpt}", fp)
+    return out
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def artifacts_dir(cfg: DictConfig) -> Path:
+    path = OmegaConf.select(cfg, "paths.artifacts_dir") or str(ROOT / "data" / "cache" / "artifacts")
+    return Path(path)
+
+
+def fingerprint(content: Any, overrides: list[str]) -> str:
+    """Hash of what defines an artifact: the config that builds it and its overrides.
+
+    Interpolations are hashed as written (`${paths.output_dir}` and the like name where a run
+    writes, which is not what it builds); the values they stand for come in through their own keys.
+    """
+    if isinstance(content, dict):
+        content = {k: (OmegaConf.to_container(v, resolve=False) if isinstance(v, DictConfig) else v)
+                   for k, v in content.items()}
+    blob = json.dumps({"content": content, "overrides": sorted(overrides)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml under these overrides (with the hydra node), inside a running app or not."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lit_modules.schemas import register_schemas
+
+    register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def _choices(cfg: DictConfig) -> dict:
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices")
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choices = HydraConfig.get().runtime.choices
+    return dict(choices or {})
+
+
+@contextlib.contextmanager
+def _hydra_config(sub: DictConfig) -> Iterator[None]:
+    """Make `sub` the current HydraConfig for a nested run, then restore the parent's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(sub)
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def _build_once(target: Path, build, what: str, fp: str) -> Path:
+    """Reuse `target` if present; else build it under a lock (rank zero only; other ranks wait)."""
+    if target.exists():
+        log.info("requires: reusing %s (fingerprint %s) for %s", target, fp, what)
+        return target
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0)
+    if rank != 0:
+        deadline = time.monotonic() + WAIT_S
+        while not target.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: {target} was not built by rank 0 within {WAIT_S} s")
+            time.sleep(2)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same artifact: wait for it
+        if target.exists():
+            log.info("requires: reusing %s (fingerprint %s) for %s", target, fp, what)
+            return target
+        start = time.monotonic()
+        log.info("requires: building %s (fingerprint %s) into %s", what, fp, target.parent)
+        build()
+        log.info("requires: built %s in %.1f s: %s", what, time.monotonic() - start, target)
+    return target
