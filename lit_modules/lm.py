@@ -114,10 +114,7 @@ class LanguageModelModule(TrunkModule):
         self.finish_build(self.fsdp_cfg)
 
     def _load_init_weights(self, path: str) -> None:
-        # Before parallelize(): every rank loads the full tensors, then fully_shard keeps its shard.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        state = self.upgrade_legacy_state(state, "")
+        state, ckpt = self.init_state(path)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -134,6 +134,12 @@ class TrunkModule(ExperimentModule):
             return False
         return upgrade_checkpoint(checkpoint, self, f"{self.network_attr}.", type(self).upgrade_state_dict)
 
-    def upgrade_legacy_state(self, state: dict, prefix: str) -> dict:
-        """The same key map for a bare state dict (e.g. `model.init_ckpt`)."""
-        return type(self).upgrade_state_dict(state, prefix)[0]
+    def init_state(self, path: str) -> tuple[dict, dict]:
+        """(the network's tensors under current names, the whole checkpoint) of a `model.init_ckpt` file.
+
+        Loaded before parallelize(): every rank reads the full tensors, then fully_shard keeps its shard.
+        """
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        prefix = f"{self.network_attr}."
+        state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        return type(self).upgrade_state_dict(state, "")[0], ckpt

@@ -167,9 +167,7 @@ class VideoARModule(TrunkModule):
 
     def _load_init(self, path: str) -> None:
         """Start from a previous stage: same trunk; the scale embedding may grow (new scales start fresh)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        state = self.upgrade_legacy_state(state, "")
+        state, _ = self.init_state(path)
         own = self.net.state_dict()
         grown = []
         for key in ("scale_emb.weight",):

@@ -45,6 +45,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """An untrained tiny video tokenizer export (16x16 frames, time stride 2, scales 1/2/4)."""
+    from models.tokenizers.checkpoint import save_tokenizer_export
+    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(preset="tiny")
+    path = tmp_path_factory.mktemp("tok") / "tiny_video_tokenizer.pt"
+    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
+    return path
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenizer/token cache for the whole session (BPE is trained once)."""
     return tmp_path_factory.mktemp("data_cache")

@@ -20,15 +20,8 @@ GPU = ["trainer=gpu", "logger=csv", "test=false", "trainer.max_steps=2", "traine
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from models.tokenizers.checkpoint import save_tokenizer_export
-    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
-
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("tok") / "tok.pt"
-    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
-    return path
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def _losses(run_dir) -> dict:

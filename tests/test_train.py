@@ -44,10 +44,14 @@ SMALL_DATA = {
 
 
 def experiment_data_group(name: str) -> str:
+    """The data group an experiment selects (following experiments it includes in its defaults)."""
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     for line in text.splitlines():
         if "override /data:" in line:
             return line.split(":")[-1].strip()
+        included = line.strip().removeprefix("- ").strip()
+        if line.strip().startswith("- ") and (CONF / "experiment" / f"{included}.yaml").is_file():
+            return experiment_data_group(included)
     return "text"
 
 

@@ -32,3 +32,13 @@ def test_tokenizer_throughput_quick_runs_and_lookups_agree():
     assert out["visual"][0]["encode_frames_per_s"] > 0 and out["audio"][0]["encode_audio_s_per_s"] > 0
     # the script asserts that matmul VQ search == cdist and sign lookup == exhaustive search before timing
     assert out["lookup"]["vq"]["speedup"] > 0 and out["lookup"]["bitwise"]["implicit_codebook"] == 1024
+
+
+def test_attention_quick_fast_path_equals_reference_and_its_mask_grows_linearly():
+    out = load("attention").main(["--quick"])
+    assert all(r["max_abs_grad_diff"] < 1e-6 for r in out["results"])
+    assert {r["fast_path"] for r in out["results"]} == {"segments"}  # on CPU
+    for kind, g in out["mask_growth_first_to_last_size"].items():
+        assert g["fast_mask_bytes_ratio"] == pytest.approx(g["tokens_ratio"], rel=0.01)  # O(L): the ids only
+        assert g["reference_mask_bytes_ratio"] > 0.9 * g["tokens_ratio"] ** 2  # O(L^2)
+    assert out["aa_ratio_reference_over_reference"] > 0

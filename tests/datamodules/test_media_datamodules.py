@@ -380,11 +380,9 @@ def test_state_dict_resumes_the_exact_train_order():
     assert d.state_dict()["sampler"] == {"epoch": 3, "consumed": 0}
 
 
-def test_lightning_mid_epoch_resume_replays_the_remaining_batches(tmp_path):
+def _recorder():
+    """A LightningModule that records the dataset indices of every training batch (and learns nothing)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     class Recorder(L.LightningModule):
         def __init__(self):
@@ -394,10 +392,21 @@ def test_lightning_mid_epoch_resume_replays_the_remaining_batches(tmp_path):
 
         def training_step(self, batch, batch_idx):
             self.seen.append(batch.index.tolist())
-            return self.layer(batch.pixels.mean((1, 2, 3, 4)).unsqueeze(1)).mean()
+            x = batch.pixels if hasattr(batch, "pixels") else batch.waveform
+            return self.layer(x.float().reshape(x.shape[0], -1).mean(1, keepdim=True)).mean()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    return Recorder
+
+
+def test_lightning_mid_epoch_resume_replays_the_remaining_batches(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    Recorder = _recorder()
 
     def data():
         return VideoDataModule(num_clips=16, num_frames=2, image_size=8, batch_size=4, val_fraction=0.0)
@@ -431,20 +440,7 @@ def test_resume_from_the_final_last_ckpt_of_a_run_that_never_validated(tmp_path,
     from callbacks.checkpoint import ModelCheckpoint
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(1, 1)
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch.index.tolist())
-            x = batch.pixels if hasattr(batch, "pixels") else batch.waveform
-            return self.layer(x.float().reshape(x.shape[0], -1).mean(1, keepdim=True)).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
+    Recorder = _recorder()
 
     def data():
         return SYNTH[kind](batch_size=4, val_fraction=0.0)

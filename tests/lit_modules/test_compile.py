@@ -18,15 +18,8 @@ STEPS = ["logger=csv", "test=false", "trainer.max_steps=5", "trainer.val_check_i
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from models.tokenizers.checkpoint import save_tokenizer_export
-    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
-
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("tok") / "tok.pt"
-    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
-    return path
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def overrides(family: str, tokenizer) -> list[str]:

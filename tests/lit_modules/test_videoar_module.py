@@ -19,15 +19,8 @@ QUIET = ["~callbacks.rich_progress_bar", "~callbacks.model_summary", "trainer.en
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Path:
-    from models.tokenizers.checkpoint import save_tokenizer_export
-    from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
-
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("tok") / "tok.pt"
-    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
-    return path
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def cfg_for(tmp_path: Path, tokenizer: Path, *extra: str, experiment: str = "videoar", subdir: str = "run"):
