@@ -162,8 +162,6 @@ class VideoAR(nn.Module):
              device=None) -> AttentionMask:
         """Block-causal over [prefix][(frame, scale) blocks], with the Random Frame Mask if given."""
         block, frame = block_layout(self.cfg.cond_len, self.scales, num_frames, device)
-        if frame_keep is None and window is None:
-            return AttentionMask.blocks(block)
         return AttentionMask.blocks(block, frame_ids=frame, frame_keep=frame_keep, frame_window=window)
 
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
