@@ -12,8 +12,9 @@ own position of R_k (a bitwise head: 2 logits per bit). Attention is block-causa
 (frame, scale) blocks (a described `AttentionMask`); positions are multi-scale temporal RoPE over
 (t, h, w). The trunk's FFN is dense, MoE or MoUE (`ffn`).
 
-Read top to bottom: config and presets, network, teacher-forced inputs (with cross-frame error
-correction), losses, generation, and the key map for checkpoints written before the trunk.
+Read top to bottom: config and presets; the network (embeddings, block-causal trunk, bitwise head,
+KV-cached generation); teacher-forced inputs with cross-frame error correction; losses; bit
+sampling and the guidance schedule; the key map for checkpoints written before the trunk.
 """
 
 from __future__ import annotations
@@ -287,50 +288,6 @@ class VideoAR(nn.Module):
         return (out_tokens, all_logits) if return_logits else out_tokens
 
 
-def sample_bits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample each bit from its 2 logits [..., 2] with temperature and top-k / top-p; uint8 [...]."""
-    if temperature <= 0 or top_k == 1:
-        return logits.argmax(-1).to(torch.uint8)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if 0.0 < top_p < 1.0:
-        # nucleus over 2 outcomes: keep the likelier bit alone once it already covers top_p
-        top = probs.max(dim=-1, keepdim=True).values
-        keep = (probs == top) | (top < top_p)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum(-1, keepdim=True)
-    u = uniform(probs.shape[:-1], generator, probs.device)
-    return (u < probs[..., 1]).to(torch.uint8)
-
-
-@dataclass
-class GuidanceSchedule:
-    """Temporal-spatial classifier-free guidance gamma(t, k).
-
-    The first scale of frame t gets `first_start -> first_end` linearly over frames; inside a frame
-    gamma then moves linearly to `final` at the last scale (UCF-101 in VideoAR: 1 -> 5, then -> 10;
-    text-to-video: decreasing, e.g. 5 -> 3 -> 3).
-    """
-
-    first_start: float = 1.0
-    first_end: float = 5.0
-    final: float = 10.0
-
-    @classmethod
-    def constant(cls, g: float) -> "GuidanceSchedule":
-        return cls(g, g, g)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.first_start == self.first_end == self.final == 1.0
-
-    def __call__(self, t: int, k: int, num_frames: int, num_scales: int) -> float:
-        a = t / max(1, num_frames - 1)
-        g0 = self.first_start + (self.first_end - self.first_start) * a
-        b = k / max(1, num_scales - 1)
-        return g0 + (self.final - g0) * b
-
-
 # ------------------------------------------------------------------------- teacher-forced inputs
 
 
@@ -433,6 +390,53 @@ def bitwise_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     ce = F.cross_entropy(logits.float().reshape(-1, 2), labels.reshape(-1).long(), reduction="none")
     per_token = ce.view(labels.shape).mean(-1)  # [B, L]
     return (per_token * weights.to(per_token.device)).sum(-1).mean(), per_token
+
+
+# ------------------------------------------------------------------------ sampling and guidance
+
+
+def sample_bits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample each bit from its 2 logits [..., 2] with temperature and top-k / top-p; uint8 [...]."""
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(-1).to(torch.uint8)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0.0 < top_p < 1.0:
+        # nucleus over 2 outcomes: keep the likelier bit alone once it already covers top_p
+        top = probs.max(dim=-1, keepdim=True).values
+        keep = (probs == top) | (top < top_p)
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum(-1, keepdim=True)
+    u = uniform(probs.shape[:-1], generator, probs.device)
+    return (u < probs[..., 1]).to(torch.uint8)
+
+
+@dataclass
+class GuidanceSchedule:
+    """Temporal-spatial classifier-free guidance gamma(t, k).
+
+    The first scale of frame t gets `first_start -> first_end` linearly over frames; inside a frame
+    gamma then moves linearly to `final` at the last scale (UCF-101 in VideoAR: 1 -> 5, then -> 10;
+    text-to-video: decreasing, e.g. 5 -> 3 -> 3).
+    """
+
+    first_start: float = 1.0
+    first_end: float = 5.0
+    final: float = 10.0
+
+    @classmethod
+    def constant(cls, g: float) -> "GuidanceSchedule":
+        return cls(g, g, g)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.first_start == self.first_end == self.final == 1.0
+
+    def __call__(self, t: int, k: int, num_frames: int, num_scales: int) -> float:
+        a = t / max(1, num_frames - 1)
+        g0 = self.first_start + (self.first_end - self.first_start) * a
+        b = k / max(1, num_scales - 1)
+        return g0 + (self.final - g0) * b
 
 
 # ------------------------------------------------------------------------- old checkpoints

@@ -224,23 +224,6 @@ def test_layer_subset_and_chosen_hidden_states():
         t(x, pos, layers=[0], return_hidden=[1])
 
 
-def test_fractional_three_axis_positions_keep_scores_relative():
-    """ERNIE 5.0's centre layout is fractional; the rotation still depends only on position differences."""
-    from models.layers.rope import Rotary, apply_rotary
-
-    rope = Rotary(16, split=[0.25, 0.375, 0.375])
-    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-
-    def score(pq, pk):
-        cq, sq = rope(torch.tensor([pq], dtype=torch.float64))
-        ck, sk = rope(torch.tensor([pk], dtype=torch.float64))
-        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item()
-
-    assert abs(score([3, 1.25, 2.5], [1, 0.75, 5]) - score([10, 8.25, 9.5], [8, 7.75, 12])) < 1e-5
-    pos = sequence_positions(1, [(1, 1), (2, 2)], 1, "center")
-    assert pos[1].tolist() == [1.0, 1.5, 1.5]
-
-
 def test_grouped_query_heads_equal_repeated_kv_heads():
     t = _trunk(n_kv_heads=1)
     x, pos = torch.randn(2, 9, 32), torch.arange(9)

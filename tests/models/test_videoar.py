@@ -118,6 +118,8 @@ def test_rope_scores_depend_only_on_relative_position():
     assert abs(a - score([3, 1, 2], [1, 0, 6])) > 1e-4  # but not invariant to the difference itself
     # text tokens at (i, i, i) behave as 1-D RoPE: again only i - j matters
     assert abs(score([4, 4, 4], [1, 1, 1]) - score([9, 9, 9], [6, 6, 6])) < 1e-5
+    # fractional positions (ERNIE 5.0's centre layout) too
+    assert abs(score([3, 1.25, 2.5], [1, 0.75, 5]) - score([10, 8.25, 9.5], [8, 7.75, 12])) < 1e-5
 
 
 # ------------------------------------------------------------------------------------ generation
