@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from models.io import atomic_torch_save, atomic_write
 from models.tokenizers.checkpoint import file_sha256

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy

@@ -120,7 +120,7 @@ class LanguageModelModule(TrunkModule):
             raise ValueError(
                 f"model.init_ckpt={path} does not match model.net: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
-        if "moue_window" in ckpt and self.model.trunk.pool is not None:
+        if "moue_window" in ckpt and self.moue_window is not None:
             self.moue_window = ckpt["moue_window"]
         rank_zero_info(f"initialised {len(state)} tensors from {path}")
 

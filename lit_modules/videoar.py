@@ -99,7 +99,7 @@ class VideoARModule(TrunkModule):
         self.tokenizer_ckpt = tokenizer_ckpt
         self.init_ckpt = init_ckpt
         self.compile_trunk, self.compile_backend = compile, compile_backend
-        self.fsdp_cfg = {"mixed_precision": "auto", "activation_checkpointing": False, **(fsdp or {})}
+        self.fsdp_cfg = dict(fsdp or {})  # models.parallelize.parallelize keyword arguments (it has the defaults)
         self.net: VideoAR | None = None
         self.tokenizer_info: dict[str, Any] = {}
         self._tokenizer: VisualTokenizer | None = None  # frozen, kept out of the module tree (not trained,

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.ffn import SwiGLU

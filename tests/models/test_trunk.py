@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.layers.attention import attend
 from models.layers.mask import AttentionMask, block_layout, blocks_from_spans, flex_available, frame_mask_keep, \
