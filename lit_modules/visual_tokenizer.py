@@ -20,6 +20,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from lit_modules.base import ExperimentModule, OptimConfig, param_groups, warmup_cosine
 from models.config import config_from_dict
 from models.tokenizers.checkpoint import load_media_tokenizer
+from models.tokenizers.metrics import colour_metrics
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer, inflate_2d_to_3d
 
 __all__ = ["GANConfig", "TokenizerLossConfig", "VisualTokenizerModule", "load_visual_tokenizer"]
@@ -130,6 +131,9 @@ class VisualTokenizerModule(ExperimentModule):
         self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
         self.loss_cfg = config_from_dict(TokenizerLossConfig, dict(loss or {}), "model.loss")
         self.gan_cfg = config_from_dict(GANConfig, dict(gan or {}), "model.gan")
+        if inflate_from == "auto":
+            raise ValueError("model.inflate_from=auto is filled by train.py's `requires` (an image tokenizer built "
+                             "on demand); outside train.py give a 2D tokenizer checkpoint, or null for scratch")
         if inflate_from and not self.net_cfg.video:
             raise ValueError("model.inflate_from needs model.net.video=true (it inflates a 2D tokenizer into 3D)")
         self.seed = seed
@@ -276,6 +280,10 @@ class VisualTokenizerModule(ExperimentModule):
         n = x.shape[0]
         for name, v in (("loss", losses["loss"]), ("psnr", psnr), ("ssim", ssim), ("l1", losses["l1"])):
             self.log(f"{stage}/{name}", v, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=name == "psnr")
+        # colour: PSNR over RGB barely sees a grey reconstruction of a colourful input
+        for name, v in colour_metrics(out["recon"], x).items():
+            if name != "chroma_real":
+                self.log(f"{stage}/{name}", v, on_epoch=True, batch_size=n, sync_dist=True)
         for k, st in enumerate(out["stats"]):
             for name, v in st.items():
                 self.log(f"{stage}/{name}_scale_{k + 1}", v, on_epoch=True, batch_size=n, sync_dist=True)
@@ -288,6 +296,8 @@ class VisualTokenizerModule(ExperimentModule):
             self.log(f"{stage}/psnr_scales_{k}", peak_signal_noise_ratio(_frames(_to_unit(rec_k)), xu, data_range=1.0),
                      on_epoch=True, batch_size=n, sync_dist=True)
             self.log(f"{stage}/mse_scales_{k}", F.mse_loss(rec_k, x), on_epoch=True, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/chroma_ratio_scales_{k}", colour_metrics(rec_k, x)["chroma_ratio"], on_epoch=True,
+                     batch_size=n, sync_dist=True)
         if stage == "val" and batch_idx == 0 and self.log_samples > 0:
             self._samples = (x[: self.log_samples].detach().cpu(), out["recon"][: self.log_samples].detach().cpu())
 

@@ -63,7 +63,7 @@ def test_videoar_trains_with_frame_mask_and_cfec_and_generates_on_cuda(ffn, toke
 
 @pytest.mark.parametrize("experiment", ["video_tokenizer", "audio_tokenizer"])
 def test_media_tokenizers_train_a_step_on_cuda(experiment, tmp_path):
-    data = ["data.num_clips=8", "data.batch_size=4"]
+    data = ["data.num_clips=8", "data.batch_size=4"] + (["model.inflate_from=null"] if experiment == "video_tokenizer" else [])
     cfg = compose_train_cfg([f"experiment={experiment}", *data, *GPU, "~callbacks.rich_progress_bar",
                              "extras.print_config=false"], tmp_path / "run")
     metrics, _ = train.run(cfg)

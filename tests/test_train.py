@@ -197,6 +197,9 @@ def test_required_tokenizer_is_built_once_reused_and_an_explicit_path_wins(tmp_p
         _, objects = train.run(cfg([], "a"))
     built = list(art.glob("video_tokenizer-*/final.ckpt"))
     assert len(built) == 1 and "requires: building experiment=video_tokenizer" in caplog.text
+    # the video tokenizer itself starts from the image tokenizer, built first (nested requires)
+    assert len(list(art.glob("image_tokenizer-*/final.ckpt"))) == 1
+    assert "requires: building experiment=image_tokenizer" in caplog.text
     assert objects["cfg"].model.tokenizer_ckpt == str(built[0])
     assert objects["model"].tokenizer_info["path"] == str(built[0])
     stamp = built[0].stat().st_mtime_ns
@@ -212,3 +215,32 @@ def test_required_tokenizer_is_built_once_reused_and_an_explicit_path_wins(tmp_p
     elsewhere = tmp_path / "untouched"
     train.run(cfg([f"model.tokenizer_ckpt={built[0]}", f"paths.artifacts_dir={elsewhere}"], "d"))
     assert not elsewhere.exists()
+
+
+def test_requires_when_auto_fills_only_auto_and_inherits_only_what_differs(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    import tools.artifacts as artifacts
+
+    real_checkpoint = artifacts.experiment_checkpoint
+    calls = []
+    monkeypatch.setattr(artifacts, "experiment_checkpoint",
+                        lambda cfg, exp, extra, inherit=None: calls.append((exp, extra, inherit)) or f"/built/{exp}")
+    spec = {"experiment": "image_tokenizer", "when": "auto", "inherit": ["model.net.preset"]}
+    for value, filled in ((None, False), ("some.ckpt", False), ("auto", True)):
+        cfg = OmegaConf.create({"requires": {"model.inflate_from": spec},
+                                "model": {"inflate_from": value, "net": {"preset": "tiny"}}})
+        assert bool(artifacts.ensure_requirements(cfg)) == filled
+        assert cfg.model.inflate_from == ("/built/image_tokenizer" if filled else value)
+    assert calls == [("image_tokenizer", [], {"model.net.preset": "tiny"})]
+    with pytest.raises(ValueError, match="requires.model.inflate_from.when"):
+        artifacts.ensure_requirements(OmegaConf.create({"requires": {"model.inflate_from": {**spec, "when": "x"}},
+                                                        "model": {"inflate_from": None}}))
+    # only inherited values that differ from what the built experiment composes to become overrides
+    built = []
+    monkeypatch.setattr(artifacts, "_build_once", lambda target, build, what, fp: built.append(what) or target)
+    parent = OmegaConf.create({"paths": {"artifacts_dir": str(tmp_path)}})
+    same = real_checkpoint(parent, "image_tokenizer", [], {"model.net.preset": "small", "data.image_size": 32})
+    other = real_checkpoint(parent, "image_tokenizer", [], {"model.net.preset": "tiny", "data.image_size": 32})
+    assert built == ["experiment=image_tokenizer", "experiment=image_tokenizer model.net.preset=tiny"]
+    assert same != other and same == real_checkpoint(parent, "image_tokenizer", [])

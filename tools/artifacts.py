@@ -9,7 +9,16 @@ An experiment lists them under `requires` as {config key: how to build it}, e.g.
       data.cache_dir: {token_cache: [experiment=videoar]}  # that data, encoded by data.tokenizer_ckpt
 
 `train.py` calls `ensure_requirements(cfg)` first: every listed key that is null gets its artifact
-(an explicit value always wins). An artifact is built once per fingerprint (of the composed config
+(an explicit value always wins). A spec with `when: auto` is filled only where the key's value is
+the string "auto", so that null can mean "none" for that key, e.g. the video tokenizer's
+
+    model.inflate_from: auto      # conf: inflate the image tokenizer built by `requires`
+    requires:
+      model.inflate_from: {experiment: image_tokenizer, when: auto}
+
+which `model.inflate_from=null` (train from scratch) or a path turns off. `inherit: [keys]` passes
+the run's own values of those keys on to the build (the image tokenizer gets the video tokenizer's
+architecture and frame size, so that one inflates into the other). An artifact is built once per fingerprint (of the composed config
 that builds it) under `paths.artifacts_dir`, written atomically and under a file lock, and reused
 after; the log says which. Under a `debug` mode it is built in that mode too (fast_dev_run: one
 batch); tokenizer / stage runs use the run's single-device trainer (cpu or gpu). The run's seed is
@@ -28,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 log = logging.getLogger("artifacts")
 
@@ -42,11 +51,16 @@ def ensure_requirements(cfg: DictConfig) -> dict[str, str]:
     requires = cfg.get("requires") or {}
     filled = {}
     for key, spec in requires.items():
-        if OmegaConf.select(cfg, key, throw_on_missing=False) not in (None, "???"):
-            continue  # set explicitly: it wins
         spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+        when = spec.pop("when", None)
+        if when not in (None, "auto"):
+            raise ValueError(f"requires.{key}.when must be null or 'auto', got {when!r}")
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value != "auto" if when == "auto" else value not in (None, "???"):
+            continue  # set explicitly (or, under `when: auto`, null = none): it wins
         if "experiment" in spec:
-            path = experiment_checkpoint(cfg, str(spec["experiment"]), list(spec.get("overrides") or []))
+            inherit = {k: OmegaConf.select(cfg, k) for k in spec.get("inherit") or []}
+            path = experiment_checkpoint(cfg, str(spec["experiment"]), list(spec.get("overrides") or []), inherit)
         elif "token_cache" in spec:
             tok = spec.get("tokenizer_key", "data.tokenizer_ckpt")
             tokenizer = OmegaConf.select(cfg, tok)
@@ -59,6 +73,25 @@ def ensure_requirements(cfg: DictConfig) -> dict[str, str]:
             OmegaConf.update(cfg, key, str(path), force_add=True)
         filled[key] = str(path)
     return filled
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+def override_value(v: Any) -> str:
+    """A config value written as a Hydra command-line override value."""
+    if isinstance(v, (DictConfig, dict)):
+        raise ValueError(f"inherit takes leaf keys, got a mapping {v}")
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return v if v.replace("_", "").replace("-", "").replace(".", "").replace("/", "").isalnum() else json.dumps(v)
+    return "[" + ",".join(override_value(x) for x in v) + "]"
 
 
 # ----------------------------------------------------------------------------------- builders
@@ -78,10 +111,19 @@ def inherited_overrides(cfg: DictConfig) -> list[str]:
     return out
 
 
-def experiment_checkpoint(cfg: DictConfig, experiment: str, extra: list[str]) -> Path:
-    """The final checkpoint of `experiment` run with the inherited overrides (+ extra)."""
+def experiment_checkpoint(cfg: DictConfig, experiment: str, extra: list[str], inherit: dict | None = None) -> Path:
+    """The final checkpoint of `experiment` run with the inherited overrides (+ extra).
+
+    inherit: {key: value} the build must share with the run; only values that differ from what the
+    experiment composes to become overrides, so a run at the defaults reuses the default build.
+    """
     overrides = [f"experiment={experiment}", *inherited_overrides(cfg), *extra]
     sub = compose(overrides + ["extras.print_config=false", "test=false"])
+    differ = [f"{k}={override_value(v)}" for k, v in (inherit or {}).items()
+              if _plain(OmegaConf.select(sub, k)) != _plain(v)]
+    if differ:
+        overrides += differ
+        sub = compose(overrides + ["extras.print_config=false", "test=false"])
     fp = fingerprint({k: sub.get(k) for k in ("model", "data", "trainer", "seed", "requires")}, overrides)
     out = artifacts_dir(cfg) / f"{experiment}-{fp}"
     target = out / "final.ckpt"

@@ -11,6 +11,9 @@ Metrics (trailing key=value arguments are Hydra overrides selecting the data, as
 - future PSNR / SSIM per horizon h: given the first latent frame of a real clip, the model
   generates the rest; pixel frames of latent frame h are compared with the real ones.
 - bit accuracy and loss per frame under teacher forcing (the drift CFEC targets).
+- colour: the tokenizer's reconstruction of the real clips (`tokenizer_colour`: chroma ratio and
+  error, per-channel and Y / CbCr PSNR, models/tokenizers/metrics.py), and the chroma of generated
+  clips against the real ones (`generated_chroma_ratio`: 0 = grey samples, 1 = as colourful).
 """
 
 from __future__ import annotations
@@ -94,6 +97,12 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
         b = unit(real[:, :, sl]).transpose(1, 2).flatten(0, 1)
         out["future_psnr"][h] = float(peak_signal_noise_ratio(a, b, data_range=1.0))
         out["future_ssim"][h] = float(structural_similarity_index_measure(a, b, data_range=1.0))
+
+    from models.tokenizers.metrics import chroma, colour_metrics
+
+    recon = torch.cat([tok.decode(tok.encode(real[s:s + batch])) for s in range(0, n, batch)])
+    out["tokenizer_colour"] = colour_metrics(recon, real)
+    out["generated_chroma_ratio"] = chroma(fake) / max(chroma(real), 1e-8)
 
     # teacher-forced bit accuracy per frame (no corruption)
     from datamodules.batch import VisualBatch

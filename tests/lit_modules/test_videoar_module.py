@@ -204,6 +204,9 @@ def test_eval_tool_reports_every_metric(tmp_path, tokenizer):
                                "data.num_frames=5", "data.num_clips=16", "data.val_fraction=0.5"], num_clips=8, batch=4)
     assert res["clips"] == 8 and res["latent_frames"] == 3
     assert res["fd_tokenizer"] >= 0 and set(res["future_psnr"]) == {1, 2} and len(res["bit_acc_per_frame"]) == 3
+    colour = res["tokenizer_colour"]
+    assert {"chroma_ratio", "chroma_error", "psnr_r", "psnr_g", "psnr_b", "psnr_y", "psnr_cbcr"} <= set(colour)
+    assert colour["chroma_real"] > 0 and res["generated_chroma_ratio"] >= 0
 
 
 def test_sparse_videoar_trains_with_balance_loss_routing_monitor_and_bias_updates(tmp_path, tokenizer):

@@ -1,0 +1,50 @@
+"""Colour metrics: exact values on hand-made images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.tokenizers.metrics import chroma, colour_metrics, grey
+
+
+def test_grey_copy_has_no_chroma_and_keeps_luma():
+    x = torch.rand(2, 3, 4, 8, 8) * 2 - 1
+    g = grey(x)
+    m = colour_metrics(g, x)
+    assert chroma(g) == pytest.approx(0.0, abs=1e-7) and m["chroma_recon"] == pytest.approx(0.0, abs=1e-7)
+    assert m["chroma_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert m["chroma_error"] == pytest.approx(m["chroma_real"], rel=1e-6)  # all of the colour is missing
+    # mean over RGB is not BT.601 luma, but close: the luma PSNR is far above the chroma PSNR
+    assert m["psnr_y"] > m["psnr_cbcr"] + 5
+
+
+def test_identity_and_known_values():
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    m = colour_metrics(x.clone(), x)
+    assert m["chroma_error"] == 0 and m["chroma_ratio"] == pytest.approx(1.0) and math.isinf(m["psnr_r"])
+    # pure red (1, -1, -1) in [-1, 1]: chroma = mean(|1 - (-1/3)|, 2 x |-1 + 1/3|) = 8/9
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert chroma(red) == pytest.approx(8 / 9)
+    # an error of 0.2 in [-1, 1] on the red channel only: 0.1 in [0, 1] -> 20 dB on R, inf on G and B
+    off = red.clone()
+    off[:, 0] -= 0.2
+    m = colour_metrics(off, red)
+    assert m["psnr_r"] == pytest.approx(20.0, abs=1e-4) and math.isinf(m["psnr_g"]) and math.isinf(m["psnr_b"])
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="RGB"):
+        colour_metrics(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="differ"):
+        colour_metrics(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 5, 5))
+
+
+def test_tokenizer_colour_tool_reports_every_scale(tiny_tokenizer):
+    from tools.tokenizer_colour import report
+
+    res = report(str(tiny_tokenizer), clips=2, frames=5, size=16)
+    assert [s["k"] for s in res["scales"]] == [1, 2, 3] and res["final"] == res["scales"][-1]
+    assert res["final"]["chroma_real"] > 0 and {"chroma_ratio", "psnr_cbcr", "psnr"} <= set(res["final"])
