@@ -48,3 +48,17 @@ def test_tokenizer_colour_tool_reports_every_scale(tiny_tokenizer):
     res = report(str(tiny_tokenizer), clips=2, frames=5, size=16)
     assert [s["k"] for s in res["scales"]] == [1, 2, 3] and res["final"] == res["scales"][-1]
     assert res["final"]["chroma_real"] > 0 and {"chroma_ratio", "psnr_cbcr", "psnr"} <= set(res["final"])
+
+
+def test_clip_strip_writes_a_png_of_clips_and_reconstructions(tiny_tokenizer, tmp_path):
+    from PIL import Image
+
+    from tools.clip_strip import clip_strip
+
+    out = tmp_path / "strip.png"
+    res = clip_strip(str(out), tokenizer=str(tiny_tokenizer), clips=2)
+    assert res == {"out": str(out), "rows": 4, "frames": 5, "size": 16}
+    with Image.open(out) as im:  # make_grid: 1-pixel padding around and between frames
+        assert im.size == (5 * 17 + 1, 4 * 17 + 1) and im.mode == "RGB"
+    with pytest.raises(ValueError, match="--tokenizer or --videoar"):
+        clip_strip(str(tmp_path / "none.png"))
