@@ -239,7 +239,8 @@ def test_requires_when_auto_fills_only_auto_and_inherits_only_what_differs(monke
     # only inherited values that differ from what the built experiment composes to become overrides
     built = []
     monkeypatch.setattr(artifacts, "_build_once", lambda target, build, what, fp: built.append(what) or target)
-    parent = OmegaConf.create({"paths": {"artifacts_dir": str(tmp_path)}})
+    # a parent run with no debug mode and a cpu trainer (its own choices, not a HydraConfig left by another test)
+    parent = OmegaConf.create({"paths": {"artifacts_dir": str(tmp_path)}, "hydra": {"runtime": {"choices": {}}}})
     same = real_checkpoint(parent, "image_tokenizer", [], {"model.net.preset": "small", "data.image_size": 32})
     other = real_checkpoint(parent, "image_tokenizer", [], {"model.net.preset": "tiny", "data.image_size": 32})
     assert built == ["experiment=image_tokenizer", "experiment=image_tokenizer model.net.preset=tiny"]
