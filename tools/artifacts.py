@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -90,7 +91,7 @@ def override_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return v if v.replace("_", "").replace("-", "").replace(".", "").replace("/", "").isalnum() else json.dumps(v)
+        return v if re.fullmatch(r"[\w./-]+", v) else json.dumps(v)
     return "[" + ",".join(override_value(x) for x in v) + "]"
 
 

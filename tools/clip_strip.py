@@ -29,8 +29,8 @@ def clip_strip(out: str, tokenizer: str | None = None, videoar: str | None = Non
                classes: tuple[int, ...] = (0, 1, 2), seed: int = 7, device: str = "cpu") -> dict:
     from torchvision.utils import make_grid, save_image
 
-    from datamodules.synthetic_shapes import render_moving_shapes
     from lit_modules.visual_tokenizer import load_visual_tokenizer
+    from tools.tokenizer_colour import fresh_clips
 
     module = None
     if videoar:
@@ -46,8 +46,7 @@ def clip_strip(out: str, tokenizer: str | None = None, videoar: str | None = Non
         raise ValueError(f"{tokenizer}: a video (3D) tokenizer is needed for clip strips")
     size = tok.cfg.scales[-1][0] * tok.cfg.spatial_factor
     frames = 1 + 2 * tok.cfg.time_stride
-    video, _ = render_moving_shapes(clips, frames, size, seed=seed)
-    real = (video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1).to(device)
+    real = fresh_clips(clips, frames, size, seed).to(device)
     recon = tok.decode(tok.encode(real)).clamp(-1, 1)
     rows = []
     for i in range(clips):

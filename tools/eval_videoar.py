@@ -74,15 +74,16 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
     tau = tok.cfg.time_stride
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    fake, cont = [], []
+    fake, cont, recon = [], [], []
     for s in range(0, n, batch):
         lab = labels[s:s + batch]
         _, video = module.generate_clips(lab, T, gen)
         fake.append(video)
-        given = [t[:, :1] for t in tok.encode(real[s:s + batch])]
-        _, video = module.generate_clips(lab, T, gen, prefix_tokens=given)
+        tokens = tok.encode(real[s:s + batch])
+        recon.append(tok.decode(tokens))
+        _, video = module.generate_clips(lab, T, gen, prefix_tokens=[t[:, :1] for t in tokens])
         cont.append(video)
-    fake, cont = torch.cat(fake), torch.cat(cont)
+    fake, cont, recon = torch.cat(fake), torch.cat(cont), torch.cat(recon)
 
     f_real, f_fake = clip_features(tok, real), clip_features(tok, fake)
     half = n // 2
@@ -100,7 +101,6 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
 
     from models.tokenizers.metrics import chroma, colour_metrics
 
-    recon = torch.cat([tok.decode(tok.encode(real[s:s + batch])) for s in range(0, n, batch)])
     out["tokenizer_colour"] = colour_metrics(recon, real)
     out["generated_chroma_ratio"] = chroma(fake) / max(chroma(real), 1e-8)
 

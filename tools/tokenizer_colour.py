@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -19,17 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.tokenizers.metrics import colour_metrics  # noqa: E402
+from models.tokenizers.metrics import colour_metrics, psnr  # noqa: E402
+
+
+def fresh_clips(clips: int, frames: int, size: int, seed: int) -> torch.Tensor:
+    """Moving-shapes clips [B, 3, T, H, W] in [-1, 1], as the video DataModule gives them."""
+    from datamodules.media import _uint8_to_unit
+    from datamodules.synthetic_shapes import render_moving_shapes
+
+    video, _ = render_moving_shapes(clips, frames, size, seed=seed)
+    return _uint8_to_unit(video.permute(0, 4, 1, 2, 3))
 
 
 @torch.no_grad()
 def report(ckpt: str, clips: int = 32, frames: int = 9, size: int = 32, seed: int = 7) -> dict:
-    from datamodules.synthetic_shapes import render_moving_shapes
     from lit_modules.visual_tokenizer import load_visual_tokenizer
 
     tok = load_visual_tokenizer(ckpt)
-    video, _ = render_moving_shapes(clips, frames, size, seed=seed)
-    x = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, T, H, W] in [-1, 1]
+    x = fresh_clips(clips, frames, size, seed)
     if not tok.cfg.video:
         x = x[:, :, 0]
     tokens = tok.encode(x)
@@ -38,10 +44,7 @@ def report(ckpt: str, clips: int = 32, frames: int = 9, size: int = 32, seed: in
         rec = tok.decode(tokens[:k])
         if x.dim() == 4:
             rec = rec[:, :, 0]
-        m = colour_metrics(rec, x)
-        mse = float((((rec.clamp(-1, 1) + 1) / 2 - (x + 1) / 2) ** 2).mean())
-        m["psnr"] = 10 * math.log10(1 / mse)
-        out["scales"].append({"k": k, **m})
+        out["scales"].append({"k": k, **colour_metrics(rec, x), "psnr": psnr(rec, x)})
     out["final"] = out["scales"][-1]
     return out
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["chroma", "colour_metrics", "grey"]
+__all__ = ["chroma", "colour_metrics", "grey", "psnr"]
 
 # BT.601 full-range RGB -> YCbCr for values in [0, 1] (Cb, Cr centred at 0.5)
 _YCBCR = torch.tensor([[0.299, 0.587, 0.114],
@@ -48,6 +48,11 @@ def chroma(x: torch.Tensor) -> float:
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float((a - b).pow(2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def psnr(recon: torch.Tensor, real: torch.Tensor) -> float:
+    """PSNR over RGB of pixels in [-1, 1] (clamped), in [0, 1] units with data range 1."""
+    return _psnr((recon.float().clamp(-1, 1) + 1) / 2, (real.float().clamp(-1, 1) + 1) / 2)
 
 
 @torch.no_grad()
