@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from lit_modules.base import OptimConfig
 from lit_modules.trunk import TrunkModule
-from models.transformer import Transformer, TransformerConfig, lm_loss, upgrade_state_dict
+from models.transformer import Transformer, TransformerConfig, distill_loss, lm_loss, upgrade_state_dict
 
 NONFINITE_POLICIES = ("error", "skip", "off")
 
@@ -54,12 +54,14 @@ class LanguageModelModule(TrunkModule):
         and schedule; e.g. the output of tools/convert_moe_to_moue.py). `ckpt_path` resumes instead.
     compile / compile_backend: regional compilation, `torch.compile` of each trunk block.
 
-    Knobs set by callbacks: `moue_window` (MoUE: blocks each layer may route to); the rest of the
-    callbacks' surface is described in lit_modules/trunk.py.
+    Knobs set by callbacks: `moue_window` (MoUE: blocks each layer may route to) and the elastic
+    knobs (`elastic_layers`, `elastic_experts`, `elastic_top_k`, `elastic_distill`: the sub-model a
+    training step runs); the callbacks' surface is described in lit_modules/trunk.py.
     """
 
     network_attr = "model"
     upgrade_state_dict = staticmethod(upgrade_state_dict)
+    supports_elastic = True
 
     def __init__(
         self,
@@ -129,14 +131,27 @@ class LanguageModelModule(TrunkModule):
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int):
+        layers, routing = self.elastic_choice()
+        sub = dict(layers=layers, routing=routing) if layers is not None or routing is not None else {}
         if self.sparse:
-            logits, balance, infos = self.model(batch.tokens, return_routing=True)
+            logits, balance, infos = self.model(batch.tokens, return_routing=True, **sub)
             ce = lm_loss(logits, batch.targets)
             loss = ce + balance
             self.record_routing(infos)
         else:
-            logits = self.model(batch.tokens)
+            logits = self.model(batch.tokens, **sub)
             loss = ce = lm_loss(logits, batch.targets)
+        self.last_elastic = {"layers": layers or list(range(self.net_cfg.n_layers)),
+                             "kept": None if routing is None else routing.kept,
+                             "top_k": (routing.top_k if routing is not None else None) or self.net_cfg.moe.top_k}
+        if self.elastic_distill > 0:
+            distill = torch.zeros((), device=loss.device)  # logged on full steps too (0): no stale values
+            if sub:
+                with torch.no_grad():
+                    teacher = self.model(batch.tokens)
+                distill = distill_loss(logits, teacher, batch.targets)
+                loss = loss + self.elastic_distill * distill
+            self.log("train/distill", distill.detach(), on_step=True, on_epoch=False)
         if self.nonfinite != "off":
             bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
             if bad:

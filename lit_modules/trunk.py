@@ -11,6 +11,18 @@ The surface callbacks use (documented, stable):
                           'num_pairs': int, 'entropy': [R]}, one row per sparse layer that ran
     routing_topology()   MoUE only: {'allowed': [L, E] candidate sets, 'pi': [E], 'window': W}
     planned_steps        the run's planned optimiser steps (model.optim.total_steps or the trainer's)
+    expert_usage         [L, E] routed (token, expert) pairs accumulated over training, summed over
+                         ranks (None for a dense trunk); checkpointed
+    elastic knobs        (applied by a module whose `supports_elastic` is True, in its training step only;
+                         validation and test always run the full model; None = the full configuration)
+      elastic_layers       the trunk layers to run, ascending (elastic depth)
+      elastic_experts      routed experts each layer keeps: a count (chosen by `elastic_expert_rule`:
+                           'usage' = the layer's most used so far, 'prefix' = the lowest ids; for MoUE,
+                           a count among the layer's window) or explicit per-layer id lists (elastic width)
+      elastic_top_k        experts per token (elastic sparsity)
+      elastic_distill      weight of the in-place distillation term (sub-model vs the detached full
+                           model on the same batch); 0 = off
+    last_elastic         the sub-model the last training step ran: {'layers', 'kept', 'top_k'}
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from torch import nn
 
 from lit_modules.base import ExperimentModule
 from lit_modules.legacy import upgrade_checkpoint
+from models.layers.elastic import EXPERT_RULES, RoutingLimit, keep_experts
 
 __all__ = ["TrunkModule"]
 
@@ -41,6 +54,14 @@ class TrunkModule(ExperimentModule):
     compile_backend: str = "inductor"
     last_routing: Optional[dict] = None
     _pending_counts: Optional[torch.Tensor] = None
+    expert_usage: Optional[torch.Tensor] = None
+    supports_elastic: bool = False  # True where training_step applies the elastic knobs
+    elastic_layers: Optional[list] = None
+    elastic_experts = None  # int | list[list[int]] | None
+    elastic_expert_rule: str = "usage"
+    elastic_top_k: Optional[int] = None
+    elastic_distill: float = 0.0
+    last_elastic: Optional[dict] = None
 
     @property
     def network(self) -> Optional[nn.Module]:
@@ -82,6 +103,30 @@ class TrunkModule(ExperimentModule):
     def routing_topology(self) -> Optional[dict]:
         return None if self.trunk is None else self.trunk.routing_topology()
 
+    def elastic_choice(self) -> tuple[Optional[list[int]], Optional[RoutingLimit]]:
+        """The knobs as (layers to run or None, RoutingLimit or None), checked against the trunk."""
+        trunk, L = self.trunk, self.trunk.cfg.n_layers
+        layers = None
+        if self.elastic_layers is not None:
+            layers = sorted(int(i) for i in self.elastic_layers)
+            if not layers or len(set(layers)) != len(layers) or not 0 <= layers[0] <= layers[-1] < L:
+                raise ValueError(f"elastic_layers must be distinct layer ids in [0, {L}), got {self.elastic_layers}")
+            if layers == list(range(L)):
+                layers = None
+        if self.elastic_experts is None and self.elastic_top_k is None:
+            return layers, None
+        if not self.sparse:
+            raise ValueError("elastic_experts / elastic_top_k need a sparse trunk (model.net.ffn=moe|moue)")
+        kept = self.elastic_experts
+        if isinstance(kept, int):
+            if self.elastic_expert_rule not in EXPERT_RULES:
+                raise ValueError(f"elastic_expert_rule must be one of {list(EXPERT_RULES)}, got {self.elastic_expert_rule!r}")
+            cand = trunk.pool.routing.candidates if trunk.pool is not None else None
+            kept = keep_experts(kept, trunk.num_experts, L, self.elastic_expert_rule, self.expert_usage, cand)
+        routing = RoutingLimit(kept, self.elastic_top_k)
+        trunk.check_routing(routing)
+        return layers, routing
+
     # -- routing bookkeeping ----------------------------------------------------------------------
 
     def record_routing(self, infos) -> None:
@@ -111,11 +156,13 @@ class TrunkModule(ExperimentModule):
         if self._pending_counts is None:
             return
         counts, self._pending_counts = self._pending_counts, None
-        if not self.trunk.cfg.moe.bias_balancing:
-            return
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)  # every rank applies the same update
-        self.trunk.update_router_bias(counts)
+            # every rank applies the same bias update and keeps the same usage (elastic width reads it)
+            torch.distributed.all_reduce(counts)
+        usage = counts.double() if counts.device.type != "mps" else counts.float()
+        self.expert_usage = usage if self.expert_usage is None else self.expert_usage.to(usage) + usage
+        if self.trunk.cfg.moe.bias_balancing:
+            self.trunk.update_router_bias(counts)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -127,6 +174,16 @@ class TrunkModule(ExperimentModule):
         rank_zero_info(f"parameters: total {counts['total']:,}, activated per token {counts['activated']:,}")
         if self.trunk.pool is not None:
             rank_zero_info(f"MoUE topology: {self.trunk.pool.routing.report()}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.expert_usage is not None:
+            checkpoint["expert_usage"] = self.expert_usage.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get("expert_usage") is not None:
+            self.expert_usage = checkpoint["expert_usage"].clone()
 
     def upgrade_legacy_checkpoint(self, checkpoint: dict) -> bool:
         """Map a checkpoint written before the one-trunk refactor onto today's names (weights and optimizer)."""

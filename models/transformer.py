@@ -16,10 +16,12 @@ from torch import nn
 
 from models.config import config_from_dict
 from models.layers.attention import LayerKVCache
+from models.layers.elastic import RoutingLimit
 from models.layers.trunk import FFN_KINDS, Trunk, TrunkConfig, rename_prefix
 from models.random import multinomial
 
-__all__ = ["FFN_KINDS", "PRESETS", "Transformer", "TransformerConfig", "lm_loss", "sample_next", "upgrade_state_dict"]
+__all__ = ["FFN_KINDS", "PRESETS", "Transformer", "TransformerConfig", "distill_loss", "lm_loss", "sample_next",
+           "upgrade_state_dict"]
 
 # Named sizes. `tiny` is for tests, `small` trains on a CPU in minutes, `base` is GPT-2-small sized.
 PRESETS: dict[str, dict] = {
@@ -88,10 +90,13 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, 0.0, self.cfg.init_std)
         self.trunk.init_weights()
 
-    def num_params(self) -> dict[str, int]:
-        """Total parameters, and those one token activates (experts counted k per sparse layer)."""
+    def num_params(self, layers: Optional[Sequence[int]] = None, routing: Optional[RoutingLimit] = None) -> dict[str, int]:
+        """Total parameters, and those one token activates (experts counted k per sparse layer);
+        with layers / routing, those of that elastic sub-model standing alone."""
         total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
-        trunk = self.trunk.num_params()
+        full = self.trunk.num_params()
+        trunk = self.trunk.num_params(layers, routing)
+        total -= full["total"] - trunk["total"]
         return {"total": total, "activated": total - trunk["total"] + trunk["activated"]}
 
     def forward(
@@ -101,11 +106,13 @@ class Transformer(nn.Module):
         start_pos: Optional[int] = None,
         return_routing: bool = False,
         layers: Optional[Sequence[int]] = None,
+        routing: Optional[RoutingLimit] = None,
     ):
         """Logits [B, T, V]; with `return_routing`, also (balance loss, per-layer LayerRouting list).
 
         With `cache`, the tokens sit at positions start_pos.. (default: after what the cache holds;
-        keys from start_pos on are overwritten). layers: the trunk layers to run (default all).
+        keys from start_pos on are overwritten). layers / routing: an elastic sub-model (the trunk
+        layers to run, default all; the experts each may route to and its top-k, default all / k).
         """
         T = tokens_BT.shape[1]
         start = 0
@@ -118,7 +125,7 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"position {start + T} exceeds max_seq_len={self.cfg.max_seq_len}; raise model.net.max_seq_len")
         positions = torch.arange(start, start + T, device=tokens_BT.device)
-        out = self.trunk(self.drop(self.tok_emb(tokens_BT)), positions, cache=cache, layers=layers)
+        out = self.trunk(self.drop(self.tok_emb(tokens_BT)), positions, cache=cache, layers=layers, routing=routing)
         logits = self.lm_head(out.hidden)
         if not return_routing:
             return logits
@@ -138,11 +145,15 @@ class Transformer(nn.Module):
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
         use_cache: bool = True,
+        layers: Optional[Sequence[int]] = None,
+        routing: Optional[RoutingLimit] = None,
     ) -> torch.Tensor:
         """Sample a continuation; returns prompt + new tokens [B, T + n].
 
-        temperature 0 is greedy. After `eos_id` a row keeps emitting `eos_id`.
+        temperature 0 is greedy. After `eos_id` a row keeps emitting `eos_id`. layers / routing:
+        decode with an elastic sub-model of this network (see `forward`).
         """
+        sub = dict(layers=layers, routing=routing)
         if prompt_BT.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(
                 f"prompt ({prompt_BT.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -153,17 +164,17 @@ class Transformer(nn.Module):
         out = prompt_BT
         done = torch.zeros(prompt_BT.shape[0], dtype=torch.bool, device=prompt_BT.device)
         cache = self.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens) if use_cache else None
-        logits = self(prompt_BT, cache, 0)[:, -1] if use_cache else None
+        logits = self(prompt_BT, cache, 0, **sub)[:, -1] if use_cache else None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = self(out)[:, -1]
+                logits = self(out, **sub)[:, -1]
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             out = torch.cat((out, nxt[:, None]), dim=1)
             if use_cache and out.shape[1] < prompt_BT.shape[1] + max_new_tokens:
-                logits = self(nxt[:, None], cache, out.shape[1] - 1)[:, -1]
+                logits = self(nxt[:, None], cache, out.shape[1] - 1, **sub)[:, -1]
         self.train(was_training)
         return out
 
@@ -198,6 +209,19 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: in
     return F.cross_entropy(
         logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), ignore_index=ignore_index
     )
+
+
+def distill_loss(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """KL(teacher || student) per token in float32, averaged over tokens (those with a target, if given);
+    the teacher is detached: in-place distillation of an elastic sub-model from the full model."""
+    log_s = student_BTV.float().log_softmax(-1)
+    log_t = teacher_BTV.detach().float().log_softmax(-1)
+    kl_BT = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if targets_BT is None:
+        return kl_BT.mean()
+    keep = (targets_BT != ignore_index).float()
+    return (kl_BT * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def upgrade_state_dict(state: dict, prefix: str = "") -> tuple[dict, dict[str, list[str]]]:

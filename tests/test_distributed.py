@@ -80,3 +80,26 @@ def test_fsdp2_moue_pool_sharded_once_trains_and_resumes(tmp_path):
     pool_keys = [k for k in ckpt["state_dict"] if "w13" in k]
     assert pool_keys == ["model.trunk.pool.experts.w13"]
     assert ckpt["state_dict"]["model.trunk.pool.experts.w13"].shape[0] == 2 * 4
+
+
+ELASTIC_MOE = ["model.net.ffn=moe", "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=32", "model.net.n_layers=3",
+               "+callbacks/elastic=default", "callbacks.elastic.depth_full_prob=0.3", "callbacks.elastic.width_full_prob=0.3",
+               "callbacks.elastic.sparsity_full_prob=0.3", "callbacks.elastic.record=true"]
+
+
+@pytest.mark.parametrize("strategy", [["trainer=ddp", "trainer.strategy.find_unused_parameters=true"], ["trainer=fsdp"]],
+                         ids=["ddp", "fsdp2"])
+def test_elastic_choices_agree_on_both_ranks(tmp_path, strategy):
+    import json
+
+    run_dir = tmp_path / "run"
+    run_train_cli(common(tmp_path) + strategy + TWO_CPU + ELASTIC_MOE + ["trainer.max_steps=8", f"hydra.run.dir={run_dir}"],
+                  timeout=300)
+    ranks = [json.loads(next(run_dir.rglob(f"elastic_choices_rank{r}.json")).read_text()) for r in (0, 1)]
+    assert [c["step"] for c in ranks[0]] == list(range(8))
+    # the same layers, the same kept experts (the usage rule reads rank-summed statistics) and top-k
+    assert ranks[0] == ranks[1]
+    assert {len(c["layers"]) for c in ranks[0]} == {2, 3} and {c["top_k"] for c in ranks[0]} == {1, 2}
+    assert any(c["kept"] is not None and len(c["kept"][0]) == 2 for c in ranks[0])
+    losses = read_metric(find_metrics(run_dir))
+    assert sorted(losses) == list(range(8))

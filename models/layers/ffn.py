@@ -37,5 +37,5 @@ class SwiGLU(nn.Module):
 class DenseFFN(SwiGLU):
     """A block's dense FFN, with the trunk's FFN interface: (h, state) -> (y, state, routing info = None)."""
 
-    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, None, None]:
+    def forward(self, x: torch.Tensor, state=None, limit=None) -> tuple[torch.Tensor, None, None]:
         return super().forward(x), state, None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.layers.attention import Attention, LayerKVCache
+from models.layers.elastic import RoutingLimit
 from models.layers.ffn import DenseFFN, swiglu_hidden
 from models.layers.mask import AttentionMask, flex_available
 from models.layers.rope import Rotary
@@ -137,13 +138,14 @@ class Block(nn.Module):
         self.ffn = make_ffn(cfg, layer, pool)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTC, rope, plan, cache=None, memory_BMC=None, memory_rope=None, ffn_state=None):
+    def forward(self, x_BTC, rope, plan, cache=None, memory_BMC=None, memory_rope=None, ffn_state=None, limit=None):
         """Returns (x, ffn_state, LayerRouting or None). memory_BMC: raw memory states (normalised
         here like x); ffn_state: the MoUE trajectory state, a tensor argument and result so that
-        wrappers (FSDP2, activation checkpointing) see it."""
+        wrappers (FSDP2, activation checkpointing) see it; limit: this layer's elastic (expert mask,
+        top_k), or None."""
         mem = None if memory_BMC is None else self.attn_norm(memory_BMC)
         x_BTC = x_BTC + self.drop(self.attn(self.attn_norm(x_BTC), rope, plan, cache, mem, memory_rope))
-        y, ffn_state, info = self.ffn(self.ffn_norm(x_BTC), ffn_state)
+        y, ffn_state, info = self.ffn(self.ffn_norm(x_BTC), ffn_state, limit)
         return x_BTC + self.drop(y), ffn_state, info
 
 
@@ -199,6 +201,7 @@ class Trunk(nn.Module):
         layers: Optional[Sequence[int]] = None,
         return_hidden: Sequence[int] = (),
         return_states: Optional[str] = None,
+        routing: Optional[RoutingLimit] = None,
     ) -> TrunkOutput:
         """Run the blocks over embedded tokens x.
 
@@ -211,6 +214,8 @@ class Trunk(nn.Module):
         layers: indices of the layers to run, ascending (default all): elastic depth.
         return_hidden: layers whose raw output to return; return_states: 'inputs' | 'outputs' of
             every layer that ran (for the next segment's memory) or None.
+        routing: elastic width / sparsity (`RoutingLimit`: experts each layer may route to, top-k);
+            with `layers`, this is how an elastic sub-model runs inside the full one.
         """
         run = list(range(len(self.layers))) if layers is None else [int(i) for i in layers]
         if any(b <= a for a, b in zip(run, run[1:])) or (run and not 0 <= run[0] <= run[-1] < len(self.layers)):
@@ -234,6 +239,11 @@ class Trunk(nn.Module):
                 first = positions[..., :1]
                 memory_positions = first - mem_len + torch.arange(mem_len, device=first.device, dtype=first.dtype)
             mem_rope = self.rope(memory_positions)
+        if routing is not None and routing.is_full:
+            routing = None
+        if routing is not None:
+            self.check_routing(routing)
+        E = self.num_experts
         state = self.pool.begin(x_BTC) if self.pool is not None else None
         hidden_states, states, infos = {}, {}, []
         x = x_BTC
@@ -241,7 +251,8 @@ class Trunk(nn.Module):
             if return_states == "inputs":
                 states[i] = x
             mem = None if memory is None else memory[i]
-            x, state, info = self.layers[i](x, rope, plan, None if cache is None else cache[i], mem, mem_rope, state)
+            limit = None if routing is None else routing.for_layer(i, E, x.device)
+            x, state, info = self.layers[i](x, rope, plan, None if cache is None else cache[i], mem, mem_rope, state, limit)
             if info is not None:
                 infos.append(info)
             if i in return_hidden:
@@ -277,6 +288,13 @@ class Trunk(nn.Module):
             for layer, c in zip(self.layers, counts_LE):
                 layer.ffn.router.update_bias(c)
 
+    def check_routing(self, routing: RoutingLimit) -> None:
+        """Raise unless every layer can route top_k tokens within the experts `routing` keeps."""
+        if self.cfg.ffn == "dense":
+            raise ValueError("elastic width / top-k needs a sparse FFN (model.net.ffn=moe|moue); this trunk is dense")
+        cand = self.pool.routing.candidates if self.pool is not None else None
+        routing.check(self.cfg.n_layers, self.num_experts, self.cfg.moe.top_k, cand)
+
     @property
     def num_experts(self) -> int:
         """Experts per routing distribution (the pool size for MoUE; 0 if dense)."""
@@ -300,20 +318,39 @@ class Trunk(nn.Module):
             raise AttributeError("moue_window is only defined for ffn=moue")
         self.pool.routing.set_window(int(window))
 
-    def num_params(self) -> dict[str, int]:
+    def num_params(self, layers: Optional[Sequence[int]] = None, routing: Optional[RoutingLimit] = None) -> dict[str, int]:
         """Trunk parameters: total, and those one token activates (k experts per sparse layer).
+
+        With `layers` / `routing` (an elastic sub-model): what that sub-model would hold and activate
+        standing alone (layers dropped, experts outside `routing.kept` removed, its top_k).
 
         A pool expert used by several layers is one tensor (counted once in `total`) but runs once
         per use, so `activated` counts the k experts of every layer, like an MoE's.
         """
+        run = range(self.cfg.n_layers) if layers is None else [int(i) for i in layers]
+        routing = routing or RoutingLimit()
+        k = self.cfg.moe.top_k if routing.top_k is None else int(routing.top_k)
         total = sum(p.numel() for p in self.parameters())
-        activated = total
-        k, L = self.cfg.moe.top_k, self.cfg.n_layers
+        total -= sum(p.numel() for i, b in enumerate(self.layers) if i not in run for p in b.parameters())
+        E = self.num_experts
+        kept = [range(E) if routing.kept is None else routing.kept[i] for i in range(self.cfg.n_layers)]
         if self.cfg.ffn == "moe":
-            for layer in self.layers:
-                activated -= (layer.ffn.experts.num_experts - k) * layer.ffn.experts.num_params_per_expert()
+            activated = total
+            for i in run:
+                experts = self.layers[i].ffn.experts
+                per_expert, dropped = experts.num_params_per_expert(), E - len(kept[i])
+                total -= dropped * (per_expert + self.cfg.d_model)  # the expert and its router row
+                activated -= dropped * (per_expert + self.cfg.d_model) + (len(kept[i]) - k) * per_expert
         elif self.pool is not None:
-            activated += (L * k - self.pool.num_experts) * self.pool.experts.num_params_per_expert()
+            per_expert = self.pool.experts.num_params_per_expert()
+            cand = self.pool.routing.candidates
+            used = set(range(E))  # the whole pool, unless a sub-model leaves experts unreachable
+            if layers is not None or routing.kept is not None:
+                used = set().union(*(set(cand[i]) & set(kept[i]) for i in run))
+            total -= (E - len(used)) * per_expert
+            activated = total + (len(run) * k - len(used)) * per_expert
+        else:
+            activated = total
         return {"total": total, "activated": activated}
 
     # -- caches, initialisation, compilation ------------------------------------------------------

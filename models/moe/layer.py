@@ -120,10 +120,13 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
 
-    def forward(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(self, x_BTC: torch.Tensor, mask_E: Optional[torch.Tensor] = None, top_k: Optional[int] = None
+                ) -> tuple[torch.Tensor, LayerRouting]:
+        """mask_E: additive [E] routing mask (elastic width: -inf on experts outside the sub-model);
+        top_k: experts per token for this call (elastic sparsity), None = the configured k."""
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
-        r = self.router(x_NC)
+        r = self.router(x_NC, mask_E, top_k)
         y_NC, plan = moe_forward(x_NC, r, self.experts, self.cfg.capacity_factor)
         if self.shared is not None:
             y_NC = y_NC + self.shared(x_NC)
@@ -143,6 +146,7 @@ class MoELayer(nn.Module):
 class MoEFFN(MoELayer):
     """A block's MoE FFN, with the trunk's FFN interface: (h, state) -> (y, state, LayerRouting)."""
 
-    def forward(self, x_BTC: torch.Tensor, state=None):
-        y, info = super().forward(x_BTC)
+    def forward(self, x_BTC: torch.Tensor, state=None, limit=None):
+        """limit: this layer's (additive expert mask [E] or None, top_k or None) of an elastic sub-model."""
+        y, info = super().forward(x_BTC, *(limit or (None, None)))
         return y, state, info

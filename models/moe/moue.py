@@ -211,15 +211,21 @@ class UniversalRouting(nn.Module):
             return None
         return x_ND.new_zeros(x_ND.shape[0], self.state_dim)
 
-    def route(self, layer: int, h_ND: torch.Tensor, state_NS: torch.Tensor | None):
-        """RouterOutput of `layer` for normalised hidden states h and the incoming state."""
+    def route(self, layer: int, h_ND: torch.Tensor, state_NS: torch.Tensor | None, limit=None):
+        """RouterOutput of `layer` for normalised hidden states h and the incoming state.
+
+        limit: (additive [U] mask, top_k) of an elastic sub-model, either part None.
+        """
+        extra, top_k = limit or (None, None)
         mask = torch.zeros(self.allowed.shape[1], device=h_ND.device, dtype=torch.float32)
         mask = mask.masked_fill(~self.allowed[layer], float("-inf"))
+        if extra is not None:
+            mask = mask + extra.to(mask.device, mask.dtype)
         if self.block_bias is not None:
             mask = mask + self.block_bias[layer].float().repeat_interleave(self.block_size)
         inp = h_ND if state_NS is None else torch.cat((h_ND, state_NS.to(h_ND.dtype)), dim=-1)
         router = self.routers[0 if len(self.routers) == 1 else layer]
-        return router(inp, mask)
+        return router(inp, mask, top_k)
 
     def next_state(self, layer: int, state_NS: torch.Tensor | None, topk_idx, topk_weight) -> torch.Tensor | None:
         """s_l = RMSNorm(s_{l-1} + sum_k g_k u_{e_k} + lambda_l) (or a GRU cell on the same input)."""
@@ -307,10 +313,12 @@ class UniversalPool(nn.Module):
             self._views = (self.experts.w13.unbind(0), self.experts.w2.unbind(0))
         return self.routing.init_state(x_NC)
 
-    def forward_layer(self, layer: int, h_NC: torch.Tensor, state: Optional[torch.Tensor]
+    def forward_layer(self, layer: int, h_NC: torch.Tensor, state: Optional[torch.Tensor], limit=None
                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
-        """Route `layer`'s tokens into its window of the pool: (y, next trajectory state, LayerRouting)."""
-        out = self.routing.route(layer, h_NC, state)
+        """Route `layer`'s tokens into its window of the pool: (y, next trajectory state, LayerRouting).
+
+        limit: (additive [U] mask, top_k) of an elastic sub-model, or None."""
+        out = self.routing.route(layer, h_NC, state, limit)
         cf = self.moe_cfg.capacity_factor
         if self._views is None:
             y, plan = moe_forward(h_NC, out, self.experts, cf)
@@ -350,11 +358,11 @@ class MoUEFFN(nn.Module):
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
 
-    def forward(self, h_BTC: torch.Tensor, state: Optional[torch.Tensor]):
-        """(y, next trajectory state, LayerRouting)."""
+    def forward(self, h_BTC: torch.Tensor, state: Optional[torch.Tensor], limit=None):
+        """(y, next trajectory state, LayerRouting); limit: see `UniversalPool.forward_layer`."""
         B, T, C = h_BTC.shape
         h_NC = h_BTC.reshape(B * T, C)
-        y, state, info = self.pool.forward_layer(self.layer, h_NC, state)
+        y, state, info = self.pool.forward_layer(self.layer, h_NC, state, limit)
         if self.shared is not None:
             y = y + self.shared(h_NC)
         return y.view(B, T, C), state, info

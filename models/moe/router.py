@@ -62,8 +62,12 @@ class Router(nn.Module):
             f"renormalize={self.renormalize}, bias_balancing={self.bias_balancing}"
         )
 
-    def forward(self, x_ND: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
-        """Route each row of x_ND; `mask` is additive (0 allowed, -inf forbidden), broadcastable to [N, E]."""
+    def forward(self, x_ND: torch.Tensor, mask: torch.Tensor | None = None, top_k: int | None = None) -> RouterOutput:
+        """Route each row of x_ND; `mask` is additive (0 allowed, -inf forbidden), broadcastable to [N, E].
+
+        top_k: experts per token for this call (elastic sparsity); None = the router's own k.
+        """
+        k = self.top_k if top_k is None else int(top_k)
         # Routing decisions are precision-sensitive (near-ties flip experts), so gates stay float32 under autocast.
         with torch.autocast(x_ND.device.type, enabled=False):
             logits_NE = F.linear(x_ND.float(), self.weight.float())
@@ -78,7 +82,7 @@ class Router(nn.Module):
             if mask is not None:
                 # A forbidden expert must lose even against an allowed one whose gate underflowed to 0.
                 scores_NE = scores_NE.masked_fill(logits_NE.detach() == float("-inf"), float("-inf"))
-            topk_idx_Nk = scores_NE.topk(self.top_k, dim=-1, sorted=False).indices
+            topk_idx_Nk = scores_NE.topk(k, dim=-1, sorted=False).indices
             # Gathered from probs, not scores: the balance bias steers selection but never the output.
             topk_weight_Nk = probs_NE.gather(1, topk_idx_Nk)
             if self.renormalize:
