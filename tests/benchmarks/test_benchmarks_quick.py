@@ -42,3 +42,14 @@ def test_attention_quick_fast_path_equals_reference_and_its_mask_grows_linearly(
         assert g["fast_mask_bytes_ratio"] == pytest.approx(g["tokens_ratio"], rel=0.01)  # O(L): the ids only
         assert g["reference_mask_bytes_ratio"] > 0.9 * g["tokens_ratio"] ** 2  # O(L^2)
     assert out["aa_ratio_reference_over_reference"] > 0
+
+
+def test_elastic_decode_quick_reports_every_sub_model_with_its_activated_share():
+    out = load("elastic_decode").main(["--quick"])
+    names = [r["sub_model"] for r in out["results"]]
+    assert names[0] == "ES 25% (top-k / 4)" and len(names) == 5
+    for r in out["results"]:
+        assert 0 < r["activated_fraction"] < 1 and r["speedup_full_over_sub"] > 0 and r["sub_tokens_per_s"] > 0
+    width = out["results"][3]
+    assert width["total_fraction"] < width["activated_fraction"]  # dropping experts removes stored, not active, weights
+    assert out["aa_ratio_full_over_full"] > 0

@@ -133,6 +133,23 @@ def test_elastic_run_logs_choices_records_them_and_distils(make_cfg, tmp_path):
     assert read_metric(csv, "elastic/kept_usage_share")
 
 
+@pytest.mark.parametrize("net", [
+    ["model.net.ffn=dense", "model.net.n_layers=3"],
+    ["model.net.ffn=moue", "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=32", "model.net.n_layers=3",
+     "model.net.moue.window=2", "model.net.moue.state_dim=8"],
+], ids=["dense", "moue"])
+def test_elastic_runs_on_dense_and_moue_trunks(make_cfg, tmp_path, net):
+    cfg = make_cfg(net + ELASTIC + QUIET + ["trainer.max_steps=6", "callbacks.elastic.record=true"])
+    train.run(cfg)
+    records = json.loads(next((tmp_path / "run").rglob("elastic_choices_rank0.json")).read_text())
+    assert {len(r["layers"]) for r in records} == {2, 3}
+    if "model.net.ffn=dense" in net:
+        assert all(r["kept"] is None for r in records)
+    else:  # MoUE: 4 of each layer's 8-expert window (2 blocks of 4), inside that window
+        reduced = [r["kept"] for r in records if r["kept"] is not None]
+        assert reduced and all(len(ids) == 4 for kept in reduced for ids in kept)
+
+
 def test_resumed_elastic_run_draws_the_same_sequence_and_losses(make_cfg, tmp_path):
     common = MOE + ELASTIC + QUIET + ["model.net.dropout=0.1", "model.optim.total_steps=8",
                                       "callbacks.model_checkpoint.monitor=null",
