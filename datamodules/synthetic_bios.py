@@ -10,8 +10,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 import random
+from typing import Optional, Sequence
 
-__all__ = ["BiographyCorpus", "generate_biographies"]
+__all__ = ["BiographyCorpus", "TEMPLATES", "generate_biographies", "person_facts", "render_facts"]
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BiographyCorpus:
     documents: list[str]
     triples: list[tuple[str, str, str]]
     people: list[dict] = field(default_factory=list)
+    world: dict = field(default_factory=dict)  # city -> country, universities, companies
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +215,9 @@ _TEMPLATES: dict[str, list[str]] = {
 }
 
 
+TEMPLATES = _TEMPLATES  # relation -> its four sentence templates (read-only use)
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
 
@@ -346,58 +351,73 @@ def _add_relations(rng: random.Random, people: list[dict]) -> None:
                         b["parents"] = list(a["parents"])
 
 
-def _render(rng: random.Random, person: dict, people: list[dict], world: dict) -> tuple[str, list]:
-    """Write one biography and return it with the person's triples."""
+def person_facts(person: dict, people: dict, world: dict) -> list[tuple[str, dict, tuple[str, str, str]]]:
+    """The facts a biography states, in a fixed order: (relation, template slots, triple).
+
+    people: other people by the ids or names `person` refers to them with (parents, siblings, mentor).
+    """
     name = person["name"]
-    pron = _PRONOUNS[person["gender"]]
     cc = world["city_country"]
-    facts: list[tuple[str, dict]] = [
-        ("birth_date", {"date": person["birth_date"]}),
-        ("birth_city", {"city": person["birth_city"], "country": person["birth_country"]}),
+    facts: list[tuple[str, dict, tuple[str, str, str]]] = [
+        ("birth_date", {"date": person["birth_date"]}, (name, "birth_date", person["birth_date"])),
+        ("birth_city", {"city": person["birth_city"], "country": person["birth_country"]},
+         (name, "birth_city", person["birth_city"])),
         ("university", {"university": _with_article(person["university"]),
-                        "ucity": person["university_city"], "ucountry": cc[person["university_city"]]}),
-        ("field", {"field": person["field"]}),
+                        "ucity": person["university_city"], "ucountry": cc[person["university_city"]]},
+         (name, "university", person["university"])),
+        ("field", {"field": person["field"]}, (name, "field", person["field"])),
         ("employer", {"employer": person["employer"], "a_industry": _article(person["employer_industry"]),
-                      "ecity": person["employer_city"], "ecountry": cc[person["employer_city"]]}),
-        ("job_title", {"job": person["job_title"], "a_job": _article(person["job_title"])}),
-    ]
-    triples = [
-        (name, "birth_date", person["birth_date"]),
-        (name, "birth_city", person["birth_city"]),
-        (name, "university", person["university"]),
-        (name, "field", person["field"]),
-        (name, "employer", person["employer"]),
-        (name, "job_title", person["job_title"]),
+                      "ecity": person["employer_city"], "ecountry": cc[person["employer_city"]]},
+         (name, "employer", person["employer"])),
+        ("job_title", {"job": person["job_title"], "a_job": _article(person["job_title"])},
+         (name, "job_title", person["job_title"])),
     ]
     for hobby in person["hobbies"]:
-        facts.append(("hobby", {"hobby": hobby}))
-        triples.append((name, "hobby", hobby))
-    for rel, ids in (("parent", person["parents"]), ("sibling", person["siblings"])):
-        for q in ids:
+        facts.append(("hobby", {"hobby": hobby}, (name, "hobby", hobby)))
+    for rel, refs in (("parent", person["parents"]), ("sibling", person["siblings"])):
+        for q in refs:
             other = people[q]
             facts.append((rel, {"other": other["name"], "kin": _KIN[rel][other["gender"]],
-                                "child_kin": _KIN["child"][person["gender"]]}))
-            triples.append((name, rel, other["name"]))
+                                "child_kin": _KIN["child"][person["gender"]]}, (name, rel, other["name"])))
     if person["mentor"] is not None:
         mentor = people[person["mentor"]]["name"]
-        facts.append(("mentor", {"other": mentor}))
-        triples.append((name, "mentor", mentor))
+        facts.append(("mentor", {"other": mentor}, (name, "mentor", mentor)))
+    return facts
 
+
+def render_facts(rng: random.Random, person: dict, facts: list, templates: Optional[Sequence[int]] = None) -> list[dict]:
+    """Shuffle the facts and write one sentence each: [{'text', 'relation', 'triple', 'template', 'ref'}].
+
+    templates: the template indices allowed per relation (None: all four). The first sentence names
+    the person in full; later ones use the full name, the first name or a pronoun.
+    """
+    pron = _PRONOUNS[person["gender"]]
+    facts = list(facts)
     rng.shuffle(facts)
-    sentences = []
-    for i, (kind, slots) in enumerate(facts):
+    out = []
+    for i, (kind, slots, triple) in enumerate(facts):
         if i == 0:
-            ref = name  # the opening sentence must introduce the person by full name
+            ref = person["name"]  # the opening sentence must introduce the person by full name
         else:
-            ref = rng.choice((name, person["first_name"], None, None))
+            ref = rng.choice((person["name"], person["first_name"], None, None))
         if ref is None:
             subj = {"S": pron["s"].capitalize(), "s": pron["s"],
                     "Sp": pron["p"].capitalize(), "sp": pron["p"]}
         else:
             subj = {"S": ref, "s": ref, "Sp": ref + "'s", "sp": ref + "'s"}
-        template = rng.choice(_TEMPLATES[kind])
-        sentences.append(template.format(**subj, p=pron["p"], s_pron=pron["s"], **slots))
-    return " ".join(sentences), triples
+        options = _TEMPLATES[kind] if templates is None else [_TEMPLATES[kind][t] for t in templates]
+        template = rng.choice(options)
+        text = template.format(**subj, p=pron["p"], s_pron=pron["s"], **slots)
+        out.append({"text": text, "relation": kind, "triple": triple, "template": _TEMPLATES[kind].index(template),
+                    "ref": ref, "slots": slots})
+    return out
+
+
+def _render(rng: random.Random, person: dict, people: list[dict], world: dict) -> tuple[str, list]:
+    """Write one biography and return it with the person's triples."""
+    facts = person_facts(person, people, world)
+    sentences = render_facts(rng, person, facts)
+    return " ".join(s["text"] for s in sentences), [f[2] for f in facts]
 
 
 def generate_biographies(num_people: int = 2000, seed: int = 0) -> BiographyCorpus:
@@ -430,4 +450,4 @@ def generate_biographies(num_people: int = 2000, seed: int = 0) -> BiographyCorp
         p["siblings"] = [people[q]["name"] for q in p["siblings"]]
         if p["mentor"] is not None:
             p["mentor"] = people[p["mentor"]]["name"]
-    return BiographyCorpus(documents=documents, triples=triples, people=people)
+    return BiographyCorpus(documents=documents, triples=triples, people=people, world=world)

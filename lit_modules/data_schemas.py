@@ -26,6 +26,8 @@ DATA_SCHEMAS = {
     "video_schema": "datamodules.media.VideoDataModule",
     "audio_schema": "datamodules.media.AudioDataModule",
     "tokens_schema": "datamodules.tokens.TokenDataModule",
+    "knowledge_schema": "datamodules.knowledge.KnowledgeDataModule",
+    "knowledge_finetune_schema": "datamodules.knowledge.KnowledgeFinetuneDataModule",
 }
 
 
@@ -41,17 +43,31 @@ def _omegaconf_type(hint):
     return hint
 
 
+def _init_params(cls: type):
+    """(name, parameter, type hints) of cls.__init__, followed by its base's where it takes **kwargs
+    (a DataModule that extends another's arguments)."""
+    hints = typing.get_type_hints(cls.__init__)
+    params = inspect.signature(cls.__init__).parameters.values()
+    for param in params:
+        if param.name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            yield param.name, param, hints
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        base = next(b for b in cls.__mro__[1:] if "__init__" in b.__dict__)
+        yield from _init_params(base)
+
+
 def schema_from_signature(target: str) -> type:
     """A dataclass with `_target_ = target` and one typed field per argument of the class's __init__."""
     import importlib
 
     module, _, name = target.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    hints = typing.get_type_hints(cls.__init__)
     spec = [("_target_", str, field(default=target))]
-    for pname, param in inspect.signature(cls.__init__).parameters.items():
-        if pname == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+    seen: set[str] = set()
+    for pname, param, hints in _init_params(cls):
+        if pname in seen:
             continue
+        seen.add(pname)
         if pname not in hints:
             raise TypeError(f"{target}.__init__ argument {pname!r} needs a type annotation (it is a config key)")
         default = MISSING if param.default is inspect.Parameter.empty else param.default

@@ -20,6 +20,7 @@ from models.tokenizers.audio import AudioTokenizerConfig
 from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
+from models.ernie3 import Ernie3Config
 
 
 def schema_of(cls: type) -> type:
@@ -143,6 +144,42 @@ class VideoARModuleSchema:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
+Ernie3NetSchema = schema_of(Ernie3Config)
+
+
+@dataclass
+class Ernie3SampleConfig:
+    prompt: str = ""
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+
+
+@dataclass
+class Ernie3ModuleSchema:
+    _target_: str = "lit_modules.ernie3.Ernie3Module"
+    net: Ernie3NetSchema = field(default_factory=Ernie3NetSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    task_weights: Optional[dict] = None
+    use_memory: bool = True
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    seed: int = 0
+    init_ckpt: Optional[str] = None
+    sample: Ernie3SampleConfig = field(default_factory=Ernie3SampleConfig)
+
+
+@dataclass
+class Ernie3FinetuneModuleSchema:
+    _target_: str = "lit_modules.ernie3.Ernie3FinetuneModule"
+    net: Optional[dict] = None
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    init_ckpt: Optional[str] = None
+    mode: str = "full"
+    num_classes: int = 0
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    seed: int = 0
+
+
 def _product(*values) -> int:
     out = 1
     for v in values:
@@ -161,3 +198,5 @@ def register_schemas() -> None:
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
     cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
     cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)
+    cs.store(group="model", name="ernie3_schema", node=Ernie3ModuleSchema)
+    cs.store(group="model", name="ernie3_finetune_schema", node=Ernie3FinetuneModuleSchema)

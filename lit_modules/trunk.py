@@ -76,6 +76,8 @@ class TrunkModule(ExperimentModule):
     def sparse(self) -> bool:
         return self.trunk is not None and self.trunk.cfg.ffn != "dense"
 
+    blocks_attr: str | tuple = "trunk.layers"  # the block lists FSDP2 shards one by one
+
     def finish_build(self, fsdp: Optional[dict] = None) -> None:
         """After the network is built (and initial weights loaded): regional compile, then FSDP2 sharding."""
         if self.compile_trunk:
@@ -85,7 +87,7 @@ class TrunkModule(ExperimentModule):
         if mesh is not None:
             from models.parallelize import parallelize
 
-            parallelize(self.network, mesh, **(fsdp or {}))
+            parallelize(self.network, mesh, blocks_attr=self.blocks_attr, **(fsdp or {}))
 
     # -- knobs and the callbacks' surface ---------------------------------------------------------
 

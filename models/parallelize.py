@@ -26,9 +26,10 @@ def parallelize(
     mixed_precision: str = "auto",
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
-    blocks_attr: str = "trunk.layers",
+    blocks_attr: str | tuple[str, ...] = "trunk.layers",
 ) -> nn.Module:
-    """Apply `fully_shard` to every block in `model.<blocks_attr>` (a ModuleList, dotted path), then
+    """Apply `fully_shard` to every block in `model.<blocks_attr>` (a ModuleList, dotted path; several
+    for a family with several stacks, e.g. ERNIE 3.0's universal, NLU and NLG modules), then
     to the root, which also holds a MoUE pool (`trunk.pool`): sharded once, never per block.
 
     Parameters are kept in fp32 (sharded); compute runs in the policy's dtype and gradients are
@@ -37,12 +38,13 @@ def parallelize(
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names and "data_parallel" in device_mesh.mesh_dim_names else device_mesh
     dtype = resolve_param_dtype(mixed_precision, mesh.device_type)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    blocks = model.get_submodule(blocks_attr)
-    if activation_checkpointing:
-        for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for attr in (blocks_attr,) if isinstance(blocks_attr, str) else blocks_attr:
+        blocks = model.get_submodule(attr)
+        if activation_checkpointing:
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root owns the embedding, final norm and (tied) head; no point resharding it after forward
     # since the head runs last and backward starts there.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

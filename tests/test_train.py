@@ -40,7 +40,11 @@ SMALL_DATA = {
     "image": ["data.num_clips=4", "data.batch_size=2"],
     "audio": ["data.num_clips=6", "data.batch_size=2"],
     "tokens": [],
+    "knowledge": ["data.num_people=40", "data.batch_size=2", "data.seq_len=48", "data.vocab_size=512",
+                  "data.dlm_segments=2"],
+    "knowledge_finetune": ["data.num_people=40", "data.batch_size=2", "data.vocab_size=512"],
 }
+TEXT_GROUPS = ("text", "knowledge", "knowledge_finetune")  # share the session's tokenizer cache
 
 
 def experiment_data_group(name: str) -> str:
@@ -68,7 +72,7 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache, ar
     cfg = compose_train_cfg(
         [f"experiment={experiment}", "debug=fdr", *SMALL_DATA[experiment_data_group(experiment)],
          f"paths.artifacts_dir={artifacts}", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
-        tmp_path, data_cache if experiment_data_group(experiment) == "text" else None,
+        tmp_path, data_cache if experiment_data_group(experiment) in TEXT_GROUPS else None,
     )
     metrics, objects = train.run(cfg)
     loss = metrics.get("train/loss", metrics.get("train/loss_total"))
