@@ -1,4 +1,4 @@
-"""Sample from a trained checkpoint: text (language models) or video (VideoAR).
+"""Sample from a trained checkpoint: text (language models, ERNIE 3.0's NLG module) or video (VideoAR).
 
     python generate.py logs/train/runs/<run>/checkpoints/last.ckpt --prompt "Mira Okafor was born" -n 3
     python generate.py VIDEOAR.ckpt --classes 0 5 7 --frames 3 --out samples/ --format gif
@@ -29,10 +29,22 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
             f"{path} is a distributed (FSDP2) checkpoint; consolidate it first: "
             f"python tools/consolidate_checkpoint.py {path} {path.with_suffix('.consolidated.ckpt')}"
         )
-    module = LanguageModelModule.load_from_checkpoint(path, map_location=device, weights_only=False)
+    cls = LanguageModelModule
+    if is_ernie3(path):
+        from lit_modules.ernie3 import Ernie3Module as cls  # NLG module generation
+    module = cls.load_from_checkpoint(path, map_location=device, weights_only=False)
     if module.tokenizer is None:
         raise ValueError(f"{path} holds no tokenizer; was it written by lit_modules.lm?")
     return module.to(device).eval()
+
+
+def is_ernie3(ckpt: str | Path) -> bool:
+    """An ERNIE 3.0 pre-training checkpoint (lit_modules/ernie3.py)."""
+    path = Path(ckpt)
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return "ernie3_knobs" in state
 
 
 def is_videoar(ckpt: str | Path) -> bool:
@@ -122,10 +134,10 @@ def main(argv: list[str] | None = None):
     samples = []
     for prompt in args.prompt or [""]:
         for i in range(args.num_samples):
-            text = module.generate_text(
-                [prompt], generator=gen, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            )[0]
+            opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+            if args.top_p is not None:
+                opts["top_p"] = args.top_p
+            text = module.generate_text([prompt], generator=gen, **opts)[0]
             samples.append(text)
             print(f"--- sample {i} (prompt {prompt!r})\n{text}\n")
     return samples

@@ -16,9 +16,10 @@ knowledge masking hides people, cities, universities, employers, fields ... as w
 
 Batches: one task per micro-batch (`KnowledgeBatch`), the task drawn from `task_ratios` by
 (seed, global batch index) so every rank trains the same task each step; examples are drawn
-from (seed, batch index, rank). Items are whole micro-batches built on access, so the
-progressive-learning knobs `seq_len_now` / `batch_size_now` (set by callbacks/progressive.py)
-shape the next batch; the position in the epoch is checkpointed for an exact resume.
+from (seed, batch index, rank). Items are whole micro-batches built on access; the knob
+`progressive` (set by callbacks/progressive.py: global micro-batch index -> {'seq_len',
+'batch_size'}) shapes each batch by its index, so prefetching and resuming see the same shapes.
+The position in the epoch is checkpointed for an exact resume.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -62,6 +63,7 @@ class Sentence:
     triples: list[tuple[str, str, str]]
     template: int = -1
     relation: Optional[str] = None  # the fact it was written for (bios)
+    fact: Optional[tuple[str, str, str]] = None  # that fact's triple, stated in full or not
 
 
 @dataclass
@@ -96,7 +98,7 @@ def bios_corpus(num_people: int, seed: int, templates: Optional[Sequence[int]], 
             # the fact's own triple, plus the graph's triples about the entities it names (city -> country ...)
             cands = [s["triple"]] + [t for v in s["slots"].values() if isinstance(v, str)
                                      for t in by_head.get(v.removeprefix("the "), [])]
-            sents.append(Sentence(s["text"], _stated(s["text"], cands), s["template"], s["relation"]))
+            sents.append(Sentence(s["text"], _stated(s["text"], cands), s["template"], s["relation"], s["triple"]))
         docs.append(sents)
     entities = sorted({x for t in bios.triples for x in (t[0], t[2])})
     return KnowledgeCorpus(docs, entities, 0, sorted(TEMPLATES))
@@ -347,11 +349,12 @@ class KnowledgeDataModule(L.LightningDataModule):
         if any(not 0 <= t < 4 for t in train_templates):
             raise ValueError(f"data.train_templates must be template indices in [0, 3], got {list(train_templates)}")
         if num_workers:
-            raise ValueError("data.num_workers must be 0: batches are built on access from the progressive knobs")
+            raise ValueError("data.num_workers must be 0: batches are built in the main process (cheap), where the "
+                             "progressive-learning knob lives")
         self.task_ratios = ratios
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.seq_len_now: Optional[int] = None  # progressive-learning knobs (None = the configured value)
-        self.batch_size_now: Optional[int] = None
+        # progressive-learning knob: global micro-batch index -> {'seq_len', 'batch_size'} (None = as configured)
+        self.progressive: Optional[Callable[[int], dict]] = None
         self.tokenizer: Optional[TextTokenizer] = None
         self.corpus: Optional[KnowledgeCorpus] = None
         self._sampler: Optional[_BatchIndexSampler] = None
@@ -434,10 +437,12 @@ class KnowledgeDataModule(L.LightningDataModule):
 
     def make_batch(self, task: str, index: int, split: str = "train") -> KnowledgeBatch:
         rank, world = self._rank_world()
-        size = (self.batch_size_now or self.batch_size) if split == "train" else self.batch_size
+        size, seq = self.batch_size, self.seq_len
+        if split == "train" and self.progressive is not None:
+            shape = self.progressive(index)
+            size, seq = int(shape.get("batch_size", size)), int(shape.get("seq_len", seq))
         if size % world:
             raise ValueError(f"data.batch_size={size} is the global batch size and must be divisible by {world} processes")
-        seq = (self.seq_len_now or self.seq_len) if split == "train" else self.seq_len
         rng = random.Random(f"{split}:{self.hparams.seed}:{index}:{rank}")
         docs = self.train_docs if split == "train" else self.val_docs
         make = getattr(self, f"_{task}")
@@ -475,6 +480,8 @@ class KnowledgeDataModule(L.LightningDataModule):
                 n += 1
             if n >= min_sentences:
                 return d, i, n
+        if min_sentences == 1:
+            return d, i, 1  # no sentence fits (short sequences early in progressive learning): truncated
         raise ValueError(f"no paragraph of {min_sentences} sentences fits data.seq_len={budget}: raise data.seq_len")
 
     def _kmlm(self, rng, docs, seq, split):
@@ -485,6 +492,8 @@ class KnowledgeDataModule(L.LightningDataModule):
             ids += e.ids
             ents += [(a + off, b + off) for a, b in e.entities]
             starts += e.word_start
+        ids, starts = ids[:seq], starts[:seq]
+        ents = [(a, b) for a, b in ents if b <= seq]
         return kmlm_mask(ids, ents, starts, rng, self.special("[MASK]"), self.tokenizer.vocab_size,
                          self.hparams.mask_ratio, protect=1)
 
@@ -512,7 +521,14 @@ class KnowledgeDataModule(L.LightningDataModule):
     def _reorder(self, rng, docs, seq, split):
         m = self.hparams.reorder_segments
         n = rng.randint(1, m)
-        d, i, k = self._paragraph(rng, docs, seq - 1 - n, min_sentences=n)
+        while True:  # fewer segments when n sentences do not fit (short sequences)
+            try:
+                d, i, k = self._paragraph(rng, docs, seq - 1 - n, min_sentences=n)
+                break
+            except ValueError:
+                if n == 1:
+                    raise
+                n -= 1
         cuts = sorted(rng.sample(range(1, k), n - 1)) if n > 1 else []
         bounds = [0] + cuts + [k]
         segs = [[t for e in self.encoded[d][i + bounds[j]:i + bounds[j + 1]] for t in e.ids] for j in range(n)]
@@ -639,15 +655,15 @@ class KnowledgeDataModule(L.LightningDataModule):
         tails: dict[str, set] = {}
         for doc in self.corpus.docs:
             for s in doc:
-                for h, r, t in s.triples[:1]:
-                    tails.setdefault(r, set()).add(t)
+                if s.fact is not None:
+                    tails.setdefault(s.fact[1], set()).add(s.fact[2])
         probes = []
         for doc in docs:
             for s in doc:
-                if not s.triples or s.relation in ("birth_date",):
+                if s.fact is None or s.relation == "birth_date":
                     continue
-                h, r, t = s.triples[0]
-                if r != s.relation or t not in s.text:
+                h, r, t = s.fact
+                if t not in s.text:
                     continue
                 a = s.text.index(t)
                 probes.append({"text": s.text, "start": a, "end": a + len(t), "answer": t, "relation": r,

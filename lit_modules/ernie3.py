@@ -12,7 +12,7 @@ module and the head (`mode=task_module`).
 
 Knobs set by callbacks (callbacks/progressive.py): `lr_scale` (multiplies the scheduled learning
 rate from this step on) and `dropout_now` (dropout probability of every dropout in the network);
-the DataModule's `seq_len_now` / `batch_size_now` shape the batches.
+the DataModule's `progressive` (batch index -> sequence length, batch size) shapes the batches.
 """
 
 from __future__ import annotations
@@ -125,18 +125,16 @@ class Ernie3Module(TrunkModule):
         """Causal-LM loss of each segment of the document batch, in order, memory carried between them."""
         memory, losses = None, []
         for s in range(batch.tokens.shape[1]):
-            h, memory = self.model.forward_nlg(batch.tokens[:, s], memory, use_memory=use_memory)
-            losses.append(F.cross_entropy(self.model.lm_head(h).float().flatten(0, 1), batch.targets[:, s].flatten()))
+            logits, memory = self.model(batch.tokens[:, s], "lm", memory=memory, use_memory=use_memory)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), batch.targets[:, s].flatten()))
         return losses
 
     def task_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy) of one task's batch."""
-        m = self.model
         if batch.task in ("kmlm", "uktp"):
-            return masked_ce(m.mlm_logits(batch.tokens, batch.valid), batch.targets)
+            return masked_ce(self.model(batch.tokens, "mlm", batch.valid), batch.targets)
         if batch.task in ("reorder", "distance"):
-            head = m.reorder_head if batch.task == "reorder" else m.distance_head
-            logits = m.cls_logits(head, batch.tokens, batch.valid).float()
+            logits = self.model(batch.tokens, batch.task, batch.valid).float()
             return F.cross_entropy(logits, batch.targets), (logits.argmax(-1) == batch.targets).float().mean()
         if batch.task == "dlm":
             loss = torch.stack(self.dlm_losses(batch, self.use_memory)).mean()
@@ -295,7 +293,7 @@ class Ernie3FinetuneModule(Ernie3Module):
                 part.requires_grad_(False)
 
     def logits(self, batch) -> torch.Tensor:
-        return self.model.cls_logits(self.model.cls_head, batch.tokens, batch.valid).float()
+        return self.model(batch.tokens, "cls", batch.valid, head="cls_head").float()
 
     def training_step(self, batch, batch_idx: int):
         logits = self.logits(batch)

@@ -191,6 +191,26 @@ class Ernie3(nn.Module):
                            memory.next_pos + T)
         return g.hidden, new
 
+    # -- one entry point per task (FSDP2 gathers the root's parameters around `forward`) ------------
+
+    def forward(self, tokens: torch.Tensor, task: str = "mlm", valid: Optional[torch.Tensor] = None,
+                memory: Optional[Ernie3Memory] = None, use_memory: bool = True, head: Optional[str] = None):
+        """task 'mlm': masked-token logits [B, T, V] (knowledge-masked LM, UKTP); 'reorder' /
+        'distance' / 'cls': class logits [B, K] from the NLU [CLS] state (`head` names the
+        classifier attribute for 'cls'); 'lm': (next-token logits [B, T, V], next memory) of one
+        document segment; 'nlu': the NLU representation [B, T, D]."""
+        if task == "lm":
+            h, memory = self.forward_nlg(tokens, memory, use_memory)
+            return self.lm_head(h), memory
+        if task == "nlu":
+            return self.forward_nlu(tokens, valid)
+        if task == "mlm":
+            return self.mlm_logits(tokens, valid)
+        heads = {"reorder": "reorder_head", "distance": "distance_head", "cls": head}
+        if task not in heads or heads[task] is None:
+            raise ValueError(f"unknown task {task!r} (mlm | lm | nlu | reorder | distance | cls with head=)")
+        return self.cls_logits(getattr(self, heads[task]), tokens, valid)
+
     # -- heads -------------------------------------------------------------------------------------
 
     def mlm_logits(self, tokens_BT, valid_BT=None) -> torch.Tensor:

@@ -103,3 +103,18 @@ def test_elastic_choices_agree_on_both_ranks(tmp_path, strategy):
     assert any(c["kept"] is not None and len(c["kept"][0]) == 2 for c in ranks[0])
     losses = read_metric(find_metrics(run_dir))
     assert sorted(losses) == list(range(8))
+
+
+def test_ernie3_fsdp2_two_cpu_processes_trains_every_task(tmp_path):
+    e3 = ["experiment=ernie3_tiny", "data.num_people=60", "data.tokenizer=byte", "data.seq_len=64", "data.dlm_segments=2",
+          "data.batch_size=4", "data.val_batches_per_task=1", "logger=csv", "test=false", "extras.print_config=false",
+          "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}",
+          "trainer.limit_val_batches=5", "trainer.val_check_interval=10"]
+    run_dir = tmp_path / "run"
+    # a step skips the modules its task does not use (the NLG module on NLU tasks): every rank
+    # draws the same task, so no rank waits on a collective the other never starts
+    run_train_cli(e3 + ["trainer=fsdp", *TWO_CPU, "trainer.max_steps=10", f"hydra.run.dir={run_dir}"], timeout=300)
+    csv = find_metrics(run_dir)
+    assert sorted(read_metric(csv)) == list(range(10))
+    assert sum(bool(read_metric(csv, f"train/loss_{t}")) for t in ("kmlm", "dlm", "reorder", "distance", "uktp")) >= 4
+    assert read_metric(csv, "val/loss")
