@@ -319,7 +319,8 @@ class KnowledgeDataModule(L.LightningDataModule):
 
     task_ratios: relative frequency of each task's micro-batches (0 switches a task off: the ablations).
     seq_len: tokens per NLU example and per document-LM segment; dlm_segments: segments per document.
-    mask_ratio: knowledge-masking budget; reorder_segments: m of sentence reordering.
+    mask_ratio: knowledge-masking budget; knowledge_masking: False masks single words only (no entity or
+    phrase units: the ablation); reorder_segments: m of sentence reordering.
     batch_size: global; batches_per_epoch: micro-batches in one training epoch.
     """
 
@@ -328,6 +329,7 @@ class KnowledgeDataModule(L.LightningDataModule):
                  tokenizer: str = "bpe", vocab_size: int = 2048,
                  seq_len: int = 96, dlm_segments: int = 4, batch_size: int = 16, batches_per_epoch: int = 1000,
                  val_batches_per_task: int = 4, task_ratios: Optional[dict[str, float]] = None, mask_ratio: float = 0.15,
+                 knowledge_masking: bool = True,
                  reorder_segments: int = 3, val_fraction: float = 0.05, split_seed: int = 0, seed: int = 0,
                  cache_dir: str = "data/cache", num_workers: int = 0) -> None:
         super().__init__()
@@ -494,8 +496,9 @@ class KnowledgeDataModule(L.LightningDataModule):
             starts += e.word_start
         ids, starts = ids[:seq], starts[:seq]
         ents = [(a, b) for a, b in ents if b <= seq]
-        return kmlm_mask(ids, ents, starts, rng, self.special("[MASK]"), self.tokenizer.vocab_size,
-                         self.hparams.mask_ratio, protect=1)
+        knowledge = self.hparams.knowledge_masking
+        return kmlm_mask(ids, ents if knowledge else [], starts, rng, self.special("[MASK]"), self.tokenizer.vocab_size,
+                         self.hparams.mask_ratio, max_ngram=3 if knowledge else 1, protect=1)
 
     def _dlm(self, rng, docs, seq, split):
         """A long document: one person's sentences, other documents as filler, then a restatement of

@@ -53,3 +53,13 @@ def test_elastic_decode_quick_reports_every_sub_model_with_its_activated_share()
     width = out["results"][3]
     assert width["total_fraction"] < width["activated_fraction"]  # dropping experts removes stored, not active, weights
     assert out["aa_ratio_full_over_full"] > 0
+
+
+def test_ernie3_memory_quick_reports_both_comparisons():
+    out = load("ernie3_memory").main(["--quick"])
+    dlm, nlu = out["dlm"], out["nlu_vs_plain_encoder"]
+    assert dlm["tokens_per_s_memory_on"] > 0 and dlm["tokens_per_s_memory_off"] > 0
+    # memory keys add attention work but no saved activations of their own beyond the attention scores
+    assert dlm["saved_activation_bytes_per_segment_on"] >= dlm["saved_activation_bytes_per_segment_off"] > 0
+    assert abs(nlu["plain_encoder_params"] - nlu["ernie3_nlu_path_params"]) < 0.2 * nlu["ernie3_nlu_path_params"]
+    assert out["aa_ratio_memory_on_over_on"] > 0

@@ -1,0 +1,101 @@
+"""Zero-shot knowledge probing of a pre-trained ERNIE 3.0 checkpoint (cloze with the NLU module).
+
+    python tools/ernie3_probe.py RUN/checkpoints/last.ckpt            # facts of people seen in pre-training
+    python tools/ernie3_probe.py CKPT --split val --max-probes 300    # held-out people (chance level expected)
+
+Each probe is a sentence in a template the pre-training never used (data.train_templates leaves it
+out) stating one fact of a person; the fact's object is replaced by [MASK] tokens and every object
+of that relation in the knowledge graph is a candidate. A candidate's score is the mean
+log-probability the masked-LM head gives its tokens at the masked positions (as many [MASK] as it
+has tokens); the prediction is the best-scoring candidate. Prints one JSON object: accuracy,
+chance (mean 1 / number of candidates), per relation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+__all__ = ["probe"]
+
+
+def _load(ckpt: str):
+    from datamodules.knowledge import KnowledgeDataModule
+    from lit_modules.ernie3 import Ernie3Module
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if "ernie3_knobs" not in state:
+        raise ValueError(f"{ckpt} is not an ERNIE 3.0 pre-training checkpoint")
+    module = Ernie3Module.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    hp = dict(state.get("datamodule_hyper_parameters") or {})
+    return module, hp, KnowledgeDataModule
+
+
+@torch.no_grad()
+def probe(ckpt: str, split: str = "train", max_probes: int = 200, cache_dir: str | None = None, seed: int = 0) -> dict:
+    module, hp, DM = _load(ckpt)
+    if cache_dir:
+        hp["cache_dir"] = cache_dir
+    hp.pop("num_workers", None)
+    dm = DM(**hp)
+    dm.setup()
+    held_out = [t for t in range(4) if t not in dm.hparams.train_templates] or [0]
+    probes = dm.cloze_probes(split, held_out, max_probes, seed)
+    tok, mask, cls, pad = dm.tokenizer, dm.special("[MASK]"), dm.special("[CLS]"), dm.special("[PAD]")
+    model = module.model
+    per_rel: dict[str, list] = {}
+    chance = []
+    for p in probes:
+        before, after = " " + p["text"][: p["start"]], p["text"][p["end"]:]
+        left = tok.encode(before.rstrip()) if before.strip() else []
+        rows, spans = [], []
+        for c in p["candidates"]:
+            # the candidate's tokens in context: encode with its leading space, as in running text
+            c_ids = tok.encode((" " if before.endswith(" ") else "") + c)
+            right = tok.encode(after) if after else []
+            ids = [cls] + left + [mask] * len(c_ids) + right
+            rows.append((ids, c_ids))
+            spans.append((1 + len(left), 1 + len(left) + len(c_ids)))
+        T = max(len(r[0]) for r in rows)
+        x = torch.full((len(rows), T), pad)
+        valid = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, (ids, _) in enumerate(rows):
+            x[i, : len(ids)] = torch.tensor(ids)
+            valid[i, : len(ids)] = True
+        logp = model(x, "mlm", valid).float().log_softmax(-1)
+        scores = []
+        for i, ((ids, c_ids), (a, b)) in enumerate(zip(rows, spans)):
+            scores.append(float(logp[i, torch.arange(a, b), torch.tensor(c_ids)].mean()))
+        pred = p["candidates"][max(range(len(scores)), key=scores.__getitem__)]
+        per_rel.setdefault(p["relation"], []).append(pred == p["answer"])
+        chance.append(1.0 / len(p["candidates"]))
+    n = sum(len(v) for v in per_rel.values())
+    return {
+        "checkpoint": str(ckpt), "split": split, "templates": held_out, "probes": n,
+        "cloze_accuracy": round(sum(sum(v) for v in per_rel.values()) / max(1, n), 4),
+        "chance": round(sum(chance) / max(1, len(chance)), 4),
+        "per_relation": {r: round(sum(v) / len(v), 4) for r, v in sorted(per_rel.items())},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt")
+    p.add_argument("--split", default="train", choices=["train", "val"], help="people seen in pre-training or held out")
+    p.add_argument("--max-probes", type=int, default=200)
+    p.add_argument("--cache-dir")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = probe(args.ckpt, args.split, args.max_probes, args.cache_dir, args.seed)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
