@@ -17,6 +17,7 @@ the DataModule's `progressive` (batch index -> sequence length, batch size) shap
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import torch
@@ -161,6 +162,7 @@ class Ernie3Module(TrunkModule):
         self.log(f"train/acc_{batch.task}", acc.detach(), on_step=True, on_epoch=False)
         self.log("train/loss", weighted.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/elapsed_s", time.perf_counter() - self._fit_start, on_step=True, on_epoch=False)
         return weighted
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -224,6 +226,7 @@ class Ernie3Module(TrunkModule):
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
         self.log_param_counts()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

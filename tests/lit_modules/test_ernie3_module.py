@@ -104,3 +104,14 @@ def test_generate_py_accepts_an_ernie3_checkpoint(pretrained):
 
     out = generate_main([str(pretrained), "--prompt", "Born in", "--max-new-tokens", "5", "--temperature", "0"])
     assert len(out) == 1 and out[0].startswith("Born in")
+
+
+def test_cloze_probe_scores_every_candidate_of_held_out_wording(pretrained, capsys):
+    from tools.ernie3_probe import main as probe_main
+
+    out = probe_main([str(pretrained), "--max-probes", "12"])
+    assert out["probes"] == 12 and out["templates"] == [3]
+    assert 0 <= out["cloze_accuracy"] <= 1 and 0 < out["chance"] < 0.5
+    assert set(out["per_relation"]) <= {"birth_city", "university", "field", "employer", "job_title", "hobby",
+                                        "parent", "sibling", "mentor"}
+    assert capsys.readouterr().out.strip().startswith("{")
