@@ -38,21 +38,18 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
     return module.to(device).eval()
 
 
+def _checkpoint_has(ckpt: str | Path, key: str) -> bool:
+    path = Path(ckpt)
+    return path.is_file() and key in torch.load(path, map_location="cpu", weights_only=False)
+
+
 def is_ernie3(ckpt: str | Path) -> bool:
     """An ERNIE 3.0 pre-training checkpoint (lit_modules/ernie3.py)."""
-    path = Path(ckpt)
-    if not path.is_file():
-        return False
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return "ernie3_knobs" in state
+    return _checkpoint_has(ckpt, "ernie3_knobs")
 
 
 def is_videoar(ckpt: str | Path) -> bool:
-    path = Path(ckpt)
-    if not path.is_file():
-        return False
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return "video_tokenizer" in state
+    return _checkpoint_has(ckpt, "video_tokenizer")
 
 
 def load_videoar(ckpt: str | Path, device: str = "cpu"):

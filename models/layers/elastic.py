@@ -78,9 +78,9 @@ class RoutingLimit:
                 raise ValueError(f"layer {layer} keeps {len(kept)} routable experts but top_k={k}")
 
 
-def depth_layers(n_layers: int, depth: int) -> list[int]:
-    """The layers a depth-`depth` sub-model keeps: the first and the last, with a contiguous span of
-    n_layers - depth layers dropped from the middle (centred; an odd leftover drops one later)."""
+def _drop_span(n_layers: int, depth: int, pick) -> list[int]:
+    """Keep the first and the last layer and drop a contiguous span of n_layers - depth others;
+    `pick(k)` chooses the span's start among the k possible ones (0-based)."""
     if not 1 <= depth <= n_layers:
         raise ValueError(f"depth must be in [1, {n_layers}], got {depth}")
     drop = n_layers - depth
@@ -88,23 +88,19 @@ def depth_layers(n_layers: int, depth: int) -> list[int]:
         return list(range(n_layers))
     if depth == 1:
         return [0]
-    inner = n_layers - 2  # droppable layers: all but the first and the last
-    start = 1 + (inner - drop + 1) // 2
+    start = 1 + pick(n_layers - 1 - drop)  # spans start in [1, n_layers - 1 - drop]
     return [i for i in range(n_layers) if not start <= i < start + drop]
+
+
+def depth_layers(n_layers: int, depth: int) -> list[int]:
+    """The layers a depth-`depth` sub-model keeps: the first and the last, with a centred span of
+    n_layers - depth layers dropped from the middle (an odd leftover drops one later)."""
+    return _drop_span(n_layers, depth, lambda k: k // 2)
 
 
 def sample_depth_layers(n_layers: int, depth: int, generator: torch.Generator) -> list[int]:
     """A random depth-`depth` subset: keep the first and last layer, drop a contiguous span of the others."""
-    if not 1 <= depth <= n_layers:
-        raise ValueError(f"depth must be in [1, {n_layers}], got {depth}")
-    drop = n_layers - depth
-    if drop == 0:
-        return list(range(n_layers))
-    if depth == 1:
-        return [0]
-    starts = n_layers - 2 - drop + 1  # span starts in [1, n_layers - 1 - drop]
-    start = 1 + int(torch.randint(starts, (1,), generator=generator))
-    return [i for i in range(n_layers) if not start <= i < start + drop]
+    return _drop_span(n_layers, depth, lambda k: int(torch.randint(k, (1,), generator=generator)))
 
 
 def keep_experts(num_keep: int, num_experts: int, n_layers: int, rule: str = "usage",
