@@ -137,7 +137,7 @@ class LanguageModelModule(TrunkModule):
             logits, balance, infos = self.model(batch.tokens, return_routing=True, **sub)
             ce = lm_loss(logits, batch.targets)
             loss = ce + balance
-            self.record_routing(infos)
+            self.record_routing(infos, balance=routing is None or routing.kept is None)
         else:
             logits = self.model(batch.tokens, **sub)
             loss = ce = lm_loss(logits, batch.targets)

@@ -131,9 +131,11 @@ class TrunkModule(ExperimentModule):
 
     # -- routing bookkeeping ----------------------------------------------------------------------
 
-    def record_routing(self, infos) -> None:
+    def record_routing(self, infos, balance: bool = True) -> None:
         """Keep this step's routing statistics (for monitors) and add its token counts to those since
-        the last optimiser step (for aux-loss-free bias updates, so gradient accumulation is respected)."""
+        the last optimiser step (for aux-loss-free bias updates, so gradient accumulation is respected,
+        and for `expert_usage`). balance=False keeps them out of the bias update: a width-reduced
+        elastic step routes nothing to its masked experts, which must not read as under-loaded."""
         if not infos:
             return
         counts = torch.stack([i.counts for i in infos]).float()
@@ -145,8 +147,10 @@ class TrunkModule(ExperimentModule):
             "num_pairs": infos[0].num_pairs,
             "entropy": torch.stack([i.entropy for i in infos]),
         }
-        full = counts.new_zeros(self.trunk.cfg.n_layers, counts.shape[1])
-        full[[i.layer for i in infos]] = counts
+        full = counts.new_zeros(2, self.trunk.cfg.n_layers, counts.shape[1])  # [usage | balance, L, E]
+        full[0, [i.layer for i in infos]] = counts
+        if balance:
+            full[1] = full[0]
         self._pending_counts = full if self._pending_counts is None else self._pending_counts + full
 
     def log_routing_losses(self, task_loss: torch.Tensor, balance: torch.Tensor) -> None:
@@ -161,10 +165,10 @@ class TrunkModule(ExperimentModule):
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             # every rank applies the same bias update and keeps the same usage (elastic width reads it)
             torch.distributed.all_reduce(counts)
-        usage = counts.double() if counts.device.type != "mps" else counts.float()
+        usage = counts[0].double() if counts.device.type != "mps" else counts[0].float()
         self.expert_usage = usage if self.expert_usage is None else self.expert_usage.to(usage) + usage
-        if self.trunk.cfg.moe.bias_balancing:
-            self.trunk.update_router_bias(counts)
+        if self.trunk.cfg.moe.bias_balancing and counts[1].any():
+            self.trunk.update_router_bias(counts[1])
 
     # -- bookkeeping ------------------------------------------------------------------------------
 

@@ -46,6 +46,22 @@ class HandKnobs(L.Callback):
         SEEN.append((float(loss.detach()), float(expected), [i.layer for i in infos], pl_module.last_elastic, kept))
 
 
+class HalfWidth(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.elastic_experts = 2
+
+
+def test_width_reduced_steps_feed_usage_but_not_the_bias_balance(make_cfg):
+    bias = ["model.net.moe.bias_balancing=true", "model.net.moe.aux_loss_coef=0", "model.net.moe.bias_update_rate=0.01",
+            "trainer.max_steps=3", "test=false", "trainer.limit_val_batches=0"]
+    _, objects = train.run(make_cfg(MOE + bias + ["+callbacks.half._target_=tests.lit_modules.test_elastic_training.HalfWidth"]))
+    module = objects["model"]
+    assert all(layer.ffn.router.expert_bias.abs().sum() == 0 for layer in module.model.trunk.layers)
+    assert module.expert_usage.sum() == 3 * 8 * 32 * 2 * 3  # steps x tokens x top-k x layers
+    _, objects = train.run(make_cfg(MOE + bias, subdir="full"))  # full-width steps do update it
+    assert any(layer.ffn.router.expert_bias.abs().sum() > 0 for layer in objects["model"].model.trunk.layers)
+
+
 def fake_module(n_layers=4, E=8, k=2, ffn="moe"):
     cfg = TransformerConfig(preset="tiny", vocab_size=32, n_layers=n_layers, ffn=ffn,
                             moe=dict(num_experts=E, top_k=k, expert_hidden=8))
