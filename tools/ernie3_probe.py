@@ -2,6 +2,7 @@
 
     python tools/ernie3_probe.py RUN/checkpoints/last.ckpt            # facts of people seen in pre-training
     python tools/ernie3_probe.py CKPT --split val --max-probes 300    # held-out people (chance level expected)
+    python tools/ernie3_probe.py CKPT --templates 0 1 2               # the pre-training wording (memorisation)
 
 Each probe is a sentence in a template the pre-training never used (data.train_templates leaves it
 out) stating one fact of a person; the fact's object is replaced by [MASK] tokens and every object
@@ -38,14 +39,15 @@ def _load(ckpt: str):
 
 
 @torch.no_grad()
-def probe(ckpt: str, split: str = "train", max_probes: int = 200, cache_dir: str | None = None, seed: int = 0) -> dict:
+def probe(ckpt: str, split: str = "train", max_probes: int = 200, cache_dir: str | None = None, seed: int = 0,
+          templates: list[int] | None = None) -> dict:
     module, hp, DM = _load(ckpt)
     if cache_dir:
         hp["cache_dir"] = cache_dir
     hp.pop("num_workers", None)
     dm = DM(**hp)
     dm.setup()
-    held_out = [t for t in range(4) if t not in dm.hparams.train_templates] or [0]
+    held_out = templates or [t for t in range(4) if t not in dm.hparams.train_templates] or [0]
     probes = dm.cloze_probes(split, held_out, max_probes, seed)
     tok, mask, cls, pad = dm.tokenizer, dm.special("[MASK]"), dm.special("[CLS]"), dm.special("[PAD]")
     model = module.model
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-probes", type=int, default=200)
     p.add_argument("--cache-dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--templates", type=int, nargs="+", help="template ids (default: those pre-training left out)")
     args = p.parse_args(argv)
-    out = probe(args.ckpt, args.split, args.max_probes, args.cache_dir, args.seed)
+    out = probe(args.ckpt, args.split, args.max_probes, args.cache_dir, args.seed, args.templates)
     print(json.dumps(out))
     return out
 
