@@ -115,3 +115,31 @@ def test_regional_compile_with_inductor_matches_eager_on_cuda(tmp_path, data_cac
         losses[mode] = _losses(tmp_path / mode)
     for step, value in losses["eager"].items():
         assert abs(losses["compiled"][step] - value) <= 1e-4
+
+
+def test_elastic_moe_lm_trains_and_decodes_sub_models_on_cuda(tmp_path, data_cache):
+    sparse = ["model.net.ffn=moe", "model.net.moe.num_experts=4", "model.net.moe.expert_hidden=64", "model.net.n_layers=3",
+              "+callbacks/elastic=default", "callbacks.elastic.depth_full_prob=0", "callbacks.elastic.width_full_prob=0",
+              "callbacks.elastic.sparsity_full_prob=0"]
+    cfg = compose_train_cfg(TINY + GPU + sparse, tmp_path / "run", data_cache)
+    _, objects = train.run(cfg)
+    _losses(tmp_path / "run")
+    from models.layers.elastic import RoutingLimit
+
+    model = objects["model"].model.cuda().eval()
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 5), device="cuda")
+    sub = dict(layers=[0, 2], routing=RoutingLimit([[0, 1]] * 3, 1))
+    assert torch.equal(model.generate(prompt, 6, temperature=0.0, **sub),
+                       model.generate(prompt, 6, temperature=0.0, use_cache=False, **sub))
+
+
+def test_ernie3_trains_every_task_and_generates_on_cuda(tmp_path, data_cache):
+    """Padding masks run FlexAttention on CUDA (the CPU path is 'segments')."""
+    cfg = compose_train_cfg(["experiment=ernie3_tiny", "data.num_people=60", "data.tokenizer=byte", "data.seq_len=64",
+                             "data.dlm_segments=2", "data.batch_size=4", *GPU, "trainer.max_steps=10",
+                             "trainer.val_check_interval=10", "trainer.limit_val_batches=5"], tmp_path / "run", data_cache)
+    _, objects = train.run(cfg)
+    csv = find_metrics(tmp_path / "run")
+    assert len(read_metric(csv)) == 10 and read_metric(csv, "val/loss")
+    module = objects["model"].cuda().eval()
+    assert module.generate_text(["Born in"], max_new_tokens=4)[0].startswith("Born in")
