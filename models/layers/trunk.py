@@ -38,10 +38,10 @@ class TrunkConfig:
     ffn: 'dense' (SwiGLU of ffn_hidden; None = LLaMA's 8/3 d rounded), 'moe' (per-layer experts,
         `moe`) or 'moue' (one pool shared by all layers: `moe` for the expert shape, `moue` for the pool).
     rope_split: None = 1-D rotary positions; three fractions (t, h, w) = three-axis positions.
-    attn_impl: kernel for structured masks (models/layers/mask.py): 'auto' (FlexAttention on CUDA,
-        'segments' elsewhere), 'segments' (unmasked SDPA per run of queries; dense masks where the
-        rule needs one), 'sdpa' (dense boolean masks), 'flex' (compiled) or 'flex_eager' (slow;
-        debugging). Plain causal masks always use SDPA's is_causal.
+    attn_impl: kernel for structured masks (models/layers/mask.py): 'auto' (FlexAttention on CUDA
+        unless training with attention dropout, 'segments' elsewhere), 'segments' (unmasked SDPA per
+        run of queries; dense masks where the rule needs one), 'sdpa' (dense boolean masks), 'flex'
+        (compiled) or 'flex_eager' (slow; debugging). Plain causal masks always use SDPA's is_causal.
     """
 
     n_layers: Optional[int] = None
@@ -187,7 +187,9 @@ class Trunk(nn.Module):
     def attn_impl(self, device: torch.device) -> str:
         impl = self.cfg.attn_impl
         if impl == "auto":
-            return "flex" if device.type == "cuda" and flex_available() else "segments"
+            # FlexAttention has no attention dropout: training with it falls back to per-run SDPA
+            dropout = self.training and any(block.attn.dropout > 0 for block in self.layers)
+            return "flex" if device.type == "cuda" and flex_available() and not dropout else "segments"
         return impl
 
     def forward(
