@@ -112,7 +112,8 @@ class Ernie3Module(TrunkModule):
         for t in TASKS:
             self.val_metrics[f"loss_{t}"] = MeanMetric()
             self.val_metrics[f"acc_{t}"] = MeanMetric()
-        for s in range(16):
+        segments = max(16, int(getattr(getattr(dm, "hparams", None), "dlm_segments", 0) or 0))
+        for s in range(segments):  # per-segment document-LM validation losses
             self.val_metrics[f"dlm_seg{s}"] = MeanMetric()
             self.val_metrics[f"dlm_nomem_seg{s}"] = MeanMetric()
         self.finish_build(self.fsdp_cfg)
