@@ -74,7 +74,8 @@ class Ernie3Module(TrunkModule):
         self.use_memory = use_memory
         self.fsdp_cfg = {"mixed_precision": "auto", "activation_checkpointing": False, **(fsdp or {})}
         self.seed, self.init_ckpt = seed, init_ckpt
-        self.sample_cfg = {"prompt": "", "max_new_tokens": 32, "temperature": 0.8, "top_k": 50, **(sample or {})}
+        self.sample_cfg = {"prompt": "", "max_new_tokens": 32, "temperature": 0.8, "top_k": 50, "top_p": None,
+                           **(sample or {})}
         self.model: Optional[Ernie3] = None
         self.tokenizer = None
         self.specials: Optional[dict] = None
@@ -210,7 +211,7 @@ class Ernie3Module(TrunkModule):
         """Continue each prompt with the NLG module (KV-cached)."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached to this module")
-        opts = {k: self.sample_cfg[k] for k in ("max_new_tokens", "temperature", "top_k")}
+        opts = {k: self.sample_cfg[k] for k in ("max_new_tokens", "temperature", "top_k")}  # NLG sampling has no top-p
         opts.update(kw)
         out = []
         V = self.tokenizer.vocab_size

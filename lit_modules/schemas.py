@@ -148,14 +148,6 @@ Ernie3NetSchema = schema_of(Ernie3Config)
 
 
 @dataclass
-class Ernie3SampleConfig:
-    prompt: str = ""
-    max_new_tokens: int = 32
-    temperature: float = 0.8
-    top_k: Optional[int] = 50
-
-
-@dataclass
 class Ernie3ModuleSchema:
     _target_: str = "lit_modules.ernie3.Ernie3Module"
     net: Ernie3NetSchema = field(default_factory=Ernie3NetSchema)
@@ -165,7 +157,7 @@ class Ernie3ModuleSchema:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0
     init_ckpt: Optional[str] = None
-    sample: Ernie3SampleConfig = field(default_factory=Ernie3SampleConfig)
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32))
 
 
 @dataclass
