@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast gpu-test benchmark clean
+.PHONY: install train test test-fast gpu-test gpu-check benchmark clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test-fast: install
 
 gpu-test: install
 	$(PY) -m pytest -m gpu -q $(ARGS)
+
+# GPU readiness: the gpu-marked tests, then the MFU benchmark (one JSON object; both run even if the
+# tests fail, and the target fails if either did). Without CUDA both skip and it passes. Installs
+# nothing: it uses .venv if there is one, else $(PYTHON) with its preinstalled torch.
+gpu-check:
+	@py=$(PY); test -x $$py || py=$(PYTHON); status=0; \
+	$$py -m pytest -m gpu -q -rs $(ARGS) || status=$$?; \
+	$$py benchmarks/mfu.py || status=$$?; exit $$status
 
 benchmark: install
 	$(PY) benchmarks/train_overhead.py $(ARGS)

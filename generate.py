@@ -8,6 +8,7 @@ A language-model checkpoint carries its tokenizer; a VideoAR checkpoint records 
 frozen video tokenizer. `--frames` counts latent frames (1 + time_stride * (n - 1) pixel frames);
 continuing past the trained length re-encodes the last frames of each window (frame re-encoding).
 An FSDP2 (directory) checkpoint is first consolidated with tools/consolidate_checkpoint.py.
+Checkpoints load weights only (`models.io.load_checkpoint`): a file whose pickle would run code is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lit_modules.lm import LanguageModelModule
+from models.io import load_checkpoint, refuse_unsafe_pickle
 
 
 def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
@@ -32,7 +34,8 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
     cls = LanguageModelModule
     if is_ernie3(path):
         from lit_modules.ernie3 import Ernie3Module as cls  # NLG module generation
-    module = cls.load_from_checkpoint(path, map_location=device, weights_only=False)
+    with refuse_unsafe_pickle(path):
+        module = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
     if module.tokenizer is None:
         raise ValueError(f"{path} holds no tokenizer; was it written by lit_modules.lm?")
     return module.to(device).eval()
@@ -40,7 +43,7 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
 
 def _checkpoint_has(ckpt: str | Path, key: str) -> bool:
     path = Path(ckpt)
-    return path.is_file() and key in torch.load(path, map_location="cpu", weights_only=False)
+    return path.is_file() and key in load_checkpoint(path)
 
 
 def is_ernie3(ckpt: str | Path) -> bool:
@@ -56,7 +59,8 @@ def load_videoar(ckpt: str | Path, device: str = "cpu"):
     from lit_modules.videoar import VideoARModule
 
     # on_load_checkpoint builds the net (and loads its frozen tokenizer) before the weights go in
-    module = VideoARModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    with refuse_unsafe_pickle(ckpt):
+        module = VideoARModule.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
     module.tokenizer.to(device)
     return module.to(device).eval()
 

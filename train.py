@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lit_modules.schemas import register_schemas  # noqa: E402
+from models.io import refuse_unsafe_pickle  # noqa: E402
 
 register_schemas()
 
@@ -129,14 +131,18 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights only: a resumed checkpoint never unpickles code (lit_modules/checkpointing.py, models/io.py)
+        ckpt_path = cfg.get("ckpt_path")
+        with refuse_unsafe_pickle(ckpt_path) if ckpt_path else contextlib.nullcontext():
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(trainer.callback_metrics)
     if cfg.get("test", False):
         ckpt = None
         cb = trainer.checkpoint_callback
         if cb is not None and not trainer.fast_dev_run:
             ckpt = cb.best_model_path or cb.last_model_path or None
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        with refuse_unsafe_pickle(ckpt) if ckpt else contextlib.nullcontext():
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update(trainer.callback_metrics)
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
     return metrics, objects

@@ -53,28 +53,37 @@ def _labels_and_index(samples: Sequence[Mapping], name: str) -> tuple[torch.Tens
     return labels, index
 
 
+def _skipped(samples: Sequence[Mapping]) -> tuple:
+    """The (path, kind, reason) entries the samples report, in sample order."""
+    return tuple(entry for s in samples for entry in s.get("skipped", ()))
+
+
 @dataclass
 class VisualBatch:
     """Images [B, 3, H, W] or clips [B, 3, T, H, W], float32 in [-1, 1].
 
     labels: int64 [B], -1 = unlabelled. index: int64 [B], each sample's index in its dataset.
+    skipped: (path, kind, reason) of every file a lazily decoding dataset passed over to fill this
+        batch (kind "bad" or "short"); the DataModule counts them (data/bad_files).
     """
 
     pixels: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    skipped: tuple = ()
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
     def pin_memory(self) -> VisualBatch:
         """Pinned copy; the DataLoader calls this on custom batch types when pin_memory=True."""
-        return VisualBatch(self.pixels.pin_memory(), self.labels.pin_memory(), self.index.pin_memory())
+        return VisualBatch(self.pixels.pin_memory(), self.labels.pin_memory(), self.index.pin_memory(),
+                           self.skipped)
 
     def to(self, *args, **kwargs) -> VisualBatch:
         """Move like `Tensor.to`; a dtype applies to `pixels` only (labels and index stay int64)."""
         return VisualBatch(self.pixels.to(*args, **kwargs), _move_int(self.labels, args, kwargs),
-                           _move_int(self.index, args, kwargs))
+                           _move_int(self.index, args, kwargs), self.skipped)
 
 
 @dataclass
@@ -82,12 +91,14 @@ class AudioBatch:
     """Waveforms float32 [B, L] in [-1, 1] at `sample_rate` Hz.
 
     labels: int64 [B], -1 = unlabelled. index: int64 [B], each sample's index in its dataset.
+    skipped: as in `VisualBatch`.
     """
 
     waveform: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     sample_rate: int
+    skipped: tuple = ()
 
     def __len__(self) -> int:
         return self.waveform.shape[0]
@@ -95,12 +106,12 @@ class AudioBatch:
     def pin_memory(self) -> AudioBatch:
         """Pinned copy; the DataLoader calls this on custom batch types when pin_memory=True."""
         return AudioBatch(self.waveform.pin_memory(), self.labels.pin_memory(), self.index.pin_memory(),
-                          self.sample_rate)
+                          self.sample_rate, self.skipped)
 
     def to(self, *args, **kwargs) -> AudioBatch:
         """Move like `Tensor.to`; a dtype applies to `waveform` only (labels and index stay int64)."""
         return AudioBatch(self.waveform.to(*args, **kwargs), _move_int(self.labels, args, kwargs),
-                          _move_int(self.index, args, kwargs), self.sample_rate)
+                          _move_int(self.index, args, kwargs), self.sample_rate, self.skipped)
 
 
 def _move_int(t: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -118,7 +129,7 @@ def collate_visual(samples: Sequence[Mapping[str, torch.Tensor | int]]) -> Visua
     """Stack {"pixels", "label", "index"} samples into a VisualBatch."""
     labels, index = _labels_and_index(samples, "collate_visual")
     pixels = torch.stack([torch.as_tensor(s["pixels"]) for s in samples]).float()
-    return VisualBatch(pixels=pixels, labels=labels, index=index)
+    return VisualBatch(pixels=pixels, labels=labels, index=index, skipped=_skipped(samples))
 
 
 def collate_audio(samples: Sequence[Mapping[str, torch.Tensor | int]], sample_rate: int | None = None) -> AudioBatch:
@@ -131,4 +142,5 @@ def collate_audio(samples: Sequence[Mapping[str, torch.Tensor | int]], sample_ra
     if rate is None:
         raise ValueError("collate_audio needs a sample_rate (in the samples or as an argument)")
     waveform = torch.stack([torch.as_tensor(s["waveform"]) for s in samples]).float()
-    return AudioBatch(waveform=waveform, labels=labels, index=index, sample_rate=int(rate))
+    return AudioBatch(waveform=waveform, labels=labels, index=index, sample_rate=int(rate),
+                      skipped=_skipped(samples))

@@ -1,9 +1,13 @@
 """Image, video and audio DataModules over embedded synthetic data or folders of media files.
 
-Everything is decoded once in `setup()` and kept in memory (uint8 pixels, float32 audio): the data
-sets this lab trains on are small, and decoding up front is what lets a bad file stop (or be
-skipped) before the first step instead of crashing a worker mid-epoch. Memory is roughly
-num_items * item_bytes, e.g. 10k clips of 9 x 64 x 64 RGB frames = 1.1 GB.
+decode="lazy" (the default for files): `setup()` only lists the files and makes the file-level
+splits; each item is decoded when the DataLoader asks for it, in its worker processes, so memory
+does not grow with the data set (about one file per worker, plus the prefetched batches).
+Audio files are an exception only in that setup reads each file's header (no samples) to count
+its clips. decode="eager" decodes every file once in `setup()` and keeps it in memory (uint8
+pixels, float32 audio), roughly num_items * item_bytes, e.g. 10k clips of 9 x 64 x 64 RGB frames =
+1.1 GB, in exchange for finding every bad file before the first step. The embedded synthetic
+data sets are always generated in memory.
 
 Common arguments (all three DataModules):
     source: "synthetic" (embedded generators) or a folder (searched recursively; files with other
@@ -15,9 +19,13 @@ Common arguments (all three DataModules):
     seed: the train order is a pure function of (seed, epoch); `state_dict()` stores the position.
     data_seed: seed of the synthetic generator.
     on_bad_file: "error" = the first bad file (empty, truncated, wrong format, undecodable, or an
-        explicitly named file with a wrong suffix) stops setup with its path in the message;
-        "skip" = it is left out, listed in `bad_files` and counted in `num_bad_files` (logged by
-        the LightningModule as data/bad_files).
+        explicitly named file with a wrong suffix) stops setup (eager) or the run, when a loader
+        reaches it (lazy), with its path in the message; "skip" = it is left out (eager), or its
+        item is replaced by the next item of the split, in index order and wrapping around, whose
+        file decodes (lazy: the replacement depends only on the files, so a resumed run gets the
+        same batches); either way it is listed in `bad_files` and counted in `num_bad_files` (logged
+        by the LightningModule as data/bad_files) once the batch that passed over it is used.
+    decode: "lazy" (decode per item, see above) or "eager" (decode everything in setup); files only.
     labels_from_dirs: label = the file's class folder (the first folder under a folder source, the
         parent folder for a file or glob source); classes are the sorted folder names. Otherwise
         file labels are -1.
@@ -31,7 +39,8 @@ import logging
 import os
 from pathlib import Path
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -43,6 +52,7 @@ from datamodules.media_io import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
     MediaDecodeError,
+    audio_num_samples,
     read_audio,
     read_image,
     read_video,
@@ -55,6 +65,7 @@ from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, render_
 __all__ = [
     "AudioDataModule",
     "ImageDataModule",
+    "LazyMediaDataset",
     "MediaDataModule",
     "MediaDataset",
     "VideoDataModule",
@@ -182,6 +193,87 @@ class MediaDataset(Dataset):
                 **self.extra}
 
 
+class LazyMediaDataset(Dataset):
+    """Items decoded on access: item i is row `segments[i]` of `decode(files[i])` (a file's stacked items).
+
+    A file that fails to decode (MediaDecodeError) stops loading with its path in the message
+    (on_bad_file="error"), or its item is replaced by the next item, in index order and wrapping
+    around, whose file decodes (on_bad_file="skip"). The replacement depends only on the files, not
+    on the worker or on what was loaded before, so a resumed run gets the same batches. A clip that
+    short_clip=skip leaves out (its file decodes to no items) is replaced the same way. A sample that
+    stands in for others lists the files passed over under "skipped" as (path, kind, reason), kind
+    "bad" or "short"; the collate functions carry them to the batch, where the DataModule counts them.
+    Only the last decoded file is kept, so consecutive segments of one file decode it once.
+    """
+
+    def __init__(self, files: Sequence[str], segments: Sequence[int], labels: torch.Tensor, key: str,
+                 convert: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[Path], torch.Tensor],
+                 extra: dict | None = None, on_bad_file: str = "error", modality: str = "media") -> None:
+        if not len(files) == len(segments) == labels.shape[0]:
+            raise ValueError(f"{len(files)} files, {len(segments)} segments and {labels.shape[0]} labels")
+        self.files = list(files)
+        self.segments = [int(k) for k in segments]
+        self.labels = labels.long()
+        self.key = key
+        self.convert = convert  # module-level functions / partials: worker processes can pickle them
+        self.decode = decode
+        self.extra = dict(extra or {})
+        self.on_bad_file = on_bad_file
+        self.modality = modality
+        self._passed: dict[str, tuple[str, str]] = {}  # path -> (kind, reason), found by this process
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _items(self, path: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == path:
+            return self._last[1]
+        self._last = None  # free the previous file before decoding the next
+        items = self.decode(Path(path))
+        self._last = (path, items)
+        return items
+
+    def _fail(self, path: str, index: int, reason: str) -> tuple[str, str]:
+        if self.on_bad_file == "error":
+            raise MediaDecodeError(f"{reason} (bad {self.modality} file, found loading item {index}; "
+                                   "set data.on_bad_file=skip to skip and count such files)")
+        log.warning("skipping bad %s file: %s", self.modality, reason)
+        return "bad", reason
+
+    def __getitem__(self, idx: int) -> dict:
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for {n} items")
+        idx %= n
+        skipped: list[tuple[str, str, str]] = []
+        for step in range(n):
+            j = (idx + step) % n
+            path, seg = self.files[j], self.segments[j]
+            passed = self._passed.get(path)
+            if passed is None:
+                try:
+                    items = self._items(path)
+                except MediaDecodeError as e:
+                    passed = self._fail(path, j, str(e))
+                else:
+                    if seg < items.shape[0]:
+                        sample = {self.key: self.convert(items[seg]), "label": int(self.labels[j]), "index": j,
+                                  **self.extra}
+                        if skipped:
+                            sample["skipped"] = tuple(skipped)
+                        return sample
+                    if items.shape[0] == 0:
+                        passed = ("short", f"{path}: shorter than requested (short_clip=skip)")
+                    else:
+                        passed = self._fail(path, j, f"{path}: decoded to {items.shape[0]} item(s), but its "
+                                                     f"header promised at least {seg + 1}")
+                self._passed[path] = passed
+            skipped.append((path, *passed))
+        raise ValueError(f"every {self.modality} file of this split ({n} items) is bad or too short "
+                         f"(first: {skipped[0][2]})")
+
+
 # ---------------------------------------------------------------------------
 # shared DataModule
 # ---------------------------------------------------------------------------
@@ -191,7 +283,8 @@ class MediaDataModule(ResumableDataModule):
     """Splits, loaders, world-size checks, exact resume and the bad-file policy for media data.
 
     Subclasses set `modality`, `suffixes`, `sample_key`, `_convert` and implement `_synthetic_groups`,
-    `_file_items` and `_item_shape` (and `_item_dtype`, `_dataset_extra`, `_collate_fn` if needed). A *group* is one file or synthetic clip: it yields zero or more stacked items
+    `_file_decoder` and `_item_shape` (and `_file_item_count`, `_item_dtype`, `_dataset_extra`,
+    `_collate_fn` if needed). A *group* is one file or synthetic clip: it yields zero or more stacked items
     (frames of a clip, segments of a recording) that share its label and its split.
     """
 
@@ -214,6 +307,7 @@ class MediaDataModule(ResumableDataModule):
         on_bad_file: str = "error",
         labels_from_dirs: bool = False,
         num_classes: int = 1,
+        decode: str = "lazy",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -226,6 +320,8 @@ class MediaDataModule(ResumableDataModule):
             raise ValueError(f"data.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if decode not in ("lazy", "eager"):
+            raise ValueError(f"data.decode must be 'lazy' or 'eager', got {decode!r}")
         self.source = str(source)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -238,16 +334,19 @@ class MediaDataModule(ResumableDataModule):
         self.on_bad_file = on_bad_file
         self.labels_from_dirs = labels_from_dirs
         self.num_classes = num_classes
+        self.decode = decode
         self.class_names: list[str] = []
 
-        self.train_dataset: MediaDataset | None = None
-        self.val_dataset: MediaDataset | None = None
-        self.test_dataset: MediaDataset | None = None
+        self.train_dataset: MediaDataset | LazyMediaDataset | None = None
+        self.val_dataset: MediaDataset | LazyMediaDataset | None = None
+        self.test_dataset: MediaDataset | LazyMediaDataset | None = None
         # Per split: the file path (or "synthetic:<clip>") of every item, for tracing a sample back.
         self.item_sources: dict[str, list[str]] = {}
         self.bad_files: list[str] = []
         self.bad_file_reasons: dict[str, str] = {}
         self.num_short_skipped = 0  # clips/recordings shorter than wanted and dropped (short_clip=skip)
+        self._short_files: set[str] = set()
+        self._restored_skips: list[tuple[str, str, str]] = []  # from a checkpoint (lazily found files)
         self._train_sampler: ResumableSampler | None = None
         self._pending_sampler_state: dict | None = None
 
@@ -256,8 +355,13 @@ class MediaDataModule(ResumableDataModule):
         return self.source == "synthetic"
 
     @property
+    def is_lazy(self) -> bool:
+        """Files decoded per item (decode="lazy"); synthetic data is always in memory."""
+        return self.decode == "lazy" and not self.is_synthetic
+
+    @property
     def num_bad_files(self) -> int:
-        """Files left out by on_bad_file=skip in the last setup (0 for synthetic data)."""
+        """Distinct files left out by on_bad_file=skip: found in setup, or (lazy) by the batches used so far."""
         return len(self.bad_files)
 
     # -- subclass hooks ------------------------------------------------------------
@@ -266,9 +370,18 @@ class MediaDataModule(ResumableDataModule):
         """Stacked items per synthetic clip, the clip labels, and the class names."""
         raise NotImplementedError
 
+    def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
+        """Picklable function: path -> stacked items of the file (none for a short clip that
+        short_clip=skip leaves out); MediaDecodeError for a bad file."""
+        raise NotImplementedError
+
     def _file_items(self, path: Path) -> torch.Tensor:
         """Stacked items of one file (possibly none); MediaDecodeError for a bad file."""
-        raise NotImplementedError
+        return self._file_decoder()(path)
+
+    def _file_item_count(self, path: Path) -> int:
+        """Items `_file_items(path)` gives, known without decoding the file (lazy setup)."""
+        return 1
 
     def _item_shape(self) -> tuple[int, ...]:
         """Shape of one stored item, used for empty splits."""
@@ -293,8 +406,8 @@ class MediaDataModule(ResumableDataModule):
                 f"(expected one of {', '.join(self.suffixes)})"
             )
 
-    def _load_files(self) -> tuple[list[torch.Tensor | None], list[int], list[str]]:
-        """Decode every file (None for a skipped bad file); labels and names of the groups."""
+    def _list_files(self) -> tuple[list[Path], list[int]]:
+        """The source's files and their labels (sets class_names and num_classes)."""
         files, root = resolve_media_files(self.source, self.suffixes)
         if self.labels_from_dirs:
             folders = [class_folder(f, root) for f in files]
@@ -306,42 +419,85 @@ class MediaDataModule(ResumableDataModule):
             labels = [-1] * len(files)
             self.class_names = []
             self.num_classes = 0
+        return files, labels
+
+    def _bad_in_setup(self, path: Path, e: MediaDecodeError) -> None:
+        if self.on_bad_file == "error":
+            raise MediaDecodeError(
+                f"{e} (bad {self.modality} file; set data.on_bad_file=skip to leave such files out)"
+            ) from e
+        log.warning("skipping bad %s file: %s", self.modality, e)
+        self.bad_files.append(str(path))
+        self.bad_file_reasons[str(path)] = str(e)
+
+    def _check_not_all_bad(self, num_files: int) -> None:
+        if self.bad_files and len(self.bad_files) == num_files:
+            raise ValueError(
+                f"all {num_files} {self.modality} files of data source {self.source!r} are bad "
+                f"(first: {self.bad_file_reasons[self.bad_files[0]]})"
+            )
+        if self.bad_files:
+            log.warning("left out %d bad %s file(s) of %d", len(self.bad_files), self.modality, num_files)
+
+    def _load_files(self) -> tuple[list[torch.Tensor | None], list[int], list[str]]:
+        """Decode every file (None for a skipped bad file); labels and names of the groups."""
+        files, labels = self._list_files()
         groups: list[torch.Tensor | None] = []
         for path in files:
             try:
                 self._check_suffix(path)
-                groups.append(self._file_items(path))
+                items = self._file_items(path)
             except MediaDecodeError as e:
-                if self.on_bad_file == "error":
-                    raise MediaDecodeError(
-                        f"{e} (bad {self.modality} file; set data.on_bad_file=skip to leave such files out)"
-                    ) from e
-                log.warning("skipping bad %s file: %s", self.modality, e)
-                self.bad_files.append(str(path))
-                self.bad_file_reasons[str(path)] = str(e)
-                groups.append(None)
-        if self.bad_files and len(self.bad_files) == len(files):
-            raise ValueError(
-                f"all {len(files)} {self.modality} files of data source {self.source!r} are bad "
-                f"(first: {self.bad_file_reasons[self.bad_files[0]]})"
-            )
-        if self.bad_files:
-            log.warning("left out %d bad %s file(s) of %d", len(self.bad_files), self.modality, len(files))
+                self._bad_in_setup(path, e)
+                items = None
+            if items is not None and items.shape[0] == 0:
+                self._short_files.add(str(path))
+                self.num_short_skipped += 1
+            groups.append(items)
+        self._check_not_all_bad(len(files))
         return groups, labels, [str(f) for f in files]
+
+    def _count_files(self) -> tuple[list[int | None], list[int], list[str]]:
+        """Lazy setup: items per file without decoding it (None for a skipped bad file); labels; names."""
+        files, labels = self._list_files()
+        counts: list[int | None] = []
+        for path in files:
+            try:
+                self._check_suffix(path)
+                n = self._file_item_count(path)
+            except MediaDecodeError as e:
+                self._bad_in_setup(path, e)
+                n = None
+            if n == 0:
+                self._short_files.add(str(path))
+                self.num_short_skipped += 1
+            counts.append(n)
+        self._check_not_all_bad(len(files))
+        return counts, labels, [str(f) for f in files]
 
     def _build(self) -> None:
         self.bad_files, self.bad_file_reasons, self.num_short_skipped = [], {}, 0
+        self._short_files = set()
+        counts: list[int | None] = []
         if self.is_synthetic:
             groups, labels, names = self._synthetic_groups()
             self.class_names = names
             self.num_classes = len(names)
             group_names = [f"synthetic:{i}" for i in range(len(groups))]
+        elif self.is_lazy:
+            counts, labels, group_names = self._count_files()
+            groups = counts
         else:
             groups, labels, group_names = self._load_files()
+        self._record_skipped(self._restored_skips)
         train_ids, val_ids, test_ids = split_groups(len(groups), self.val_fraction, self.split_seed,
                                                     self.test_fraction)
         datasets = {}
         for split, ids in (("train", train_ids), ("val", val_ids), ("test", test_ids)):
+            if self.is_lazy:
+                datasets[split] = self._lazy_dataset([i for i in ids if counts[i]], counts, labels, group_names)
+                self.item_sources[split] = list(datasets[split].files)
+                continue
             parts, part_labels, sources = [], [], []
             for i in ids:
                 items = groups[i]
@@ -376,11 +532,54 @@ class MediaDataModule(ResumableDataModule):
         if self.test_fraction == 0:
             self.item_sources["test"] = self.item_sources["val"]
 
+    def _lazy_dataset(self, ids: list[int], counts: list[int | None], labels: list[int],
+                      names: list[str]) -> LazyMediaDataset:
+        files = [names[i] for i in ids for _ in range(counts[i])]
+        segments = [k for i in ids for k in range(counts[i])]
+        item_labels = torch.tensor([labels[i] for i in ids for _ in range(counts[i])], dtype=torch.long)
+        return LazyMediaDataset(files, segments, item_labels, self.sample_key, type(self)._convert,
+                                self._file_decoder(), self._dataset_extra(), self.on_bad_file, self.modality)
+
+    # -- files found bad or short while loading (lazy) ---------------------------------
+
+    def _record_skipped(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """Count the (path, kind, reason) entries of files passed over; each file counts once."""
+        for path, kind, reason in entries:
+            if kind == "bad":
+                if path not in self.bad_file_reasons:
+                    self.bad_files.append(path)
+                    self.bad_file_reasons[path] = reason
+            elif path not in self._short_files:
+                self._short_files.add(path)
+                self.num_short_skipped += 1
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count the files a lazily decoded batch passed over (in the main process, as batches are used)."""
+        skipped = getattr(batch, "skipped", ())
+        if skipped:
+            self._record_skipped(skipped)
+        return batch
+
+    def state_dict(self) -> dict:
+        """The sampler position, plus the files found bad or short so far (so the counts carry on)."""
+        state = super().state_dict()
+        if state and (self.bad_file_reasons or self._short_files):
+            state["skipped_files"] = {"bad": dict(self.bad_file_reasons), "short": sorted(self._short_files)}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        skipped = state_dict.get("skipped_files") or {}
+        self._restored_skips = ([(p, "bad", r) for p, r in skipped.get("bad", {}).items()]
+                                + [(p, "short", "") for p in skipped.get("short", [])])
+        self._record_skipped(self._restored_skips)
+
     def prepare_data(self) -> None:
-        """Nothing to download or cache: every rank decodes its data in `setup`."""
+        """Nothing to download or cache: every rank lists (lazy) or decodes (eager) its data in `setup`."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the batch size against the world size, then decode everything once (idempotent)."""
+        """Check the batch size against the world size, then list the files (lazy) or decode
+        everything (eager, synthetic) once (idempotent)."""
         self.per_rank_batch_size()
         if self.train_dataset is None:
             self._build()
@@ -411,7 +610,7 @@ class MediaDataModule(ResumableDataModule):
         self._require_setup()
         return self._eval_loader(self.test_dataset)
 
-    def _eval_loader(self, dataset: MediaDataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         sampler = self._make_eval_sampler(len(dataset))
         return self._loader(dataset, sampler, self.per_rank_batch_size(), drop_last=False)
 
@@ -438,6 +637,63 @@ def _check_short_clip(short_clip: str) -> None:
 def _resize_crop(size: int) -> v2.Compose:
     # Shorter side to `size`, then the central size x size square; works on [..., C, H, W] uint8.
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
+# Per-file decoders: module-level functions (bound with functools.partial), so a lazily decoding
+# dataset pickles into DataLoader worker processes without its DataModule.
+
+
+def decode_image_file(path: Path, image_size: int) -> torch.Tensor:
+    """One image file -> uint8 [1, 3, image_size, image_size] (shorter side resized, centre-cropped)."""
+    img = read_image(path)
+    if img.shape[-2:] != (image_size, image_size):
+        img = _resize_crop(image_size)(img)
+    return img.unsqueeze(0).contiguous()
+
+
+def fit_clip_length(clip: torch.Tensor, num_frames: int, short_clip: str) -> torch.Tensor | None:
+    """[t, ...] -> [num_frames, ...]: cut, pad with the last frame, or None (short_clip=skip)."""
+    t = clip.shape[0]
+    if t >= num_frames:
+        return clip[:num_frames]
+    if short_clip == "skip":
+        return None
+    return torch.cat([clip, clip[-1:].expand(num_frames - t, *clip.shape[1:])])
+
+
+def decode_video_file(path: Path, num_frames: int, fps: float | None, frame_stride: int, image_size: int,
+                      short_clip: str) -> torch.Tensor:
+    """One video file -> uint8 [1, num_frames, 3, image_size, image_size], or [0, ...] for a short clip
+    that short_clip=skip leaves out."""
+    frames, _ = read_video(path, num_frames, fps=fps, stride=frame_stride)
+    clip = frames.permute(0, 3, 1, 2)  # [t, 3, H, W]
+    if clip.shape[-2:] != (image_size, image_size):
+        clip = _resize_crop(image_size)(clip)
+    fitted = fit_clip_length(clip, num_frames, short_clip)
+    if fitted is None:
+        log.info("skipping %s: %d frames, fewer than data.num_frames=%d", path, clip.shape[0], num_frames)
+        return clip.new_zeros((0, num_frames, 3, image_size, image_size))
+    return fitted.unsqueeze(0).contiguous()
+
+
+def audio_clip_count(num_samples: int, clip_len: int, short_clip: str) -> int:
+    """Clips of clip_len samples `decode_audio_file` cuts from num_samples samples."""
+    n_full = num_samples // clip_len
+    return n_full if n_full >= 1 or short_clip == "skip" else 1
+
+
+def decode_audio_file(path: Path, sample_rate: int, clip_len: int, short_clip: str) -> torch.Tensor:
+    """One audio file -> float32 [n, clip_len]: consecutive clips (tail dropped); a file shorter than one
+    clip is zero-padded (short_clip=pad) or gives none (skip)."""
+    wave = read_audio(path, sample_rate).clamp_(-1.0, 1.0)
+    n_full = wave.shape[0] // clip_len
+    if n_full >= 1:
+        return wave[: n_full * clip_len].reshape(n_full, clip_len).clone()
+    if short_clip == "skip":
+        log.info("skipping %s: %.3fs, shorter than one clip of %.3fs", path, wave.shape[0] / sample_rate,
+                 clip_len / sample_rate)
+        return wave.new_zeros(0, clip_len)
+    return torch.nn.functional.pad(wave, (0, clip_len - wave.shape[0])).unsqueeze(0)
 
 
 # ---------------------------------------------------------------------------
@@ -471,6 +727,7 @@ class ImageDataModule(MediaDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         on_bad_file: str = "error",
+        decode: str = "lazy",
         labels_from_dirs: bool = False,
         num_classes: int = NUM_SHAPE_CLASSES,
         num_clips: int = 64,
@@ -478,7 +735,7 @@ class ImageDataModule(MediaDataModule):
         background: str = "mixed",
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
-                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes)
+                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
         self.save_hyperparameters()
         if image_size < 4:
             raise ValueError(f"data.image_size must be >= 4, got {image_size}")
@@ -488,7 +745,6 @@ class ImageDataModule(MediaDataModule):
         self.num_clips = num_clips
         self.num_frames = num_frames
         self.background = background
-        self.transform = _resize_crop(image_size)
 
     def _item_shape(self) -> tuple[int, ...]:
         return (3, self.image_size, self.image_size)
@@ -499,11 +755,8 @@ class ImageDataModule(MediaDataModule):
         groups = list(videos.permute(0, 1, 4, 2, 3).contiguous().unbind(0))  # clip -> [T, 3, H, W]
         return groups, labels.tolist(), class_names(self.num_classes)
 
-    def _file_items(self, path: Path) -> torch.Tensor:
-        img = read_image(path)
-        if img.shape[-2:] != (self.image_size, self.image_size):
-            img = self.transform(img)
-        return img.unsqueeze(0).contiguous()
+    def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
+        return partial(decode_image_file, image_size=self.image_size)
 
 
 # ---------------------------------------------------------------------------
@@ -517,7 +770,8 @@ class VideoDataModule(MediaDataModule):
     Each file (mp4, webm, avi, gif, mkv, mov) gives one clip: its first `num_frames` frames after
     resampling to `fps` (None = native rate, every `frame_stride`-th frame), resized (shorter side)
     and centre-cropped to image_size. short_clip: a clip with fewer frames is padded by repeating its
-    last frame ("pad") or left out and counted in `num_short_skipped` ("skip").
+    last frame ("pad") or left out and counted in `num_short_skipped` ("skip"; decode="lazy" finds
+    it when the clip is loaded and serves the next item in its place, like a skipped bad file).
     Synthetic: `num_clips` moving-shapes clips of `synthetic_frames` frames (default: just enough for
     num_frames at frame_stride, i.e. (num_frames - 1) * frame_stride + 1); fps does not apply.
     """
@@ -544,6 +798,7 @@ class VideoDataModule(MediaDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         on_bad_file: str = "error",
+        decode: str = "lazy",
         labels_from_dirs: bool = False,
         num_classes: int = NUM_SHAPE_CLASSES,
         num_clips: int = 256,
@@ -551,7 +806,7 @@ class VideoDataModule(MediaDataModule):
         background: str = "mixed",
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
-                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes)
+                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
         self.save_hyperparameters()
         _check_short_clip(short_clip)
         if num_frames < 1:
@@ -574,20 +829,16 @@ class VideoDataModule(MediaDataModule):
         self.num_clips = num_clips
         self.synthetic_frames = synthetic_frames
         self.background = background
-        self.transform = _resize_crop(image_size)
 
     def _item_shape(self) -> tuple[int, ...]:
         return (self.num_frames, 3, self.image_size, self.image_size)
 
     def _fit_length(self, clip: torch.Tensor) -> torch.Tensor | None:
-        """[t, ...] -> [num_frames, ...]: cut, pad with the last frame, or None (skipped)."""
-        t = clip.shape[0]
-        if t >= self.num_frames:
-            return clip[: self.num_frames]
-        if self.short_clip == "skip":
+        """[t, ...] -> [num_frames, ...]: cut, pad with the last frame, or None (skipped and counted)."""
+        fitted = fit_clip_length(clip, self.num_frames, self.short_clip)
+        if fitted is None:
             self.num_short_skipped += 1
-            return None
-        return torch.cat([clip, clip[-1:].expand(self.num_frames - t, *clip.shape[1:])])
+        return fitted
 
     def _synthetic_groups(self):
         total = self.synthetic_frames or (self.num_frames - 1) * self.frame_stride + 1
@@ -601,16 +852,9 @@ class VideoDataModule(MediaDataModule):
                           else clip.new_zeros((0, *self._item_shape())))
         return groups, labels.tolist(), class_names(self.num_classes)
 
-    def _file_items(self, path: Path) -> torch.Tensor:
-        frames, _ = read_video(path, self.num_frames, fps=self.fps, stride=self.frame_stride)
-        clip = frames.permute(0, 3, 1, 2)  # [t, 3, H, W]
-        if clip.shape[-2:] != (self.image_size, self.image_size):
-            clip = self.transform(clip)
-        fitted = self._fit_length(clip)
-        if fitted is None:
-            log.info("skipping %s: %d frames, fewer than data.num_frames=%d", path, clip.shape[0], self.num_frames)
-            return clip.new_zeros((0, *self._item_shape()))
-        return fitted.unsqueeze(0).contiguous()
+    def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
+        return partial(decode_video_file, num_frames=self.num_frames, fps=self.fps, frame_stride=self.frame_stride,
+                       image_size=self.image_size, short_clip=self.short_clip)
 
 
 # ---------------------------------------------------------------------------
@@ -624,6 +868,8 @@ class AudioDataModule(MediaDataModule):
     Files (wav, flac, ogg) are mixed to mono, resampled to sample_rate and cut into consecutive
     clips of clip_seconds; the remainder after the last full clip is dropped. A file shorter than
     one clip is zero-padded ("pad") or left out and counted in `num_short_skipped` ("skip").
+    decode="lazy": setup counts each file's clips from its header; a clip decodes its whole file
+    (kept while the next clip of the same file is loaded).
     Synthetic: `num_clips` clips of the five synthetic sound classes (the first num_classes of them).
     """
 
@@ -647,12 +893,13 @@ class AudioDataModule(MediaDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         on_bad_file: str = "error",
+        decode: str = "lazy",
         labels_from_dirs: bool = False,
         num_classes: int = len(AUDIO_CLASSES),
         num_clips: int = 256,
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
-                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes)
+                         num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
         self.save_hyperparameters()
         _check_short_clip(short_clip)
         if sample_rate < 1000:
@@ -684,14 +931,10 @@ class AudioDataModule(MediaDataModule):
                                                       self.sample_rate, self.data_seed, self.num_classes)
         return list(waves.unsqueeze(1).unbind(0)), labels.tolist(), names
 
-    def _file_items(self, path: Path) -> torch.Tensor:
-        wave = read_audio(path, self.sample_rate).clamp_(-1.0, 1.0)
-        n_full = wave.shape[0] // self.clip_len
-        if n_full >= 1:
-            return wave[: n_full * self.clip_len].reshape(n_full, self.clip_len).clone()
-        if self.short_clip == "skip":
-            self.num_short_skipped += 1
-            log.info("skipping %s: %.3fs, shorter than data.clip_seconds=%s", path,
-                     wave.shape[0] / self.sample_rate, self.clip_seconds)
-            return wave.new_zeros(0, self.clip_len)
-        return torch.nn.functional.pad(wave, (0, self.clip_len - wave.shape[0])).unsqueeze(0)
+    def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
+        return partial(decode_audio_file, sample_rate=self.sample_rate, clip_len=self.clip_len,
+                       short_clip=self.short_clip)
+
+    def _file_item_count(self, path: Path) -> int:
+        # From the header alone; a file whose samples fall short of it is found bad when decoded.
+        return audio_clip_count(audio_num_samples(path, self.sample_rate), self.clip_len, self.short_clip)

@@ -10,6 +10,7 @@ leaves a half-written file under the final name.
 from __future__ import annotations
 
 from fractions import Fraction
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MediaDecodeError",
     "VIDEO_SUFFIXES",
+    "audio_num_samples",
     "read_audio",
     "read_image",
     "read_video",
@@ -350,6 +352,30 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> torch
 
         wave = AF.resample(wave, int(native_sr), int(sample_rate))
     return wave.contiguous()
+
+
+def audio_num_samples(path: str | os.PathLike, sample_rate: int | None = None) -> int:
+    """Samples `read_audio(path, sample_rate)` returns, from the file's header alone (nothing decoded).
+
+    The resampled length is torchaudio's: ceil(frames * new / orig) with the rates reduced by their gcd.
+    A file whose samples turn out shorter than its header says fails later, in `read_audio`.
+    """
+    sf = _import_soundfile()
+    path = Path(path)
+    _check_file(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, RuntimeError, ValueError, OSError, TypeError) as e:
+        raise MediaDecodeError(f"{path}: not a decodable audio file ({_first_line(e)})") from e
+    frames, native_sr = int(info.frames), int(info.samplerate)
+    if frames <= 0:
+        raise MediaDecodeError(f"{path}: no audio samples")
+    if sample_rate is None or int(sample_rate) == native_sr:
+        return frames
+    gcd = math.gcd(native_sr, int(sample_rate))
+    orig, new = native_sr // gcd, int(sample_rate) // gcd
+    # the same float expression as torchaudio.functional.resample, so the lengths agree exactly
+    return int(torch.ceil(torch.as_tensor(new * frames / orig)).long())
 
 
 _AUDIO_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the packing or caching format changes so stale caches are never reused.
 _CACHE_VERSION = 1
-_TEXT_SUFFIXES = (".txt", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_PARQUET_BATCH_ROWS = 1024  # rows read per record batch: a Parquet file is never read whole
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +94,46 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
+def _read_parquet(path: Path, column: str = "text", batch_rows: int | None = None) -> list[str]:
+    """Non-empty strings of the `column` column, read `batch_rows` rows at a time (pyarrow)."""
+    batch_rows = batch_rows or _PARQUET_BATCH_ROWS
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading the Parquet data file {path} needs pyarrow: pip install pyarrow") from e
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"data file {path} is not a readable Parquet file ({e})") from e
+    with parquet:
+        schema = parquet.schema_arrow
+        if column not in schema.names:
+            raise ValueError(f"data file {path} has no {column!r} column "
+                             f"(columns: {', '.join(schema.names) or 'none'})")
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise ValueError(f"data file {path}: column {column!r} holds {kind}, expected strings")
+        docs = []
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
+                docs.extend(t for t in batch.column(0).to_pylist() if t is not None and t.strip())
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"data file {path}: unreadable Parquet data ({e})") from e
+    if not docs:
+        raise ValueError(f"data file {path} contains no non-empty {column!r} values")
+    return docs
+
+
+def _read_documents(path: Path, txt_split: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    return _read_txt(path, txt_split)
+
+
 def _resolve_files(source: str) -> list[Path]:
     expanded = os.path.expanduser(source)
     if glob.has_magic(expanded):
@@ -109,7 +150,7 @@ def _resolve_files(source: str) -> list[Path]:
             and not any(part.startswith(".") for part in f.relative_to(path).parts)
         )
         if not files:
-            raise FileNotFoundError(f"no .txt or .jsonl files under data source directory {path}")
+            raise FileNotFoundError(f"no .txt, .jsonl or .parquet files under data source directory {path}")
         return files
     if path.exists() or path.is_symlink():
         return [path]
@@ -119,16 +160,17 @@ def _resolve_files(source: str) -> list[Path]:
 
 
 def load_documents(source: str, txt_split: str = "paragraph") -> list[str]:
-    """Documents from a file, a directory (its .txt/.jsonl files, recursively) or a glob.
+    """Documents from a file, a directory (its .txt/.jsonl/.parquet files, recursively) or a glob.
 
-    `.jsonl`: one document per line's "text" field. Other files are plain UTF-8 text,
+    `.jsonl`: one document per line's "text" field. `.parquet`: one document per non-empty value
+    of its "text" column, read in record batches (pyarrow). Other files are plain UTF-8 text,
     split into documents at blank lines (`txt_split="paragraph"`) or kept whole (`"file"`).
     """
     if txt_split not in ("paragraph", "file"):
         raise ValueError(f"txt_split must be 'paragraph' or 'file', got {txt_split!r}")
     docs: list[str] = []
     for path in _resolve_files(source):
-        docs.extend(_read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_txt(path, txt_split))
+        docs.extend(_read_documents(path, txt_split))
     return docs
 
 
@@ -236,8 +278,8 @@ def _digest(*parts: object) -> str:
 class TextDataModule(ResumableDataModule):
     """Tokenized, packed LM data with cached tokenizer/streams and exactly resumable training order.
 
-    `source` is "bios" (generated corpus) or a file, directory or glob of .txt/.jsonl
-    files. `batch_size` is global; each rank loads `batch_size // world_size`.
+    `source` is "bios" (generated corpus) or a file, directory or glob of .txt/.jsonl/.parquet
+    files (a .parquet file: its "text" column). `batch_size` is global; each rank loads `batch_size // world_size`.
     """
 
     def __init__(

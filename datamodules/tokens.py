@@ -3,11 +3,16 @@
 It loads the frozen tokenizer it is given (which the LightningModule can ask for, to build
 scale inputs and to decode samples) and refuses a cache whose manifest records another tokenizer:
 tokens are only meaningful to the exact weights that wrote them.
+
+Shards are checked against the manifest's sha256 (`verify_shard`) and then opened memory-mapped
+(`torch.load(mmap=True, weights_only=True)`): items are read from the page cache as they are
+indexed, never concatenated, so a cache larger than memory can be served.
 """
 
 from __future__ import annotations
 
 import logging
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ from datamodules.media import MediaDataModule
 from datamodules.token_cache import read_manifest, verify_shard
 from models.tokenizers.checkpoint import load_media_tokenizer
 
-__all__ = ["TokenBatch", "TokenDataModule", "TokenDataset", "collate_tokens"]
+__all__ = ["TokenBatch", "TokenDataModule", "TokenDataset", "collate_tokens", "load_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +59,74 @@ class TokenBatch:
 
 
 class TokenDataset(Dataset):
-    def __init__(self, tokens: list[torch.Tensor], labels: torch.Tensor, index: torch.Tensor,
-                 features: Optional[torch.Tensor]) -> None:
-        self.tokens, self.labels, self.index, self.features = tokens, labels, index, features
+    """The items of a split's shards, in shard order, indexed without concatenating the shards.
+
+    shards: per shard {"tokens": [per scale [n, ...]], "labels": [n], "index": [n], optional
+    "features": [n, ...]}, e.g. memory-mapped `torch.load` results; only labels and index (int64 [n])
+    are gathered into memory.
+    """
+
+    def __init__(self, shards: Sequence[dict]) -> None:
+        self.shards = list(shards)
+        if self.shards:
+            num_scales = len(self.shards[0]["tokens"])
+            has_features = "features" in self.shards[0]
+            for k, shard in enumerate(self.shards):
+                if len(shard["tokens"]) != num_scales or ("features" in shard) != has_features:
+                    raise ValueError(f"token cache shard {k} holds other fields than shard 0")
+        sizes = [int(s["labels"].shape[0]) for s in self.shards]
+        self._starts = [0]
+        for n in sizes:
+            self._starts.append(self._starts[-1] + n)
+        empty = torch.zeros(0, dtype=torch.long)
+        self.labels = torch.cat([s["labels"] for s in self.shards]).long() if self.shards else empty
+        self.index = torch.cat([s["index"] for s in self.shards]).long() if self.shards else empty.clone()
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[dict, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} cached items")
+        i %= n
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self.shards[k], i - self._starts[k]
 
     def __getitem__(self, i: int) -> dict:
-        out = {"tokens": [t[i] for t in self.tokens], "label": int(self.labels[i]), "index": int(self.index[i])}
-        if self.features is not None:
-            out["features"] = self.features[i]
+        shard, j = self._locate(int(i))
+        # views into the mapped shard: only these pages are read; collate copies them into the batch
+        out = {"tokens": [t[j] for t in shard["tokens"]], "label": int(self.labels[i]), "index": int(self.index[i])}
+        if "features" in shard:
+            out["features"] = shard["features"][j]
         return out
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        """Per scale, every item's tokens concatenated: a copy in memory (for tools and tests)."""
+        if not self.shards:
+            return []
+        return [torch.cat([s["tokens"][k] for s in self.shards]) for k in range(len(self.shards[0]["tokens"]))]
+
+    @property
+    def features(self) -> Optional[torch.Tensor]:
+        """Every item's features concatenated (a copy in memory), or None for a cache without them."""
+        if not self.shards or "features" not in self.shards[0]:
+            return None
+        return torch.cat([s["features"] for s in self.shards])
+
+
+def load_shard(cache_dir: Path, entry: dict) -> dict:
+    """A verified shard, memory-mapped: tensors read their bytes from the file as they are indexed."""
+    path = verify_shard(cache_dir, entry)
+    try:
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"token cache shard {path} cannot be read memory-mapped: {e}") from e
+    missing = [k for k in ("tokens", "labels", "index") if k not in shard]
+    if missing:
+        raise ValueError(f"token cache shard {path} lacks {', '.join(missing)}")
+    return shard
 
 
 def collate_tokens(samples: Sequence[dict]) -> TokenBatch:
@@ -121,14 +182,10 @@ class TokenDataModule(MediaDataModule):
             if not entry["complete"]:
                 raise ValueError(f"token cache {self.cache_dir}: split {split!r} is incomplete "
                                  f"({len(entry['shards'])} shards written); re-run tools/tokenize_dataset.py to finish it")
-            parts = [torch.load(verify_shard(self.cache_dir, s), map_location="cpu", weights_only=True)
-                     for s in entry["shards"]]
+            parts = [load_shard(self.cache_dir, s) for s in entry["shards"]]
             if not parts:
                 continue
-            tokens = [torch.cat([p["tokens"][k] for p in parts]) for k in range(len(parts[0]["tokens"]))]
-            feats = torch.cat([p["features"] for p in parts]) if "features" in parts[0] else None
-            datasets[split] = TokenDataset(tokens, torch.cat([p["labels"] for p in parts]),
-                                           torch.cat([p["index"] for p in parts]), feats)
+            datasets[split] = TokenDataset(parts)
         if "train" not in datasets:
             raise ValueError(f"token cache {self.cache_dir} has no train split")
         self.manifest = manifest
@@ -136,9 +193,7 @@ class TokenDataModule(MediaDataModule):
         self.class_names = list(manifest["data"].get("class_names") or [])
         self.num_classes = int(manifest["data"].get("num_classes") or len(self.class_names))
         self.train_dataset = datasets["train"]
-        self.val_dataset = datasets.get("val", TokenDataset([t[:0] for t in datasets["train"].tokens],
-                                                            torch.zeros(0, dtype=torch.long),
-                                                            torch.zeros(0, dtype=torch.long), None))
+        self.val_dataset = datasets.get("val", TokenDataset([]))
         self.test_dataset = datasets.get("test", self.val_dataset)
 
     def _collate_fn(self) -> Callable:

@@ -154,7 +154,12 @@ class ExperimentModule(L.LightningModule):
         # Clipping here (not Trainer.gradient_clip_val) works the same under DDP and FSDP2: the
         # norm of DTensor gradients is the global norm.
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.optim_cfg.grad_clip > 0:
+        if len({getattr(p.grad, "device_mesh", None) for p in params}) > 1:
+            # expert parallelism: DTensor gradients on two meshes, which torch's clip cannot combine
+            from models.parallelize import clip_grad_norm_
+
+            norm = clip_grad_norm_(params, self.optim_cfg.grad_clip)
+        elif self.optim_cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])

@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 from lit_modules.base import OptimConfig
 from lit_modules.trunk import TrunkModule
 from models.ernie3 import Ernie3, Ernie3Config, masked_ce
+from models.io import load_checkpoint
 
 __all__ = ["Ernie3FinetuneModule", "Ernie3Module", "FINETUNE_MODES", "set_dropout"]
 
@@ -270,7 +271,7 @@ class Ernie3FinetuneModule(Ernie3Module):
             raise ValueError(f"model.mode={mode!r} is not one of {list(FINETUNE_MODES)}")
         net = dict(net or {})
         if init_ckpt:
-            saved = torch.load(init_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["net"]
+            saved = load_checkpoint(init_ckpt, what="model.init_ckpt checkpoint")["hyper_parameters"]["net"]
             net = {**saved, **{k: v for k, v in net.items() if k == "dropout"}}
         super().__init__(net, optim, fsdp=fsdp, seed=seed, init_ckpt=init_ckpt)
         self.save_hyperparameters()
@@ -333,6 +334,6 @@ class Ernie3FinetuneModule(Ernie3Module):
 
     def init_state(self, path: str) -> tuple[dict, dict]:
         # a pre-training checkpoint: its network tensors; the classification head starts fresh
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, what="model.init_ckpt checkpoint")
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         return state, ckpt

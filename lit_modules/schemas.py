@@ -179,12 +179,30 @@ def _product(*values) -> int:
     return out
 
 
+def _launchers_from_conf(cs: ConfigStore) -> None:
+    """conf/hydra/launcher/submitit_{local,slurm}.yaml replace hydra-submitit-launcher's configs of
+    the same name (they add a `trainer` field and target hydra_plugins/sparse_ar_launchers.py).
+
+    The plugin stores its configs when Hydra scans for plugins; a YAML of the same name would then be
+    merged into the plugin's schema (deprecated, and it rejects the extra field). Scanning here, once
+    (Plugins is a singleton, later scans reuse it), and dropping the plugin's nodes makes the YAMLs
+    the only configs of those names.
+    """
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    launchers = cs.repo.get("hydra", {}).get("launcher", {})
+    for name in ("submitit_local.yaml", "submitit_slurm.yaml"):
+        launchers.pop(name, None)
+
+
 def register_schemas() -> None:
     """Idempotent: safe to call from train.py, generate.py and tests. Also registers `${mul:a,b}`."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("mul", _product, replace=True)
     cs = ConfigStore.instance()
+    _launchers_from_conf(cs)
     cs.store(group="model", name="lm_schema", node=LMModuleSchema)
     register_data_schemas(cs)  # text / image / video / audio / tokens, derived from the constructors
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)

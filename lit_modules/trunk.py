@@ -35,6 +35,7 @@ from torch import nn
 
 from lit_modules.base import ExperimentModule
 from lit_modules.legacy import upgrade_checkpoint
+from models.io import load_checkpoint
 from models.layers.elastic import EXPERT_RULES, RoutingLimit, keep_experts
 
 __all__ = ["TrunkModule"]
@@ -87,7 +88,10 @@ class TrunkModule(ExperimentModule):
         if mesh is not None:
             from models.parallelize import parallelize
 
-            parallelize(self.network, mesh, blocks_attr=self.blocks_attr, **(fsdp or {}))
+            # trainer=fsdp_ep: lit_modules.parallel.ExpertParallelStrategy carries the expert-parallel size
+            ep = getattr(self.trainer.strategy, "expert_parallel_size", 1)
+            extra = {"expert_parallel_size": ep} if ep > 1 else {}
+            parallelize(self.network, mesh, blocks_attr=self.blocks_attr, **(fsdp or {}), **extra)
 
     # -- knobs and the callbacks' surface ---------------------------------------------------------
 
@@ -201,8 +205,9 @@ class TrunkModule(ExperimentModule):
         """(the network's tensors under current names, the whole checkpoint) of a `model.init_ckpt` file.
 
         Loaded before parallelize(): every rank reads the full tensors, then fully_shard keeps its shard.
+        Weights only (`models.io.load_checkpoint`): a file that would unpickle code is refused.
         """
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, what="model.init_ckpt checkpoint")
         prefix = f"{self.network_attr}."
         state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         return type(self).upgrade_state_dict(state, "")[0], ckpt

@@ -143,3 +143,45 @@ def test_ernie3_trains_every_task_and_generates_on_cuda(tmp_path, data_cache):
     assert len(read_metric(csv)) == 10 and read_metric(csv, "val/loss")
     module = objects["model"].cuda().eval()
     assert module.generate_text(["Born in"], max_new_tokens=4)[0].startswith("Born in")
+
+
+def test_expert_parallel_layer_on_one_cuda_rank_equals_the_plain_layer(tmp_path):
+    """The EP dispatch path (sort, all-to-all, grouped kernels, combine) on a 1-rank NCCL group."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models.moe.layer import MoEConfig, MoELayer
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ref = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_hidden=64, num_shared=1)).cuda()
+        ep = copy.deepcopy(ref)
+        ep.enable_expert_parallel(init_device_mesh("cuda", (1,)))
+        x = torch.randn(2, 7, 32, device="cuda", requires_grad=True)
+        x_ep = x.detach().clone().requires_grad_(True)
+        (y, _), (y_ep, _) = ref(x), ep(x_ep)
+        assert torch.allclose(y, y_ep, atol=1e-5)
+        y.square().sum().backward()
+        y_ep.square().sum().backward()
+        assert torch.allclose(x.grad, x_ep.grad, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mfu_benchmark_quick_on_cuda():
+    """benchmarks/mfu.py's CUDA path (FSDP2 on one device, bf16, eager and compiled) on tiny models."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "mfu.py"), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout[out.stdout.index("{"):])
+    assert "skipped" not in res and res["results"]
+    assert all(r.get("mfu", 0) > 0 for r in res["results"] if "skipped" not in r)

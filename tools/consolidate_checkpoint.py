@@ -6,6 +6,8 @@ The result holds the full (unsharded) weights, hyper-parameters, tokenizer and l
 loads with `LitModule.load_from_checkpoint` or generate.py on one process. Optimiser state is kept
 under `sharded_optimizer_states` in its FSDP2 (parameter-name keyed) layout only with
 --keep-optimizer; resuming a sharded run should use the directory itself.
+Weights only: the directory is checked by `models.io.check_dcp_checkpoint` and `meta.pt` read by
+`models.io.load_checkpoint`, so a checkpoint whose pickles would run code is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: E402
 
 from lit_modules.checkpointing import atomic_torch_save  # noqa: E402
+from models.io import check_dcp_checkpoint, load_checkpoint  # noqa: E402
 
 METADATA_FILENAME = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
 
@@ -32,11 +34,12 @@ def consolidate(src: str | Path, dst: str | Path, keep_optimizer: bool = False) 
         raise NotADirectoryError(f"{src} is not a distributed checkpoint directory")
     if not (src / METADATA_FILENAME).is_file():
         raise FileNotFoundError(f"{src} has no {METADATA_FILENAME}: not a Lightning FSDP2 checkpoint")
+    check_dcp_checkpoint(src)  # before dcp_to_torch_save unpickles its metadata and non-tensor entries
+    checkpoint = load_checkpoint(src / METADATA_FILENAME)
     with tempfile.TemporaryDirectory() as d:
         flat = os.path.join(d, "flat.pt")
         dcp_to_torch_save(str(src), flat)
-        tensors = torch.load(flat, map_location="cpu", weights_only=False)
-    checkpoint = torch.load(src / METADATA_FILENAME, map_location="cpu", weights_only=False)
+        tensors = load_checkpoint(flat)
     checkpoint["state_dict"] = tensors.pop("state_dict")
     optim = [tensors[k] for k in sorted(tensors) if k.startswith("optimizer_")]
     if keep_optimizer:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.io import atomic_torch_save, atomic_write_text  # noqa: E402
+from models.io import atomic_torch_save, atomic_write_text, load_checkpoint  # noqa: E402
 from models.transformer import Transformer, TransformerConfig, upgrade_state_dict  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def convert_state(src: dict[str, torch.Tensor], src_cfg: TransformerConfig, dst:
 def convert(src_path: str | Path, out_dir: str | Path, window: int = 2, trajectory: str = "additive",
             state_dim: int = 64, beta: float = 4.0, schedule: list[list[float]] | None = None) -> dict:
     src_path, out_dir = Path(src_path), Path(out_dir)
-    ckpt = torch.load(src_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(src_path)  # weights only: a file that would unpickle code is refused
     hp = ckpt["hyper_parameters"]
     src_cfg = TransformerConfig.from_dict(dict(hp["net"]))
     net = moue_config_from_moe(dict(hp["net"]), window, trajectory, state_dim, beta)

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from models.io import load_checkpoint, refuse_unsafe_pickle  # noqa: E402
+
 __all__ = ["probe"]
 
 
@@ -30,10 +32,11 @@ def _load(ckpt: str):
     from datamodules.knowledge import KnowledgeDataModule
     from lit_modules.ernie3 import Ernie3Module
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)  # weights only: a file that would unpickle code is refused
     if "ernie3_knobs" not in state:
         raise ValueError(f"{ckpt} is not an ERNIE 3.0 pre-training checkpoint")
-    module = Ernie3Module.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    with refuse_unsafe_pickle(ckpt):
+        module = Ernie3Module.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     hp = dict(state.get("datamodule_hyper_parameters") or {})
     return module, hp, KnowledgeDataModule
 

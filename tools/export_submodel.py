@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models.io import atomic_torch_save, atomic_write_text  # noqa: E402
+from models.io import load_checkpoint as load_weights_only  # noqa: E402
 from models.layers.elastic import EXPERT_RULES, RoutingLimit, depth_layers, keep_experts  # noqa: E402
 from models.moe.moue import window_blocks  # noqa: E402
 from models.transformer import Transformer, TransformerConfig, upgrade_state_dict  # noqa: E402
@@ -41,13 +42,14 @@ __all__ = ["export_submodel", "plan_submodel"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A single-file language-model checkpoint, loaded weights only (a file that would unpickle code is refused)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a distributed (FSDP2) checkpoint; consolidate it first: "
                                 f"python tools/consolidate_checkpoint.py {path} {path.with_suffix('.consolidated.ckpt')}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_weights_only(path)
     if "hyper_parameters" not in ckpt or "net" not in ckpt["hyper_parameters"]:
         raise ValueError(f"{path} is not a language-model checkpoint written by train.py (no hyper_parameters.net)")
     return ckpt

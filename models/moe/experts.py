@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 IMPLS = ("auto", "grouped_mm", "loop")
 
@@ -40,6 +41,11 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return bool(torch.allclose(y.float(), ref.float(), atol=tol * 16, rtol=tol)) and w.grad is not None
     except Exception:  # any failure (unsupported arch, dtype, alignment) just means "use the loop"
         return False
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (differentiable), any other tensor itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -291,7 +297,7 @@ class GroupedExperts(nn.Module):
         """The implementation this call will use ('grouped_mm' or 'loop')."""
         impl = self.impl
         if impl == "auto":
-            impl = _auto_impl(num_pairs, self.num_experts, self.dim, self.hidden, device)
+            impl = _auto_impl(num_pairs, self.num_local_experts, self.dim, self.hidden, device)
         if impl == "grouped_mm" and not grouped_mm_supported(device, dtype):
             impl = "loop"
         if impl == "grouped_mm" and device.type == "cuda":
@@ -301,9 +307,16 @@ class GroupedExperts(nn.Module):
                 impl = "loop"
         return impl
 
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held here: all of them, or this rank's slice under expert parallelism, where w13
+        and w2 are DTensors sharded on dim 0 over the expert-parallel mesh."""
+        return _local(self.w13).shape[0]
+
     def _cast(self, x: torch.Tensor, weight: torch.Tensor | None):
         dt = _compute_dtype(x)
-        return x.to(dt), self.w13.to(dt), self.w2.to(dt), None if weight is None else weight.to(dt)
+        w13, w2 = _local(self.w13), _local(self.w2)
+        return x.to(dt), w13.to(dt), w2.to(dt), None if weight is None else weight.to(dt)
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU per expert on rows sorted by expert: (silu(x w1) * (x w3)) w2, rows scaled by weight_M if given."""

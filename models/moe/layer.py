@@ -14,6 +14,7 @@ from torch import nn
 from models.layers.ffn import SwiGLU
 from models.moe.balance import router_entropy, router_z_loss, switch_aux_loss
 from models.moe.dispatch import DispatchPlan, moe_forward
+from models.moe.expert_parallel import ep_moe_forward
 from models.moe.experts import IMPLS, GroupedExperts
 from models.moe.router import GATES, Router, RouterOutput
 
@@ -112,6 +113,35 @@ class MoELayer(nn.Module):
         self.shared = None
         if cfg.num_shared:
             self.shared = SwiGLU(dim, cfg.num_shared * (cfg.shared_hidden or cfg.expert_hidden))
+        self.ep_mesh = None  # set by enable_expert_parallel
+
+    def enable_expert_parallel(self, ep_mesh) -> None:
+        """Keep only this rank's E/ep experts and route pairs to their owners with all-to-all.
+
+        ep_mesh: a 1-D DeviceMesh over the ranks that split the experts (every rank of it must call
+        this, with the same weights: they are taken from the mesh's first rank). w13 and w2 become
+        DTensors sharded on the expert dim (global shape unchanged, so checkpoints keep one tensor
+        per layer); the router, its bias, the shared experts and the losses stay replicated. Each
+        rank keeps routing its own tokens, so the routed counts a LayerRouting reports are still
+        this rank's, over all E experts (sum them over ranks for the global load).
+        """
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+        if ep_mesh.ndim != 1:
+            raise ValueError(f"expert parallelism needs a 1-D mesh, got {ep_mesh.ndim}-D {ep_mesh}")
+        ep = ep_mesh.size()
+        if self.cfg.num_experts % ep:
+            raise ValueError(f"num_experts={self.cfg.num_experts} is not divisible by the expert-parallel size {ep}")
+        if self.cfg.capacity_factor is not None:
+            raise ValueError("expert parallelism is dropless: capacity_factor must be None (null), "
+                             f"got {self.cfg.capacity_factor}")
+        if self.ep_mesh is not None or isinstance(self.experts.w13, DTensor):
+            raise RuntimeError("expert parallelism is already enabled on this layer (or its experts are sharded)")
+        for name in ("w13", "w2"):
+            w = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(distribute_tensor(w.detach(), ep_mesh, [Shard(0)]),
+                                                     requires_grad=w.requires_grad))
+        self.ep_mesh = ep_mesh
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -127,7 +157,10 @@ class MoELayer(nn.Module):
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
         r = self.router(x_NC, mask_E, top_k)
-        y_NC, plan = moe_forward(x_NC, r, self.experts, self.cfg.capacity_factor)
+        if self.ep_mesh is not None:
+            y_NC, plan = ep_moe_forward(x_NC, r, self.experts, self.cfg.num_experts, self.ep_mesh.get_group())
+        else:
+            y_NC, plan = moe_forward(x_NC, r, self.experts, self.cfg.capacity_factor)
         if self.shared is not None:
             y_NC = y_NC + self.shared(x_NC)
         aux = None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.io import atomic_torch_save
+from models.io import atomic_torch_save, load_checkpoint
 
 __all__ = ["build_tokenizer_from_entry", "file_sha256", "load_media_tokenizer", "save_tokenizer_export",
            "tokenizer_digest"]
@@ -65,10 +65,7 @@ def load_media_tokenizer(path: str | os.PathLike, expect_kind: str | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"cannot read tokenizer checkpoint {path}: {e}") from e
+    ckpt = load_checkpoint(path, what="tokenizer checkpoint")  # weights only: never unpickles code
     if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
         raise ValueError(f"{path} is not a media tokenizer checkpoint (no 'tokenizer' entry)")
     entry = ckpt["tokenizer"]

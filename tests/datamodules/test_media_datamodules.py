@@ -172,10 +172,11 @@ def write_good(path: Path, modality: str, seed: int = 0, frames: int = 6, second
 
 
 SUFFIX = {"image": ".png", "video": ".mp4", "audio": ".wav"}
+# decode="eager" unless a test passes decode="lazy" (the lazy path: tests/datamodules/test_media_lazy.py).
 FILE_DM = {
-    "image": lambda src, **kw: ImageDataModule(source=str(src), **{"image_size": 16, "batch_size": 2, "val_fraction": 0.25, **kw}),
-    "video": lambda src, **kw: VideoDataModule(source=str(src), **{"image_size": 16, "num_frames": 4, "batch_size": 2, "val_fraction": 0.25, **kw}),
-    "audio": lambda src, **kw: AudioDataModule(source=str(src), **{"sample_rate": SR, "clip_seconds": 0.25, "batch_size": 2, "val_fraction": 0.25, **kw}),
+    "image": lambda src, **kw: ImageDataModule(source=str(src), **{"image_size": 16, "batch_size": 2, "val_fraction": 0.25, "decode": "eager", **kw}),
+    "video": lambda src, **kw: VideoDataModule(source=str(src), **{"image_size": 16, "num_frames": 4, "batch_size": 2, "val_fraction": 0.25, "decode": "eager", **kw}),
+    "audio": lambda src, **kw: AudioDataModule(source=str(src), **{"sample_rate": SR, "clip_seconds": 0.25, "batch_size": 2, "val_fraction": 0.25, "decode": "eager", **kw}),
 }
 ITEMS_PER_FILE = {"image": 1, "video": 1, "audio": 2}
 
@@ -191,10 +192,11 @@ def make_folder(root: Path, modality: str) -> list[Path]:
     return files
 
 
+@pytest.mark.parametrize("decode", ["eager", "lazy"])
 @pytest.mark.parametrize("modality", ["image", "video", "audio"])
-def test_folder_labels_from_sub_folders(tmp_path, modality):
+def test_folder_labels_from_sub_folders(tmp_path, modality, decode):
     files = make_folder(tmp_path / "data", modality)
-    dm = built(FILE_DM[modality](tmp_path / "data", labels_from_dirs=True))
+    dm = built(FILE_DM[modality](tmp_path / "data", labels_from_dirs=True, decode=decode))
     assert dm.class_names == ["cats", "dogs"] and dm.num_classes == 2 and dm.num_bad_files == 0
     per_file = ITEMS_PER_FILE[modality]
     assert len(dm.train_dataset) == 3 * per_file and len(dm.val_dataset) == 1 * per_file
@@ -208,7 +210,7 @@ def test_folder_labels_from_sub_folders(tmp_path, modality):
     shape = {"image": (2, 3, 16, 16), "video": (2, 3, 4, 16, 16), "audio": (2, int(0.25 * SR))}[modality]
     assert getattr(batch, key).shape == shape
 
-    unlabelled = built(FILE_DM[modality](tmp_path / "data"))
+    unlabelled = built(FILE_DM[modality](tmp_path / "data", decode=decode))
     assert unlabelled.num_classes == 0 and unlabelled.class_names == []
     assert (unlabelled.train_dataset.labels == -1).all()
 

@@ -110,3 +110,34 @@ def test_tokens_data_config_composes(tmp_path, tok_path):
     assert cfg.data._target_ == "datamodules.tokens.TokenDataModule"
     with pytest.raises(Exception, match="data.cache_dirr"):
         compose_train_cfg(["~experiment", "data=tokens", "data.cache_dirr=x"], tmp_path / "run2")
+
+
+def test_shards_are_memory_mapped_and_equal_the_fully_loaded_cache(tmp_path, tok_path):
+    from datamodules.tokens import TokenDataset, collate_tokens
+
+    cache = tmp_path / "cache"
+    tokenize(str(tok_path), str(cache), DATA, shard_size=3)
+    dm = _load(cache, tok_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shard_files = [cache / s["file"] for s in manifest["splits"]["train"]["shards"]]
+    # the shard files are mapped into this process, not read into it
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else None
+    if maps is not None:
+        assert all(str(f.resolve()) in maps for f in shard_files)
+    # the same items as loading every shard whole and concatenating (the old format of serving)
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in shard_files]
+    loaded = TokenDataset(parts)
+    mapped = dm.train_dataset
+    assert len(mapped) == len(loaded) == 8 and len(mapped.shards) == 3
+    for i in range(len(mapped)):
+        a, b = mapped[i], loaded[i]
+        assert a["label"] == b["label"] and a["index"] == b["index"]
+        assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"]))
+        assert torch.equal(a["features"], b["features"])
+    for k in range(len(parts[0]["tokens"])):
+        assert torch.equal(mapped.tokens[k], torch.cat([p["tokens"][k] for p in parts]))
+    assert torch.equal(mapped.features, torch.cat([p["features"] for p in parts]))
+    batch = collate_tokens([mapped[i] for i in (7, 0, 4)])
+    assert batch.index.tolist() == [int(mapped.index[i]) for i in (7, 0, 4)]
+    with pytest.raises(IndexError):
+        mapped[8]
