@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import random
 from typing import Optional, Sequence
 
-__all__ = ["BiographyCorpus", "TEMPLATES", "generate_biographies", "person_facts", "render_facts"]
+__all__ = ["BiographyCorpus", "TEMPLATES", "check_templates", "fact_cloze_probes", "generate_biographies",
+           "person_facts", "render_facts"]
 
 
 @dataclass
@@ -413,24 +414,42 @@ def render_facts(rng: random.Random, person: dict, facts: list, templates: Optio
     return out
 
 
-def _render(rng: random.Random, person: dict, people: list[dict], world: dict) -> tuple[str, list]:
+def _render(rng: random.Random, person: dict, people: list[dict], world: dict,
+            templates: Optional[Sequence[int]] = None) -> tuple[str, list]:
     """Write one biography and return it with the person's triples."""
     facts = person_facts(person, people, world)
-    sentences = render_facts(rng, person, facts)
+    sentences = render_facts(rng, person, facts, templates)
     return " ".join(s["text"] for s in sentences), [f[2] for f in facts]
 
 
-def generate_biographies(num_people: int = 2000, seed: int = 0) -> BiographyCorpus:
-    """Generate `num_people` fictional biographies and their fact triples from `seed`."""
+def check_templates(templates: Optional[Sequence[int]], key: str = "templates") -> Optional[list[int]]:
+    """Validated template indices (None: all four); `key` names the setting in the error."""
+    if templates is None:
+        return None
+    out = [int(t) for t in templates]
+    if not out or len(set(out)) != len(out) or any(not 0 <= t < 4 for t in out):
+        raise ValueError(f"{key} must be distinct template indices in [0, 3] (or null for all), "
+                         f"got {list(templates)}")
+    return sorted(out)
+
+
+def generate_biographies(num_people: int = 2000, seed: int = 0,
+                         templates: Optional[Sequence[int]] = None) -> BiographyCorpus:
+    """Generate `num_people` fictional biographies and their fact triples from `seed`.
+
+    templates: the sentence templates (indices 0-3 of each relation's four) the biographies are
+    written with; None (all four) is the historical corpus, byte for byte.
+    """
     if num_people < 1:
         raise ValueError(f"num_people must be >= 1, got {num_people}")
+    templates = check_templates(templates)
     rng = random.Random(seed)
     world = _build_world(rng)
     people = _make_people(rng, num_people, world)
 
     documents, triples = [], []
     for person in people:
-        doc, person_triples = _render(rng, person, people, world)
+        doc, person_triples = _render(rng, person, people, world, templates)
         documents.append(doc)
         triples.extend(person_triples)
 
@@ -451,3 +470,66 @@ def generate_biographies(num_people: int = 2000, seed: int = 0) -> BiographyCorp
         if p["mentor"] is not None:
             p["mentor"] = people[p["mentor"]]["name"]
     return BiographyCorpus(documents=documents, triples=triples, people=people, world=world)
+
+
+def _cloze_text(person: dict, relation: str, slots: dict, obj: str, template: int) -> tuple[str, int]:
+    """The fact in template `template` with the subject named in full wherever the template names it,
+    and where the object starts in it (-1 when the template states the object before the subject)."""
+    name, pron = person["name"], _PRONOUNS[person["gender"]]
+    subj = {"S": name, "s": name, "Sp": name + "'s", "sp": name + "'s"}
+    # A marker in place of the object finds its slot, never a look-alike substring elsewhere.
+    marked = {k: v.replace(obj, "\x00") if isinstance(v, str) else v for k, v in slots.items()}
+    text = _TEMPLATES[relation][template].format(**subj, p=pron["p"], s_pron=pron["s"], **marked)
+    start = text.find("\x00")
+    return text.replace("\x00", obj), start if 0 <= text.find(name) < start else -1
+
+
+def fact_cloze_probes(bios: BiographyCorpus, people: Sequence[int], templates: Optional[Sequence[int]] = None,
+                      max_probes: Optional[int] = None, seed: int = 0, max_candidates: Optional[int] = None,
+                      ) -> list[dict]:
+    """Cloze probes for a causal LM: one fact of one person, written in one template, to be continued.
+
+    Every (person, fact, template) with the subject named before the object is a probe (a template
+    that states the object first, "{other} is {sp} {kin}.", cannot be continued and is skipped); they
+    are shuffled by `seed` and the first `max_probes` kept (None: all). Each probe is {'text', 'start', 'end',
+    'answer', 'answers', 'candidates', 'relation', 'template', 'subject'}: the sentence, the character
+    span of the answer (the prompt is text[:start]), the true objects of the subject for the relation
+    (a person can have two hobbies), and the relation's objects over all people to rank the answer
+    among, the other true objects left out (filtered ranking). max_candidates: at most that many
+    candidates (the answer plus distractors drawn by (seed, subject, relation, answer)); None: all.
+
+    people: indices into bios.people; templates: indices 0-3 (None: all four).
+    """
+    templates = check_templates(templates) or [0, 1, 2, 3]
+    if max_candidates is not None and max_candidates < 2:
+        raise ValueError(f"max_candidates must be >= 2 or None, got {max_candidates}")
+    by_name = {p["name"]: p for p in bios.people}
+    objects: dict[str, set] = {}
+    for s, r, o in bios.triples:
+        if s in by_name:
+            objects.setdefault(r, set()).add(o)
+    pool = {r: sorted(v) for r, v in objects.items()}
+
+    found = []
+    for idx in people:
+        person = bios.people[idx]
+        facts = person_facts(person, by_name, bios.world)
+        true: dict[str, list] = {}
+        for relation, _, triple in facts:
+            true.setdefault(relation, []).append(triple[2])
+        for relation, slots, (subject, _, obj) in facts:
+            for t in templates:
+                text, start = _cloze_text(person, relation, slots, obj, t)
+                if start < 0:
+                    continue
+                found.append((text, start, obj, relation, t, subject, true[relation]))
+    random.Random(seed).shuffle(found)
+    probes = []
+    for text, start, obj, relation, t, subject, answers in found[:max_probes]:
+        others = [c for c in pool[relation] if c not in answers]
+        if max_candidates is not None and len(others) > max_candidates - 1:
+            others = random.Random(f"{seed}:{subject}:{relation}:{obj}").sample(others, max_candidates - 1)
+        probes.append({"text": text, "start": start, "end": start + len(obj), "answer": obj,
+                       "answers": list(answers), "candidates": sorted([obj, *others]), "relation": relation,
+                       "template": t, "subject": subject})
+    return probes

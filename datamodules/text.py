@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch import collate_lm
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
-from datamodules.synthetic_bios import BiographyCorpus, generate_biographies
+from datamodules.synthetic_bios import BiographyCorpus, check_templates, fact_cloze_probes, generate_biographies
 from models.io import atomic_write
 from models.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
 
@@ -179,10 +179,14 @@ def build_corpus(
     num_people: int = 2000,
     corpus_seed: int = 0,
     txt_split: str = "paragraph",
+    train_templates: Sequence[int] | None = None,
 ) -> tuple[list[str], BiographyCorpus | None]:
-    """Documents for `source`, plus the BiographyCorpus (with fact triples) when source is "bios"."""
+    """Documents for `source`, plus the BiographyCorpus (with fact triples) when source is "bios".
+
+    train_templates: the biographies are written with these sentence templates only (None: all four).
+    """
     if source == "bios":
-        bios = generate_biographies(num_people=num_people, seed=corpus_seed)
+        bios = generate_biographies(num_people=num_people, seed=corpus_seed, templates=train_templates)
         return list(bios.documents), bios
     return load_documents(source, txt_split=txt_split), None
 
@@ -280,6 +284,9 @@ class TextDataModule(ResumableDataModule):
 
     `source` is "bios" (generated corpus) or a file, directory or glob of .txt/.jsonl/.parquet
     files (a .parquet file: its "text" column). `batch_size` is global; each rank loads `batch_size // world_size`.
+    `train_templates` (bios only): the sentence templates (0-3 of each relation's four) the biographies
+    are written with; the others never appear in the text, so fact probes in them test recall in an
+    unseen wording (`fact_probes`). None (default): all four, the historical corpus.
     """
 
     def __init__(
@@ -298,6 +305,7 @@ class TextDataModule(ResumableDataModule):
         cache_dir: str = "data/cache",
         pin_memory: bool = False,
         txt_split: str = "paragraph",
+        train_templates: list[int] | None = None,
     ) -> None:
         super().__init__()
         # Stored in checkpoints (datamodule_hyper_parameters): tools that continue a run reuse the data.
@@ -312,6 +320,9 @@ class TextDataModule(ResumableDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if txt_split not in ("paragraph", "file"):
             raise ValueError(f"data.txt_split must be 'paragraph' or 'file', got {txt_split!r}")
+        if train_templates is not None and str(source) != "bios":
+            raise ValueError(f"data.train_templates applies to data.source=bios only, got data.source={source!r}")
+        self.train_templates = check_templates(train_templates, "data.train_templates")
         self.source = str(source)
         self.num_people = num_people
         self.corpus_seed = corpus_seed
@@ -347,7 +358,8 @@ class TextDataModule(ResumableDataModule):
 
     def _build(self) -> None:
         """Load or build tokenizer and token streams; idempotent and deterministic on every rank."""
-        docs, bios = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split)
+        docs, bios = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
+                                  self.train_templates)
         train_ids, val_ids = split_documents(len(docs), self.val_fraction, self.split_seed)
         train_docs = [docs[i] for i in train_ids]
         val_docs = [docs[i] for i in val_ids]
@@ -467,6 +479,38 @@ class TextDataModule(ResumableDataModule):
 
     def iter_train_documents(self) -> Iterator[str]:
         """Raw train documents (e.g. for probes); regenerates or rereads the corpus."""
-        docs, _ = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split)
+        docs, _ = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
+                               self.train_templates)
         for i in self.train_doc_ids:
             yield docs[i]
+
+    def fact_probes(self, split: str = "train", max_probes: int | None = 200, seed: int = 0,
+                    max_candidates: int | None = 32) -> list[dict]:
+        """Cloze probes of the biographies' facts (`synthetic_bios.fact_cloze_probes`), each with a
+        'seen' flag: up to `max_probes` in the templates the training text uses and, when
+        `train_templates` holds some out, up to `max_probes` more in the held-out ones.
+
+        split: "train" (people whose biography is trained on) or "val" (held-out people). Needs no
+        tokenizer: the corpus and split are rebuilt from the settings when setup has not run.
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"fact probe split must be 'train' or 'val', got {split!r}")
+        if self.source != "bios":
+            raise ValueError(f"fact probes need the biography corpus (data.source=bios), "
+                             f"got data.source={self.source!r}")
+        bios = self.bios
+        train_ids, val_ids = self.train_doc_ids, self.val_doc_ids
+        if bios is None:
+            docs, bios = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
+                                      self.train_templates)
+            train_ids, val_ids = split_documents(len(docs), self.val_fraction, self.split_seed)
+        people = train_ids if split == "train" else val_ids
+        if not people:
+            raise ValueError(f"the {split} split holds no biographies (data.val_fraction={self.val_fraction})")
+        seen = self.train_templates or [0, 1, 2, 3]
+        probes = []
+        for flag, templates in ((True, seen), (False, [t for t in range(4) if t not in seen])):
+            if templates:
+                found = fact_cloze_probes(bios, people, templates, max_probes, seed, max_candidates)
+                probes.extend({**p, "seen": flag} for p in found)
+        return probes

@@ -8,8 +8,9 @@ Each probe is a sentence in a template the pre-training never used (data.train_t
 out) stating one fact of a person; the fact's object is replaced by [MASK] tokens and every object
 of that relation in the knowledge graph is a candidate. A candidate's score is the mean
 log-probability the masked-LM head gives its tokens at the masked positions (as many [MASK] as it
-has tokens); the prediction is the best-scoring candidate. Prints one JSON object: accuracy,
-chance (mean 1 / number of candidates), per relation.
+has tokens); the prediction is the best-scoring candidate (ties count against the answer). Prints one
+JSON object: accuracy, mean reciprocal rank, chance (mean 1 / number of candidates), per relation;
+the summary is models/fact_recall.py's, which scores causal LMs on the same kind of probes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from models.fact_recall import cloze_parts, rank_of, recall_metrics  # noqa: E402
 from models.io import load_checkpoint, refuse_unsafe_pickle  # noqa: E402
 
 __all__ = ["probe"]
@@ -54,15 +56,14 @@ def probe(ckpt: str, split: str = "train", max_probes: int = 200, cache_dir: str
     probes = dm.cloze_probes(split, held_out, max_probes, seed)
     tok, mask, cls, pad = dm.tokenizer, dm.special("[MASK]"), dm.special("[CLS]"), dm.special("[PAD]")
     model = module.model
-    per_rel: dict[str, list] = {}
-    chance = []
+    records = []
     for p in probes:
-        before, after = " " + p["text"][: p["start"]], p["text"][p["end"]:]
-        left = tok.encode(before.rstrip()) if before.strip() else []
+        before, cands, after = cloze_parts(p, lead=" ")
+        left = tok.encode(before) if before.strip() else []
         rows, spans = [], []
-        for c in p["candidates"]:
-            # the candidate's tokens in context: encode with its leading space, as in running text
-            c_ids = tok.encode((" " if before.endswith(" ") else "") + c)
+        for c in cands:
+            # the candidate's tokens in context: encoded with its leading space, as in running text
+            c_ids = tok.encode(c)
             right = tok.encode(after) if after else []
             ids = [cls] + left + [mask] * len(c_ids) + right
             rows.append((ids, c_ids))
@@ -77,15 +78,13 @@ def probe(ckpt: str, split: str = "train", max_probes: int = 200, cache_dir: str
         scores = []
         for i, ((ids, c_ids), (a, b)) in enumerate(zip(rows, spans)):
             scores.append(float(logp[i, torch.arange(a, b), torch.tensor(c_ids)].mean()))
-        pred = p["candidates"][max(range(len(scores)), key=scores.__getitem__)]
-        per_rel.setdefault(p["relation"], []).append(pred == p["answer"])
-        chance.append(1.0 / len(p["candidates"]))
-    n = sum(len(v) for v in per_rel.values())
+        records.append({"relation": p["relation"], "num_candidates": len(scores),
+                        "rank": rank_of(scores, p["candidates"].index(p["answer"]))})
+    m = recall_metrics(records)
     return {
-        "checkpoint": str(ckpt), "split": split, "templates": held_out, "probes": n,
-        "cloze_accuracy": round(sum(sum(v) for v in per_rel.values()) / max(1, n), 4),
-        "chance": round(sum(chance) / max(1, len(chance)), 4),
-        "per_relation": {r: round(sum(v) / len(v), 4) for r, v in sorted(per_rel.items())},
+        "checkpoint": str(ckpt), "split": split, "templates": held_out, "probes": m["probes"],
+        "cloze_accuracy": round(m["top1"], 4), "mrr": round(m["mrr"], 4), "chance": round(m["chance"], 4),
+        "per_relation": {r: round(v["top1"], 4) for r, v in m["per_relation"].items()},
     }
 
 

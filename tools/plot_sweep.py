@@ -1,0 +1,145 @@
+"""Figures of a Hydra multirun (logger=csv), written as PNG next to the sweep's table (the sweep folder).
+
+    python tools/plot_sweep.py logs/train/multiruns/<date>_<time> [--out DIR] [--group-by experiment]
+
+loss_vs_tokens.png: train/loss and val/loss against tokens seen ((step + 1) x data.batch_size x
+    data.seq_len, as tools/summarize_sweep.py counts them), one line per configuration (the values
+    of the --group-by overrides), its seeds aggregated: the mean line and a min-max band, at the
+    steps every seed logged.
+recall_vs_params.png: the final val/fact_recall (callbacks/fact_recall.py) against total and
+    activated parameters (params/total, params/activated), mean and min-max over seeds per
+    configuration; written only when some job logged val/fact_recall.
+Jobs are read with tools/summarize_sweep.py's code. Prints one JSON object: the aggregated numbers
+plotted and the files written (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.io import atomic_write  # noqa: E402
+from tools.summarize_sweep import group_runs, metric_series  # noqa: E402
+
+__all__ = ["aggregate_curves", "aggregate_recall", "main", "plot_sweep"]
+
+LOSSES = ("train/loss", "val/loss")
+RECALL = "val/fact_recall"
+
+
+def _label(group_by: list[str], key: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(group_by, key) if v) or "all"
+
+
+def aggregate_curves(runs: list[dict], metric: str) -> dict | None:
+    """Mean / min / max over the runs of `metric` at the steps every run logged it (None: none did)."""
+    series = [dict(metric_series(r["rows"], metric)) for r in runs]
+    series = [s for s in series if s]
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    per_step = runs[0]["tokens_per_step"]
+    vals = [[s[t] for s in series] for t in steps]
+    return {"seeds": len(series), "steps": steps, "tokens": [(t + 1) * per_step for t in steps],
+            "mean": [sum(v) / len(v) for v in vals], "min": [min(v) for v in vals], "max": [max(v) for v in vals]}
+
+
+def aggregate_recall(runs: list[dict]) -> dict | None:
+    """Final val/fact_recall over the runs (mean, min, max) with their parameter counts (None: never logged)."""
+    finals = [metric_series(r["rows"], RECALL) for r in runs]
+    finals = [s[-1][1] for s in finals if s]
+    if not finals:
+        return None
+    return {"seeds": len(finals), "mean": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
+            "total": runs[0]["total"], "activated": runs[0]["activated"]}
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), keep_suffix=True)
+    return path
+
+
+def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_by: list[str] | None = None) -> dict:
+    """Write the figures of `sweep_dir` into `out_dir` (default: the sweep folder); returns what was plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep} does not exist")
+    group_by = list(group_by or ["experiment"])
+    groups = group_runs(sweep, group_by)
+    if not groups:
+        raise ValueError(f"no job with a metrics.csv and .hydra/overrides.yaml under {sweep} (train with logger=csv)")
+    out = Path(out_dir) if out_dir is not None else sweep
+    result: dict = {"sweep": str(sweep), "group_by": group_by, "loss": {}, "recall": {}, "files": []}
+
+    for key, runs in groups.items():
+        label = _label(group_by, key)
+        curves = {m: c for m in LOSSES if (c := aggregate_curves(runs, m)) is not None}
+        if curves:
+            result["loss"][label] = curves
+        recall = aggregate_recall(runs)
+        if recall is not None:
+            result["recall"][label] = recall
+
+    panels = [m for m in LOSSES if any(m in c for c in result["loss"].values())]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, metric in zip(axes[0], panels):
+            for label, curves in result["loss"].items():
+                if metric not in curves:
+                    continue
+                c = curves[metric]
+                (line,) = ax.plot(c["tokens"], c["mean"], marker="o" if len(c["tokens"]) < 3 else None,
+                                  label=f"{label} (n={c['seeds']})")
+                ax.fill_between(c["tokens"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("tokens seen")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{metric} vs tokens (mean, min-max over seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        result["files"].append(str(_save(fig, out / "loss_vs_tokens.png")))
+        plt.close(fig)
+
+    if result["recall"]:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+        for ax, count in zip(axes[0], ("total", "activated")):
+            for label, r in result["recall"].items():
+                if r[count] is None:
+                    continue
+                ax.errorbar([r[count]], [r["mean"]], yerr=[[r["mean"] - r["min"]], [r["max"] - r["mean"]]],
+                            fmt="o", capsize=4, label=f"{label} (n={r['seeds']})")
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{count} parameters")
+            ax.set_ylabel(f"final {RECALL}")
+            ax.set_title(f"fact recall vs {count} parameters")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        result["files"].append(str(_save(fig, out / "recall_vs_params.png")))
+        plt.close(fig)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", help="folder for the PNG files (default: the sweep folder)")
+    p.add_argument("--group-by", nargs="+", default=["experiment"])
+    args = p.parse_args(argv)
+    out = plot_sweep(args.sweep_dir, args.out, args.group_by)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
