@@ -1,9 +1,10 @@
 """Colour of a visual tokenizer's reconstructions, per number of scales decoded; prints one JSON object.
 
-    python tools/tokenizer_colour.py TOKENIZER.ckpt [--clips 32] [--frames 9] [--size 32] [--seed 7]
+    python tools/tokenizer_colour.py TOKENIZER.ckpt [--clips 32] [--frames 9] [--size 32] [--seed 7] [--all-frames]
 
 Encodes fresh moving-shapes clips (another data seed than training's 0; an image tokenizer gets
-their first frames) and reports `models/tokenizers/metrics.colour_metrics` of the reconstruction
+their first frames, or with --all-frames every frame of every clip as an image, the same frames a
+video tokenizer sees) and reports `models/tokenizers/metrics.colour_metrics` of the reconstruction
 from the first k scales, k = 1 .. K, plus RGB PSNR. A grey reconstruction has chroma_ratio 0.
 """
 
@@ -31,15 +32,17 @@ def fresh_clips(clips: int, frames: int, size: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def report(ckpt: str, clips: int = 32, frames: int = 9, size: int = 32, seed: int = 7) -> dict:
+def report(ckpt: str, clips: int = 32, frames: int = 9, size: int = 32, seed: int = 7,
+           all_frames: bool = False) -> dict:
     from lit_modules.visual_tokenizer import load_visual_tokenizer
 
     tok = load_visual_tokenizer(ckpt)
     x = fresh_clips(clips, frames, size, seed)
     if not tok.cfg.video:
-        x = x[:, :, 0]
+        x = x.transpose(1, 2).flatten(0, 1) if all_frames else x[:, :, 0]
     tokens = tok.encode(x)
-    out = {"checkpoint": ckpt, "video": tok.cfg.video, "clips": clips, "seed": seed, "scales": []}
+    out = {"checkpoint": ckpt, "video": tok.cfg.video, "clips": clips, "seed": seed,
+           "frames": frames if tok.cfg.video or all_frames else 1, "scales": []}
     for k in range(1, len(tokens) + 1):
         rec = tok.decode(tokens[:k])
         if x.dim() == 4:
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--all-frames", action="store_true", help="image tokenizer: every frame, not the first")
     args = p.parse_args(argv)
-    res = report(args.ckpt, args.clips, args.frames, args.size, args.seed)
+    res = report(args.ckpt, args.clips, args.frames, args.size, args.seed, args.all_frames)
     print(json.dumps(res, indent=1))
     return res
 

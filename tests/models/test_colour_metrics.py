@@ -62,3 +62,31 @@ def test_clip_strip_writes_a_png_of_clips_and_reconstructions(tiny_tokenizer, tm
         assert im.size == (5 * 17 + 1, 4 * 17 + 1) and im.mode == "RGB"
     with pytest.raises(ValueError, match="--tokenizer or --videoar"):
         clip_strip(str(tmp_path / "none.png"))
+
+
+def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
+    import argparse
+
+    import models.tokenizers.causal_conv as cc
+    from tools.colour_ablation import build, main
+
+    def args(**kw):
+        base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0)
+        return argparse.Namespace(**{**base, **kw})
+
+    net = build(args(current_init="2d", past_rate=0.03))
+    convs = [m for m in net.modules() if isinstance(m, cc.CausalConv3d) and m.kt > 1]
+    assert convs and all(float(m.conv.weight[:, :, :-1].abs().max()) == 0.0 for m in convs)
+    # the temporal downsampling still starts as the identity on its own frame
+    down = next(m for m in net.modules() if isinstance(m, cc.TimeDownsample)).conv.conv.weight
+    c = down.shape[0]
+    assert torch.equal(down[torch.arange(c), torch.arange(c), -1, 1, 1], torch.ones(c))
+    # past_rate a: the effective past slices are a x the stored ones (Adam moves them a times as fast)
+    net = build(args(past_rate=0.5))
+    conv = next(m for m in net.modules() if isinstance(m, cc.CausalConv3d) and m.kt > 1).conv
+    stored = conv.parametrizations.weight.original
+    assert torch.allclose(conv.weight[:, :, :-1], 0.5 * stored[:, :, :-1]) and torch.equal(conv.weight[:, :, -1], stored[:, :, -1])
+    net = build(args(time_stride=1, time_kernel=1))
+    assert all(m.kt == 1 for m in net.modules() if isinstance(m, cc.CausalConv3d))
+    res = main(["--steps", "1", "--batch", "2", "--train-clips", "2", "--eval-clips", "2", "--eval-every", "1"])
+    assert [h["step"] for h in res["history"]] == [0, 1] and 0 <= res["final"]["chroma_ratio"] < 5
