@@ -47,3 +47,13 @@ def run_train_cli(args: list[str], timeout: int = 600, check: bool = True) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def resume_trainer(**kw):
+    """A quiet one-process CPU Trainer for the exact-resume tests (no validation; checkpoints only
+    when callbacks are given)."""
+    import lightning as L
+
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=bool(kw.get("callbacks")),
+                     use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0, **kw)

@@ -24,6 +24,7 @@ from datamodules import (
 from datamodules.media_io import write_audio, write_video
 from datamodules.synthetic_shapes import render_moving_shapes
 from tests.conftest import compose_train_cfg
+from tests.helpers import resume_trainer
 
 SR = 8000
 
@@ -413,10 +414,7 @@ def test_lightning_mid_epoch_resume_replays_the_remaining_batches(tmp_path):
     def data():
         return VideoDataModule(num_clips=16, num_frames=2, image_size=8, batch_size=4, val_fraction=0.0)
 
-    def trainer(**kw):
-        return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(kw.get("callbacks")),
-                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0, **kw)
+    trainer = resume_trainer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -24,6 +24,7 @@ from tests.datamodules.test_media_datamodules import (
     make_folder,
     write_good,
 )
+from tests.helpers import resume_trainer
 
 KEY = {"image": "pixels", "video": "pixels", "audio": "waveform"}
 
@@ -169,7 +170,6 @@ def test_decode_setting_is_checked():
 
 
 def test_lightning_resume_with_lazy_files_and_a_bad_file_replays_the_same_batches(tmp_path):
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -194,10 +194,7 @@ def test_lightning_resume_with_lazy_files_and_a_bad_file_replays_the_same_batche
     def data():
         return FILE_DM["video"](root, decode="lazy", on_bad_file="skip", val_fraction=0.0, batch_size=3)
 
-    def trainer(**kw):
-        return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(kw.get("callbacks")),
-                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0, **kw)
+    trainer = resume_trainer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,6 +12,7 @@ from datamodules import LMBatch, TextDataModule
 from datamodules.synthetic_bios import generate_biographies
 from datamodules.text import load_documents, pack_documents, split_documents
 from models.tokenizers import BPETokenizer
+from tests.helpers import resume_trainer
 
 SMALL = dict(num_people=120, vocab_size=400, seq_len=32, batch_size=4)
 
@@ -280,10 +281,7 @@ def test_lightning_resume_replays_exactly_the_remaining_batches(tmp_path, checkp
         return TextDataModule(num_people=30, tokenizer="byte", seq_len=64, batch_size=16,
                               cache_dir=str(cache), num_workers=num_workers)
 
-    def trainer(**kw):
-        return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(kw.get("callbacks")),
-                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0, **kw)
+    trainer = resume_trainer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
