@@ -76,21 +76,22 @@ PEAK_BF16 = {
     "mi250x": 383e12,
 }
 
-# name -> (TransformerConfig fields, batch size, sequence length)
+_FULL_DENSE = dict(n_layers=12, d_model=2048, n_heads=16, n_kv_heads=16, vocab_size=32768, max_seq_len=2048)
+_QUICK_DENSE = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, vocab_size=256, max_seq_len=64)
+
+# name -> (TransformerConfig fields, batch size, sequence length); each MoE is its dense twin plus the FFN
 SIZES = {
     "full": {
         # ~0.67B parameters; ~1.9B total / ~0.67B activated for the MoE (8 experts, top-2, each
         # expert a quarter of the dense FFN... times 2 active = the dense FFN's width).
-        "dense": dict(n_layers=12, d_model=2048, n_heads=16, n_kv_heads=16, vocab_size=32768, max_seq_len=2048),
-        "moe": dict(n_layers=12, d_model=2048, n_heads=16, n_kv_heads=16, vocab_size=32768, max_seq_len=2048,
-                    ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=2816)),
+        "dense": _FULL_DENSE,
+        "moe": dict(_FULL_DENSE, ffn="moe", moe=dict(num_experts=8, top_k=2, expert_hidden=2816)),
         "batch_size": 4,
         "seq_len": 2048,
     },
     "quick": {
-        "dense": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, vocab_size=256, max_seq_len=64),
-        "moe": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, vocab_size=256, max_seq_len=64,
-                    ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=64)),
+        "dense": _QUICK_DENSE,
+        "moe": dict(_QUICK_DENSE, ffn="moe", moe=dict(num_experts=4, top_k=2, expert_hidden=64)),
         "batch_size": 2,
         "seq_len": 32,
     },

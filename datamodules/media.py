@@ -37,10 +37,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from pathlib import Path
 import random
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -439,41 +440,32 @@ class MediaDataModule(ResumableDataModule):
         if self.bad_files:
             log.warning("left out %d bad %s file(s) of %d", len(self.bad_files), self.modality, num_files)
 
-    def _load_files(self) -> tuple[list[torch.Tensor | None], list[int], list[str]]:
-        """Decode every file (None for a skipped bad file); labels and names of the groups."""
+    def _scan_files(self, read: Callable[[Path], Any], size: Callable[[Any], int]) -> tuple[list, list[int], list[str]]:
+        """`read` every listed file (None for a skipped bad file; `size` of a result 0 = a short file
+        counted and left out); labels and names of the groups."""
         files, labels = self._list_files()
-        groups: list[torch.Tensor | None] = []
+        results: list = []
         for path in files:
             try:
                 self._check_suffix(path)
-                items = self._file_items(path)
+                result = read(path)
             except MediaDecodeError as e:
                 self._bad_in_setup(path, e)
-                items = None
-            if items is not None and items.shape[0] == 0:
+                result = None
+            if result is not None and size(result) == 0:
                 self._short_files.add(str(path))
                 self.num_short_skipped += 1
-            groups.append(items)
+            results.append(result)
         self._check_not_all_bad(len(files))
-        return groups, labels, [str(f) for f in files]
+        return results, labels, [str(f) for f in files]
+
+    def _load_files(self) -> tuple[list[torch.Tensor | None], list[int], list[str]]:
+        """Eager setup: decode every file (None for a skipped bad file); labels and names of the groups."""
+        return self._scan_files(self._file_items, lambda items: items.shape[0])
 
     def _count_files(self) -> tuple[list[int | None], list[int], list[str]]:
         """Lazy setup: items per file without decoding it (None for a skipped bad file); labels; names."""
-        files, labels = self._list_files()
-        counts: list[int | None] = []
-        for path in files:
-            try:
-                self._check_suffix(path)
-                n = self._file_item_count(path)
-            except MediaDecodeError as e:
-                self._bad_in_setup(path, e)
-                n = None
-            if n == 0:
-                self._short_files.add(str(path))
-                self.num_short_skipped += 1
-            counts.append(n)
-        self._check_not_all_bad(len(files))
-        return counts, labels, [str(f) for f in files]
+        return self._scan_files(self._file_item_count, int)
 
     def _build(self) -> None:
         self.bad_files, self.bad_file_reasons, self.num_short_skipped = [], {}, 0

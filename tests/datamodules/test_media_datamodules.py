@@ -435,7 +435,6 @@ def test_lightning_mid_epoch_resume_replays_the_remaining_batches(tmp_path):
 def test_resume_from_the_final_last_ckpt_of_a_run_that_never_validated(tmp_path, kind, where):
     """The project's ModelCheckpoint, monitoring a metric never logged (no validation): the only
     checkpoint is the `last.ckpt` of the final step, and resuming from it replays exactly the rest."""
-    import lightning as L
 
     from callbacks.checkpoint import ModelCheckpoint
 
@@ -445,23 +444,19 @@ def test_resume_from_the_final_last_ckpt_of_a_run_that_never_validated(tmp_path,
     def data():
         return SYNTH[kind](batch_size=4, val_fraction=0.0)
 
-    def trainer(**kw):
-        return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, **kw)
+    trainer = resume_trainer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = Recorder()
-        trainer(max_epochs=2, enable_checkpointing=False).fit(reference, datamodule=data())
+        trainer(max_epochs=2).fit(reference, datamodule=data())
         per_epoch = len(reference.seen) // 2
         stop = per_epoch + 2 if where == "mid_epoch" else per_epoch
         callback = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True)
         trainer(max_steps=stop, callbacks=[callback]).fit(Recorder(), datamodule=data())
         assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
         resumed = Recorder()
-        trainer(max_epochs=2, enable_checkpointing=False).fit(resumed, datamodule=data(),
-                                                             ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        trainer(max_epochs=2).fit(resumed, datamodule=data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert per_epoch >= 3 and resumed.seen == reference.seen[stop:]
 
 
