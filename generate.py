@@ -31,11 +31,18 @@ def load_module(ckpt: str | Path, device: str = "cpu") -> LanguageModelModule:
             f"{path} is a distributed (FSDP2) checkpoint; consolidate it first: "
             f"python tools/consolidate_checkpoint.py {path} {path.with_suffix('.consolidated.ckpt')}"
         )
-    cls = LanguageModelModule
+    cls, extra = LanguageModelModule, {}
     if is_ernie3(path):
         from lit_modules.ernie3 import Ernie3Module as cls  # NLG module generation
+    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+    if "evaluate" in hparams:  # an SFT or RL policy: its architecture is stored; its init checkpoint is not needed
+        if "rl" in hparams:
+            from lit_modules.rl import RLModule as cls
+        else:
+            from lit_modules.sft import SFTModule as cls
+        extra = {"init_ckpt": None}
     with refuse_unsafe_pickle(path):
-        module = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
+        module = cls.load_from_checkpoint(path, map_location=device, weights_only=True, **extra)
     if module.tokenizer is None:
         raise ValueError(f"{path} holds no tokenizer; was it written by lit_modules.lm?")
     return module.to(device).eval()

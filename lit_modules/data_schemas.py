@@ -28,6 +28,7 @@ DATA_SCHEMAS = {
     "tokens_schema": "datamodules.tokens.TokenDataModule",
     "knowledge_schema": "datamodules.knowledge.KnowledgeDataModule",
     "knowledge_finetune_schema": "datamodules.knowledge.KnowledgeFinetuneDataModule",
+    "tasks_schema": "datamodules.tasks.TaskDataModule",
 }
 
 

@@ -21,6 +21,7 @@ from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
 from models.ernie3 import Ernie3Config
+from lit_modules.rl import RLConfig
 
 
 def schema_of(cls: type) -> type:
@@ -145,6 +146,7 @@ class VideoARModuleSchema:
 
 
 Ernie3NetSchema = schema_of(Ernie3Config)
+RLSchema = schema_of(RLConfig)
 
 
 @dataclass
@@ -170,6 +172,32 @@ class Ernie3FinetuneModuleSchema:
     num_classes: int = 0
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0
+
+
+@dataclass
+class EvalSchema:
+    max_new_tokens: int = 16
+    batch: int = 256
+
+
+@dataclass
+class SFTModuleSchema:
+    _target_: str = "lit_modules.sft.SFTModule"
+    net: Optional[dict] = None
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    evaluate: EvalSchema = field(default_factory=EvalSchema)
+    nonfinite: str = "error"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    seed: int = 0
+    init_ckpt: Optional[str] = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class RLModuleSchema(SFTModuleSchema):
+    _target_: str = "lit_modules.rl.RLModule"
+    rl: RLSchema = field(default_factory=RLSchema)
 
 
 def _product(*values) -> int:
@@ -210,3 +238,5 @@ def register_schemas() -> None:
     cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)
     cs.store(group="model", name="ernie3_schema", node=Ernie3ModuleSchema)
     cs.store(group="model", name="ernie3_finetune_schema", node=Ernie3FinetuneModuleSchema)
+    cs.store(group="model", name="sft_schema", node=SFTModuleSchema)
+    cs.store(group="model", name="rl_schema", node=RLModuleSchema)

@@ -43,6 +43,7 @@ SMALL_DATA = {
     "knowledge": ["data.num_people=40", "data.batch_size=2", "data.seq_len=48", "data.vocab_size=512",
                   "data.dlm_segments=2"],
     "knowledge_finetune": ["data.num_people=40", "data.batch_size=2", "data.vocab_size=512"],
+    "tasks": ["data.n_train=64", "data.n_eval=4", "data.batch_size=2", "data.seq_len=48", "data.prompts_per_step=2"],
 }
 TEXT_GROUPS = ("text", "knowledge", "knowledge_finetune")  # share the session's tokenizer cache
 

@@ -31,10 +31,13 @@ class RoutingLimit:
         the others get a -inf routing score before top-k, so they are never picked and get no gradient.
         Shared experts are not routed and always run.
     top_k: experts per token (None = the configured k).
+    replay: a `models.moe.replay.RouteReplay` that records or forces every sparse layer's routed experts
+        (RL routing replay); None = route normally.
     """
 
     kept: Optional[list[list[int]]] = None
     top_k: Optional[int] = None
+    replay: Optional[object] = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and int(self.top_k) < 1:
@@ -43,7 +46,7 @@ class RoutingLimit:
 
     @property
     def is_full(self) -> bool:
-        return self.kept is None and self.top_k is None
+        return self.kept is None and self.top_k is None and self.replay is None
 
     def additive_mask(self, layer: int, num_experts: int, device) -> Optional[torch.Tensor]:
         """[E] float mask of one layer: 0 on its kept experts, -inf elsewhere (None: all kept)."""
@@ -57,10 +60,11 @@ class RoutingLimit:
         return self._masks[key]
 
     def for_layer(self, layer: int, num_experts: int, device) -> Optional[tuple]:
-        """(additive mask or None, top_k or None) for a block's FFN, or None when nothing is limited."""
+        """(additive mask or None, top_k or None, replay or None) for a block's FFN, or None when nothing
+        is limited."""
         if self.is_full:
             return None
-        return self.additive_mask(layer, num_experts, device), self.top_k
+        return self.additive_mask(layer, num_experts, device), self.top_k, self.replay
 
     def check(self, n_layers: int, num_experts: int, default_k: int,
               candidates: Optional[Sequence[Sequence[int]]] = None) -> None:

@@ -150,13 +150,17 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
 
-    def forward(self, x_BTC: torch.Tensor, mask_E: Optional[torch.Tensor] = None, top_k: Optional[int] = None
-                ) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(self, x_BTC: torch.Tensor, mask_E: Optional[torch.Tensor] = None, top_k: Optional[int] = None,
+                replay=None) -> tuple[torch.Tensor, LayerRouting]:
         """mask_E: additive [E] routing mask (elastic width: -inf on experts outside the sub-model);
-        top_k: experts per token for this call (elastic sparsity), None = the configured k."""
+        top_k: experts per token for this call (elastic sparsity), None = the configured k;
+        replay: a `models.moe.replay.RouteReplay` recording or forcing this layer's routes."""
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
-        r = self.router(x_NC, mask_E, top_k)
+        if replay is not None:
+            r = replay.route(self.layer, self.router, x_NC, mask_E, top_k)
+        else:
+            r = self.router(x_NC, mask_E, top_k)
         if self.ep_mesh is not None:
             y_NC, plan = ep_moe_forward(x_NC, r, self.experts, self.cfg.num_experts, self.ep_mesh.get_group())
         else:
@@ -180,6 +184,7 @@ class MoEFFN(MoELayer):
     """A block's MoE FFN, with the trunk's FFN interface: (h, state) -> (y, state, LayerRouting)."""
 
     def forward(self, x_BTC: torch.Tensor, state=None, limit=None):
-        """limit: this layer's (additive expert mask [E] or None, top_k or None) of an elastic sub-model."""
-        y, info = super().forward(x_BTC, *(limit or (None, None)))
+        """limit: this layer's (additive expert mask [E] or None, top_k or None, replay or None)
+        (`RoutingLimit.for_layer`)."""
+        y, info = super().forward(x_BTC, *(limit or (None, None, None)))
         return y, state, info

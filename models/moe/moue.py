@@ -214,9 +214,9 @@ class UniversalRouting(nn.Module):
     def route(self, layer: int, h_ND: torch.Tensor, state_NS: torch.Tensor | None, limit=None):
         """RouterOutput of `layer` for normalised hidden states h and the incoming state.
 
-        limit: (additive [U] mask, top_k) of an elastic sub-model, either part None.
+        limit: (additive [U] mask, top_k, RouteReplay) of `RoutingLimit.for_layer`, any part None.
         """
-        extra, top_k = limit or (None, None)
+        extra, top_k, replay = limit or (None, None, None)
         mask = torch.zeros(self.allowed.shape[1], device=h_ND.device, dtype=torch.float32)
         mask = mask.masked_fill(~self.allowed[layer], float("-inf"))
         if extra is not None:
@@ -225,6 +225,8 @@ class UniversalRouting(nn.Module):
             mask = mask + self.block_bias[layer].float().repeat_interleave(self.block_size)
         inp = h_ND if state_NS is None else torch.cat((h_ND, state_NS.to(h_ND.dtype)), dim=-1)
         router = self.routers[0 if len(self.routers) == 1 else layer]
+        if replay is not None:
+            return replay.route(layer, router, inp, mask, top_k)
         return router(inp, mask, top_k)
 
     def next_state(self, layer: int, state_NS: torch.Tensor | None, topk_idx, topk_weight) -> torch.Tensor | None:
@@ -317,7 +319,7 @@ class UniversalPool(nn.Module):
                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
         """Route `layer`'s tokens into its window of the pool: (y, next trajectory state, LayerRouting).
 
-        limit: (additive [U] mask, top_k) of an elastic sub-model, or None."""
+        limit: (additive [U] mask, top_k, RouteReplay) of `RoutingLimit.for_layer`, or None."""
         out = self.routing.route(layer, h_NC, state, limit)
         cf = self.moe_cfg.capacity_factor
         if self._views is None:

@@ -89,6 +89,17 @@ class Router(nn.Module):
                 topk_weight_Nk = topk_weight_Nk / topk_weight_Nk.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return RouterOutput(topk_idx_Nk, topk_weight_Nk, probs_NE, logits_NE)
 
+    def forced(self, out: RouterOutput, topk_idx_Nk: torch.Tensor) -> RouterOutput:
+        """`out` with its selection replaced by `topk_idx_Nk` (routing replay): the gates are gathered from
+        the current probabilities at those experts (renormalised like a normal call), so they keep their
+        gradient to the router weights."""
+        idx = topk_idx_Nk.to(out.probs.device, torch.long)
+        with torch.autocast(out.probs.device.type, enabled=False):
+            weight = out.probs.gather(1, idx)
+            if self.renormalize:
+                weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return RouterOutput(idx, weight, out.probs, out.logits)
+
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
         """Aux-loss-free step: raise the bias of under-loaded experts, lower it for over-loaded ones.
