@@ -25,7 +25,6 @@ The position in the epoch is checkpointed for an exact resume.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
@@ -39,6 +38,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.jsonl import iter_jsonl, where
 from datamodules.synthetic_bios import TEMPLATES, generate_biographies, person_facts, render_facts
 from models.tokenizers.text import BPETokenizer, ByteTokenizer, TextTokenizer, load_tokenizer
 
@@ -113,25 +113,21 @@ def load_jsonl_corpus(source: str | Path) -> KnowledgeCorpus:
         raise FileNotFoundError(f"data.source={source}: no .jsonl file found")
     docs, entities, relations, unaligned = [], set(), set(), 0
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = row["text"]
-                    triples = [tuple(t) for t in row.get("triples") or []]
-                    if not isinstance(text, str) or any(len(t) != 3 or not all(isinstance(x, str) for x in t)
-                                                        for t in triples):
-                        raise ValueError("text must be a string and each triple three strings")
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{f}:{lineno}: malformed line ({e})") from e
-                sents = [Sentence(s, _stated(s, triples)) for s in _SENT_SPLIT.split(text.strip()) if s]
-                if any(not any(t in s.triples for s in sents) for t in triples):
-                    unaligned += 1
-                docs.append(sents)
-                entities.update(x for t in triples for x in (t[0], t[2]))
-                relations.update(t[1] for t in triples)
+        for lineno, row in iter_jsonl(f):
+            try:
+                text = row["text"]
+                triples = [tuple(t) for t in row.get("triples") or []]
+                if not isinstance(text, str) or any(len(t) != 3 or not all(isinstance(x, str) for x in t)
+                                                    for t in triples):
+                    raise ValueError("text must be a string and each triple three strings")
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{where(f, lineno)}: malformed line ({e})") from e
+            sents = [Sentence(s, _stated(s, triples)) for s in _SENT_SPLIT.split(text.strip()) if s]
+            if any(not any(t in s.triples for s in sents) for t in triples):
+                unaligned += 1
+            docs.append(sents)
+            entities.update(x for t in triples for x in (t[0], t[2]))
+            relations.update(t[1] for t in triples)
     if unaligned:
         log.warning("%d line(s) state a triple that none of their sentences contains (head and tail together)",
                     unaligned)

@@ -12,7 +12,6 @@ Pure Python: no network, no Lightning, no Hydra.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -20,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from datamodules.jsonl import iter_jsonl, where
 from datamodules.synthetic_bios import TEMPLATES, BiographyCorpus, person_facts
 
 __all__ = ["END_MARKER", "QUESTION_TEMPLATES", "SPLITS", "Task", "VERIFIERS", "arithmetic_tasks",
@@ -347,42 +347,29 @@ def load_jsonl_tasks(path: str | os.PathLike, verifier: str = "exact", name: Opt
     _check_verifier(verifier)
     name = name if name is not None else os.path.splitext(os.path.basename(os.fspath(path)))[0]
     tasks = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{os.fspath(path)}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 ({e})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "answer"):
-                if key not in row:
-                    raise ValueError(f"{where}: missing key {key!r}")
-            prompt, answer = row["prompt"], row["answer"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = str(answer)
-            if not isinstance(answer, str):
-                raise ValueError(f"{where}: 'answer' must be a string or a number, got {answer!r}")
-            difficulty = row.get("difficulty", 0)
-            solution = row.get("solution")
-            if isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty < 0:
-                raise ValueError(f"{where}: 'difficulty' must be an int >= 0, got {difficulty!r}")
-            if solution is not None and not isinstance(solution, str):
-                raise ValueError(f"{where}: 'solution' must be a string, got {solution!r}")
-            try:
-                tasks.append(Task(prompt=prompt, answer=answer, name=name, difficulty=difficulty,
-                                  verifier=verifier, solution=solution, meta={"source": where}))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}: {e}") from None
+    for lineno, row in iter_jsonl(path):
+        at = where(path, lineno)
+        for key in ("prompt", "answer"):
+            if key not in row:
+                raise ValueError(f"{at}: missing key {key!r}")
+        prompt, answer = row["prompt"], row["answer"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{at}: 'prompt' must be a non-empty string, got {prompt!r}")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise ValueError(f"{at}: 'answer' must be a string or a number, got {answer!r}")
+        difficulty = row.get("difficulty", 0)
+        solution = row.get("solution")
+        if isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty < 0:
+            raise ValueError(f"{at}: 'difficulty' must be an int >= 0, got {difficulty!r}")
+        if solution is not None and not isinstance(solution, str):
+            raise ValueError(f"{at}: 'solution' must be a string, got {solution!r}")
+        try:
+            tasks.append(Task(prompt=prompt, answer=answer, name=name, difficulty=difficulty,
+                              verifier=verifier, solution=solution, meta={"source": at}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{at}: {e}") from None
     if not tasks:
         raise ValueError(f"{os.fspath(path)}: no tasks (the file is empty)")
     return tasks

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 import glob
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch import collate_lm
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
+from datamodules.jsonl import iter_jsonl, where
 from datamodules.synthetic_bios import BiographyCorpus, check_templates, fact_cloze_probes, generate_biographies
 from models.io import atomic_write
 from models.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
@@ -77,16 +77,9 @@ def _read_txt(path: Path, txt_split: str) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    # Split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings.
-    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{where(path, lineno)}: expected a JSON object with a string 'text' field")
         if record["text"].strip():
             docs.append(record["text"])
     if not docs:
