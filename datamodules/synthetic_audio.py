@@ -10,7 +10,8 @@ Classes (label: name):
 Pitches, tempos, timings and ADSR envelopes (attack, decay, sustain level, release) are random per
 clip; every clip is peak-normalised to a random peak in [0.5, 0.9]. Clip i is drawn from a
 generator seeded with (seed, i), so it does not depend on `num_clips`; labels are balanced (each
-block of `num_classes` consecutive clips holds every class once).
+block of `num_classes` consecutive clips holds every class once). `audio_params(...)` (or
+`render_synthetic_audio(..., return_params=True)`) gives the parameters each clip was drawn with.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["AUDIO_CLASSES", "render_synthetic_audio"]
+__all__ = ["AUDIO_CLASSES", "audio_params", "render_synthetic_audio"]
 
 AUDIO_CLASSES = ("tone", "chord", "chirp", "clicks", "noise_burst")
 
@@ -47,37 +48,49 @@ def _adsr(rng: np.random.Generator, n: int, sr: int) -> tuple[np.ndarray, float,
     return np.interp(np.arange(n) / sr, xs, ys), onset, off
 
 
-def _tone(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float]) -> np.ndarray:
+def _tone(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float],
+          info: dict | None = None) -> np.ndarray:
     f0 = min(_log_uniform(rng, 150.0, 1500.0), 0.2 * sr)
     vib_rate, vib_depth = rng.uniform(3.0, 7.0), rng.uniform(0.0, 0.006)
     # Vibrato as phase modulation: the instantaneous frequency swings by +-vib_depth * f0.
     phase = 2 * math.pi * f0 * t + (vib_depth * f0 / vib_rate) * np.sin(2 * math.pi * vib_rate * t)
     out = np.sin(phase + rng.uniform(0, 2 * math.pi))
+    harmonics = []  # (harmonic number, relative amplitude) of the harmonics actually added
     for h in range(2, 5):
         amp = rng.uniform(0.0, 0.6) / h
         if h * f0 < 0.45 * sr:
             out = out + amp * np.sin(h * phase + rng.uniform(0, 2 * math.pi))
+            harmonics.append((h, float(amp)))
+    if info is not None:
+        info.update(frequency=float(f0), vibrato_rate=float(vib_rate), vibrato_depth=float(vib_depth),
+                    harmonics=harmonics)
     return out
 
 
-def _chord(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float]) -> np.ndarray:
+def _chord(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float],
+           info: dict | None = None) -> np.ndarray:
     root = _log_uniform(rng, 110.0, 440.0)
     third = 4 if rng.random() < 0.5 else 3
     extra = [None, 10, 11, 12][int(rng.integers(0, 4))]
     steps = [0, third, 7] + ([extra] if extra is not None else [])
     out = np.zeros_like(t)
+    played = []
     for s in steps:
         f = root * 2.0 ** (s / 12.0)
         if f >= 0.45 * sr:
             continue
+        played.append(float(f))
         ph = rng.uniform(0, 2 * math.pi)
         out = out + np.sin(2 * math.pi * f * t + ph)
         if 2 * f < 0.45 * sr:
             out = out + 0.3 * np.sin(4 * math.pi * f * t + ph)
+    if info is not None:
+        info.update(root=float(root), third=third, extra=extra, steps=steps, frequencies=played)
     return out
 
 
-def _chirp(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float]) -> np.ndarray:
+def _chirp(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float],
+           info: dict | None = None) -> np.ndarray:
     top = min(4000.0, 0.4 * sr)
     f0 = _log_uniform(rng, 200.0, top / 2.0)
     f1 = _log_uniform(rng, 2.0 * f0, top)
@@ -93,10 +106,14 @@ def _chirp(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, 
     # constant-pitch parts outside the sweep.
     phase = 2 * math.pi * (f0 * dur * (np.exp(k * u / dur) - 1.0) / k
                            + f0 * np.minimum(t - start, 0.0) + f1 * np.maximum(t - start - dur, 0.0))
+    if info is not None:
+        info.update(start_frequency=float(f0), end_frequency=float(f1), sweep_start=float(start),
+                    sweep_duration=float(dur))
     return np.sin(phase)
 
 
-def _clicks(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float]) -> np.ndarray:
+def _clicks(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float],
+            info: dict | None = None) -> np.ndarray:
     # At least ~3 clicks fall inside the note, so the rhythm is audible even in a short one.
     span = max(note[1] - note[0], 1e-3)
     rate = rng.uniform(max(2.0, 3.0 / span), max(8.0, 3.0 / span))
@@ -109,16 +126,21 @@ def _clicks(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float,
     kernel = np.exp(-np.arange(width) / (tau * sr)) * np.sin(2 * math.pi * freq * np.arange(width) / sr)
     onset = start
     dur = n / sr
+    onsets = []
     while onset < dur:
+        onsets.append(float(onset))
         i = int(onset * sr)
         gain = rng.uniform(0.8, 1.2)
         m = min(width, n - i)
         out[i : i + m] += gain * kernel[:m]
         onset += (1.0 / rate) * rng.uniform(0.97, 1.03)  # slight timing jitter, still clearly periodic
+    if info is not None:
+        info.update(rate=float(rate), click_frequency=float(freq), decay=float(tau), onsets=onsets)
     return out
 
 
-def _noise_burst(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float]) -> np.ndarray:
+def _noise_burst(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[float, float],
+                 info: dict | None = None) -> np.ndarray:
     n = len(t)
     noise = rng.standard_normal(n)
     centre = min(_log_uniform(rng, 300.0, 6000.0), 0.35 * sr)
@@ -128,6 +150,8 @@ def _noise_burst(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[f
     octaves = np.log2(np.maximum(f, 1.0) / centre)
     # Smooth (Gaussian in log-frequency) band, so there is no ringing from a brick-wall filter.
     spec *= np.exp(-0.5 * (octaves / (width / 2.0)) ** 2)
+    if info is not None:
+        info.update(centre=float(centre), width_octaves=float(width))
     return np.fft.irfft(spec, n)
 
 
@@ -140,10 +164,19 @@ def render_synthetic_audio(
     sample_rate: int = 16000,
     seed: int = 0,
     num_classes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return_params: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]] | tuple[torch.Tensor, torch.Tensor, list[str], list[dict]]:
     """Waveforms float32 [N, L] in [-1, 1], labels int64 [N] and the class names.
 
     L = round(seconds * sample_rate). num_classes: use only the first k classes (default: all 5).
+    return_params: also return one dict per clip with the parameters it was drawn with (recorded
+    while rendering, so the waveforms are the same either way): "kind", "label", "seconds",
+    "sample_rate", "onset" / "release" (note start / release start, s), "peak", and per kind
+    tone: "frequency", "vibrato_rate", "vibrato_depth", "harmonics" [(h, amp)];
+    chord: "root", "third" (4 major / 3 minor semitones), "extra" (None, 10, 11 or 12 semitones),
+    "steps", "frequencies" (notes played); chirp: "start_frequency", "end_frequency",
+    "sweep_start", "sweep_duration"; clicks: "rate" (per s), "click_frequency", "decay", "onsets";
+    noise_burst: "centre" (Hz), "width_octaves".
     """
     k = len(AUDIO_CLASSES) if num_classes is None else int(num_classes)
     if not 1 <= k <= len(AUDIO_CLASSES):
@@ -160,12 +193,27 @@ def render_synthetic_audio(
         labels[block * k : (block + 1) * k] = perm[: num_clips - block * k]
     t = np.arange(n) / sample_rate
     waves = np.zeros((num_clips, n), dtype=np.float32)
+    params: list[dict] = []
     for i in range(num_clips):
         rng = np.random.default_rng([seed, 0, i])
         env, onset, release = _adsr(rng, n, sample_rate)
-        x = _RENDERERS[labels[i]](rng, t, sample_rate, (onset, release)) * env
+        info = {"kind": AUDIO_CLASSES[labels[i]], "label": int(labels[i]), "seconds": n / sample_rate,
+                "sample_rate": int(sample_rate), "onset": float(onset), "release": float(release)}
+        x = _RENDERERS[labels[i]](rng, t, sample_rate, (onset, release), info) * env
         peak = float(np.max(np.abs(x)))
+        info["peak"] = 0.0
         if peak > 0:
-            x = x * (rng.uniform(0.5, 0.9) / peak)
+            info["peak"] = float(rng.uniform(0.5, 0.9))
+            x = x * (info["peak"] / peak)
         waves[i] = x
+        params.append(info)
+    if return_params:
+        return torch.from_numpy(waves), torch.from_numpy(labels), list(AUDIO_CLASSES[:k]), params
     return torch.from_numpy(waves), torch.from_numpy(labels), list(AUDIO_CLASSES[:k])
+
+
+def audio_params(num_clips: int, seconds: float, sample_rate: int = 16000, seed: int = 0,
+                 num_classes: int | None = None) -> list[dict]:
+    """The per-clip parameters `render_synthetic_audio` draws for the same arguments (see its
+    `return_params`). Renders the clips to get them, since some draws are interleaved with synthesis."""
+    return render_synthetic_audio(num_clips, seconds, sample_rate, seed, num_classes, return_params=True)[3]

@@ -12,7 +12,8 @@ y axis; "slow" is 0.5-0.9 and "fast" 1.6-2.4 pixels per frame at 32 px (scaled w
 Bouncing off a wall flips a velocity component, which keeps both the axis and the speed, so the
 class is visible in every part of a clip however long it is. With `num_classes < 12` only labels
 `0 .. num_classes - 1` occur (e.g. 4 = circles in the four motion groups). `class_names()` gives
-the names ("circle-horizontal-slow", ...).
+the names ("circle-horizontal-slow", ...). `clip_params(...)` returns the per-clip parameters
+(shapes, colours, velocities, background, ...) that the renderer draws for the same arguments.
 
 Distractors (smaller circles, squares and triangles) move in any direction at 0.3-2 px/frame, rotate,
 and bounce; all objects are composited in a random per-clip depth order, so objects occlude each
@@ -37,6 +38,7 @@ __all__ = [
     "NUM_SHAPE_CLASSES",
     "SHAPES",
     "class_names",
+    "clip_params",
     "render_moving_shapes",
 ]
 
@@ -259,6 +261,53 @@ def _render_chunk(params: list[dict], num_frames: int, size: int) -> torch.Tenso
     return (img * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
 
 
+def _draw_params(num_clips: int, num_frames: int, size: int, seed: int, num_classes: int, background: str,
+                 num_distractors: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """Validate the arguments, then draw the labels and every clip's parameters (shared by the
+    renderer and `clip_params`, so both see the very same draws)."""
+    if num_clips < 0 or num_frames < 1 or size < 4:
+        raise ValueError(f"need num_clips >= 0, num_frames >= 1, size >= 4; got {num_clips}, {num_frames}, {size}")
+    _check_num_classes(num_classes)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    lo_d, hi_d = int(num_distractors[0]), int(num_distractors[1])
+    if not 0 <= lo_d <= hi_d:
+        raise ValueError(f"num_distractors must be (min, max) with 0 <= min <= max, got {num_distractors}")
+    labels = _balanced_labels(num_clips, num_classes, seed)
+    params = [_clip_params(i, seed, int(labels[i]), size, 1 + hi_d, (lo_d, hi_d), background)
+              for i in range(num_clips)]
+    return labels, params
+
+
+def clip_params(
+    num_clips: int,
+    num_frames: int = 1,
+    size: int = 32,
+    seed: int = 0,
+    num_classes: int = NUM_SHAPE_CLASSES,
+    background: str = "mixed",
+    num_distractors: tuple[int, int] = (1, 3),
+) -> list[dict]:
+    """The per-clip parameters `render_moving_shapes` draws for the same arguments (nothing rendered).
+
+    One dict per clip (numpy values, object slot 0 = main object, later slots = distractors):
+    "shape" [K] (index into SHAPES, -1 = unused slot), "radius" [K] px, "pos" [K, 2] (x, y) px at
+    frame 0, "vel" [K, 2] px/frame (before any bounce; +y points down), "angle0" [K], "spin" [K]
+    rad/frame, "color" [K, 3] RGB in [0, 1], "depth" [K] (compositing rank, higher = in front),
+    "bound" [K] px, "motion" (index into MOTIONS), background draws ("texture", "bg_colors", ...),
+    plus "label", "size", "num_frames" and "background" ("plain" or the texture name:
+    "gradient", "stripes", "noise", "checker"). Mutating the dicts does not affect rendering.
+    """
+    labels, params = _draw_params(num_clips, num_frames, size, seed, num_classes, background, num_distractors)
+    out = []
+    for label, p in zip(labels, params):
+        q = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+        q.update(label=int(label), size=int(size), num_frames=int(num_frames),
+                 background=_TEXTURES[p["texture"]] if p["texture"] >= 0 else "plain")
+        out.append(q)
+    return out
+
+
 def render_moving_shapes(
     num_clips: int,
     num_frames: int,
@@ -280,18 +329,8 @@ def render_moving_shapes(
     i + 0.5), "radius" [N, K], "depth" [N, K] (compositing rank, higher = in front).
     chunk: clips rasterised at once (bounds memory at ~chunk * T * K * H * W floats).
     """
-    if num_clips < 0 or num_frames < 1 or size < 4:
-        raise ValueError(f"need num_clips >= 0, num_frames >= 1, size >= 4; got {num_clips}, {num_frames}, {size}")
-    _check_num_classes(num_classes)
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
-    lo_d, hi_d = int(num_distractors[0]), int(num_distractors[1])
-    if not 0 <= lo_d <= hi_d:
-        raise ValueError(f"num_distractors must be (min, max) with 0 <= min <= max, got {num_distractors}")
-    max_objects = 1 + hi_d
-    labels = _balanced_labels(num_clips, num_classes, seed)
-    params = [_clip_params(i, seed, int(labels[i]), size, max_objects, (lo_d, hi_d), background)
-              for i in range(num_clips)]
+    labels, params = _draw_params(num_clips, num_frames, size, seed, num_classes, background, num_distractors)
+    max_objects = 1 + int(num_distractors[1])
     videos = torch.empty(num_clips, num_frames, size, size, 3, dtype=torch.uint8)
     for start in range(0, num_clips, max(1, chunk)):
         videos[start : start + chunk] = _render_chunk(params[start : start + chunk], num_frames, size)
