@@ -207,7 +207,7 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
 
     net: overrides of the init checkpoint's `model.net` (the architecture itself without one).
     rl: RLConfig fields. evaluate: EvalConfig fields (held-out accuracy at each validation, greedy, with
-    the rollout copy). init_ckpt: the starting policy (an SFT checkpoint).
+    the policy itself). init_ckpt: the starting policy (an SFT checkpoint).
     Attributes for callbacks: `last_rl` (the last step's measurements, documented in
     callbacks/rl_monitor.py) and `rl_cfg`.
     """
@@ -506,14 +506,18 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
                            for n, r in enumerate(ro.responses)], dtype=torch.float32)
         return ok.view(-1, G).amax(1)
 
+    # Held-out accuracy is measured on the policy itself (float32, greedy; under FSDP2 every rank decodes the
+    # same prompts in step), not on the rollout copy: a bf16 copy would add its own rounding to the number.
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.trainer.sanity_checking:
-            self.log_task_accuracy("val", self.refresh_rollout())
+            with torch.no_grad():
+                self.log_task_accuracy("val", self.model)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        self.log_task_accuracy("test", self.refresh_rollout())
+        with torch.no_grad():
+            self.log_task_accuracy("test", self.model)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
