@@ -4,10 +4,12 @@ decode="lazy" (the default for files): `setup()` only lists the files and makes 
 splits; each item is decoded when the DataLoader asks for it, in its worker processes, so memory
 does not grow with the data set (about one file per worker, plus the prefetched batches).
 Audio files are an exception only in that setup reads each file's header (no samples) to count
-its clips. decode="eager" decodes every file once in `setup()` and keeps it in memory (uint8
-pixels, float32 audio), roughly num_items * item_bytes, e.g. 10k clips of 9 x 64 x 64 RGB frames =
-1.1 GB, in exchange for finding every bad file before the first step. The embedded synthetic
-data sets are always generated in memory.
+its clips; so are video files cut into several clips (clips_per_video != 1 or random_offset), whose
+packets setup reads (nothing decoded) to count their frames. decode="eager" decodes every file
+once in `setup()` and keeps it in memory (uint8 pixels, float32 audio), roughly num_items *
+item_bytes, e.g. 10k clips of 9 x 64 x 64 RGB frames = 1.1 GB (several clips per video: the frames
+their windows span, each frame once), in exchange for finding every bad file before the first step.
+The embedded synthetic data sets are always generated in memory.
 
 Common arguments (all three DataModules):
     source: "synthetic" (embedded generators) or a folder (searched recursively; files with other
@@ -35,16 +37,18 @@ Common arguments (all three DataModules):
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
+import math
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from datamodules.batch import collate_audio, collate_visual
@@ -65,13 +69,17 @@ from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, render_
 
 __all__ = [
     "AudioDataModule",
+    "EpochTaggedSampler",
     "ImageDataModule",
     "LazyMediaDataset",
     "MediaDataModule",
     "MediaDataset",
+    "VideoClipDataset",
     "VideoDataModule",
+    "clip_layout",
     "resolve_media_files",
     "split_groups",
+    "window_offset",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,6 +202,10 @@ class MediaDataset(Dataset):
                 **self.extra}
 
 
+class _ShortFile(Exception):
+    """A file that short_clip=skip leaves out, found while loading (the message names it)."""
+
+
 class LazyMediaDataset(Dataset):
     """Items decoded on access: item i is row `segments[i]` of `decode(files[i])` (a file's stacked items).
 
@@ -223,6 +235,7 @@ class LazyMediaDataset(Dataset):
         self.modality = modality
         self._passed: dict[str, tuple[str, str]] = {}  # path -> (kind, reason), found by this process
         self._last: tuple[str, torch.Tensor] | None = None
+        self.epoch = 0  # used for a plain integer index (the loaders pass (index, epoch) where it matters)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -242,7 +255,22 @@ class LazyMediaDataset(Dataset):
         log.warning("skipping bad %s file: %s", self.modality, reason)
         return "bad", reason
 
-    def __getitem__(self, idx: int) -> dict:
+    def _load(self, j: int, epoch: int) -> torch.Tensor:
+        """The stored item j (epoch: see `__getitem__`); MediaDecodeError for a bad file, _ShortFile for
+        a file that short_clip=skip leaves out."""
+        path, seg = self.files[j], self.segments[j]
+        items = self._items(path)
+        if seg < items.shape[0]:
+            return items[seg]
+        if items.shape[0] == 0:
+            raise _ShortFile(f"{path}: shorter than requested (short_clip=skip)")
+        raise MediaDecodeError(f"{path}: decoded to {items.shape[0]} item(s), but its header promised at "
+                               f"least {seg + 1}")
+
+    def __getitem__(self, idx: int | tuple[int, int]) -> dict:
+        # idx may be (index, epoch), as `EpochTaggedSampler` yields it: datasets whose items depend on
+        # the epoch (random clip offsets) read it from there, as the index reaches worker processes.
+        idx, epoch = idx if isinstance(idx, tuple) else (idx, self.epoch)
         n = len(self)
         if not -n <= idx < n:
             raise IndexError(f"index {idx} out of range for {n} items")
@@ -250,29 +278,118 @@ class LazyMediaDataset(Dataset):
         skipped: list[tuple[str, str, str]] = []
         for step in range(n):
             j = (idx + step) % n
-            path, seg = self.files[j], self.segments[j]
+            path = self.files[j]
             passed = self._passed.get(path)
             if passed is None:
                 try:
-                    items = self._items(path)
+                    item = self._load(j, int(epoch))
+                except _ShortFile as e:
+                    passed = ("short", str(e))
                 except MediaDecodeError as e:
                     passed = self._fail(path, j, str(e))
                 else:
-                    if seg < items.shape[0]:
-                        sample = {self.key: self.convert(items[seg]), "label": int(self.labels[j]), "index": j,
-                                  **self.extra}
-                        if skipped:
-                            sample["skipped"] = tuple(skipped)
-                        return sample
-                    if items.shape[0] == 0:
-                        passed = ("short", f"{path}: shorter than requested (short_clip=skip)")
-                    else:
-                        passed = self._fail(path, j, f"{path}: decoded to {items.shape[0]} item(s), but its "
-                                                     f"header promised at least {seg + 1}")
+                    sample = {self.key: self.convert(item), "label": int(self.labels[j]), "index": j, **self.extra}
+                    if skipped:
+                        sample["skipped"] = tuple(skipped)
+                    return sample
                 self._passed[path] = passed
             skipped.append((path, *passed))
         raise ValueError(f"every {self.modality} file of this split ({n} items) is bad or too short "
                          f"(first: {skipped[0][2]})")
+
+
+class VideoClipDataset(LazyMediaDataset):
+    """Clips cut from the frames of video files: item i is window `segments[i]` of `files[i]`.
+
+    Window k of a file holds `num_frames` frames from frame offset + k * clip_stride, where offset =
+    `window_offset(seed, epoch, file_ids[i], spans[i])` (always 0 where spans[i] is 1, as in val/test).
+    The epoch comes with the index, (index, epoch), from `EpochTaggedSampler` (so it reaches worker
+    processes with each index); a plain integer index uses `self.epoch`.
+    frames: path -> the file's kept frames, uint8 [t, 3, H, W] (decode="eager"; a short padded file is
+    stored padded). None (decode="lazy"): an item decodes its file's frames up to its window's end,
+    `decode(path, n)`; the last file's frames are kept for the next item of the same file. A file that
+    decodes to fewer frames than counted is a bad file, replaced as in `LazyMediaDataset`.
+    """
+
+    def __init__(self, files: Sequence[str], segments: Sequence[int], labels: torch.Tensor, key: str,
+                 convert: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[Path, int], torch.Tensor], *,
+                 file_ids: Sequence[int], spans: Sequence[int], num_frames: int, clip_stride: int,
+                 short_clip: str, seed: int, frames: dict[str, torch.Tensor] | None = None,
+                 extra: dict | None = None, on_bad_file: str = "error", modality: str = "video") -> None:
+        super().__init__(files, segments, labels, key, convert, decode, extra, on_bad_file, modality)
+        if not len(file_ids) == len(spans) == len(self.files):
+            raise ValueError(f"{len(self.files)} files, {len(file_ids)} file ids and {len(spans)} spans")
+        self.file_ids = [int(i) for i in file_ids]
+        self.spans = [int(s) for s in spans]
+        self.num_frames = num_frames
+        self.clip_stride = clip_stride
+        self.short_clip = short_clip
+        self.seed = seed
+        self.frames = frames
+        self._cached: tuple[str, int, torch.Tensor] | None = None  # (path, frames asked for, frames)
+
+    @property
+    def epoch_dependent(self) -> bool:
+        """Whether any window moves with the epoch (random_offset, train split)."""
+        return any(s > 1 for s in self.spans)
+
+    def window_start(self, j: int, epoch: int) -> int:
+        """First frame of item j's window in `epoch`."""
+        offset = window_offset(self.seed, epoch, self.file_ids[j], self.spans[j])
+        return offset + self.segments[j] * self.clip_stride
+
+    def _file_frames(self, path: str, need: int) -> torch.Tensor:
+        if self.frames is not None:
+            return self.frames[path]
+        cached = self._cached
+        if cached is not None and cached[0] == path and cached[1] >= need:
+            return cached[2]
+        self._cached = None  # free the previous file before decoding the next
+        frames = self.decode(Path(path), need)
+        if frames.shape[0] < self.num_frames:
+            fitted = fit_clip_length(frames, self.num_frames, self.short_clip)
+            if fitted is None:
+                raise _ShortFile(f"{path}: shorter than requested (short_clip=skip)")
+            frames = fitted
+        self._cached = (path, need, frames)
+        return frames
+
+    def _load(self, j: int, epoch: int) -> torch.Tensor:
+        path = self.files[j]
+        start = self.window_start(j, epoch)
+        end = start + self.num_frames
+        frames = self._file_frames(path, end)
+        if frames.shape[0] < end:
+            raise MediaDecodeError(f"{path}: decoded to {frames.shape[0]} frame(s), but its frame count "
+                                   f"promised at least {end} (clip {self.segments[j]})")
+        return frames[start:end]
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields (index, epoch) for each index of a `ResumableSampler`'s order.
+
+    The epoch is the one whose order is drawn (read when the DataLoader calls iter()); it travels with
+    each index to the worker processes, so a dataset whose items depend on the epoch gets them right with
+    any num_workers, without shared state. set_epoch, len and resuming go to the wrapped sampler.
+    """
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = iter(self.sampler)  # applies a pending resume, which may set the epoch
+        epoch = self.sampler.epoch
+        return iter([(i, epoch) for i in indices])
 
 
 # ---------------------------------------------------------------------------
@@ -470,15 +587,13 @@ class MediaDataModule(ResumableDataModule):
     def _build(self) -> None:
         self.bad_files, self.bad_file_reasons, self.num_short_skipped = [], {}, 0
         self._short_files = set()
-        counts: list[int | None] = []
         if self.is_synthetic:
             groups, labels, names = self._synthetic_groups()
             self.class_names = names
             self.num_classes = len(names)
             group_names = [f"synthetic:{i}" for i in range(len(groups))]
         elif self.is_lazy:
-            counts, labels, group_names = self._count_files()
-            groups = counts
+            groups, labels, group_names = self._count_files()
         else:
             groups, labels, group_names = self._load_files()
         self._record_skipped(self._restored_skips)
@@ -486,27 +601,7 @@ class MediaDataModule(ResumableDataModule):
                                                     self.test_fraction)
         datasets = {}
         for split, ids in (("train", train_ids), ("val", val_ids), ("test", test_ids)):
-            if self.is_lazy:
-                datasets[split] = self._lazy_dataset([i for i in ids if counts[i]], counts, labels, group_names)
-                self.item_sources[split] = list(datasets[split].files)
-                continue
-            parts, part_labels, sources = [], [], []
-            for i in ids:
-                items = groups[i]
-                if items is None or items.shape[0] == 0:
-                    continue
-                parts.append(items)
-                part_labels.append(torch.full((items.shape[0],), labels[i], dtype=torch.long))
-                sources.extend([group_names[i]] * items.shape[0])
-            if parts:
-                items = torch.cat(parts)
-                item_labels = torch.cat(part_labels)
-            else:
-                items = torch.zeros((0, *self._item_shape()), dtype=self._item_dtype())
-                item_labels = torch.zeros(0, dtype=torch.long)
-            datasets[split] = MediaDataset(items, item_labels, self.sample_key, type(self)._convert,
-                                           self._dataset_extra())
-            self.item_sources[split] = sources
+            datasets[split], self.item_sources[split] = self._split_dataset(split, ids, groups, labels, group_names)
         if self.num_short_skipped:
             log.warning("skipped %d %s(s) shorter than requested (short_clip=skip)",
                         self.num_short_skipped, self.modality)
@@ -523,6 +618,31 @@ class MediaDataModule(ResumableDataModule):
         self.test_dataset = datasets["test"] if self.test_fraction > 0 else datasets["val"]
         if self.test_fraction == 0:
             self.item_sources["test"] = self.item_sources["val"]
+
+    def _split_dataset(self, split: str, ids: list[int], groups: list, labels: list[int],
+                       names: list[str]) -> tuple[Dataset, list[str]]:
+        """The dataset of one split's groups `ids`, and the source of each of its items.
+
+        groups: per group, its stacked items (eager, synthetic) or its item count (lazy); None = bad file.
+        """
+        if self.is_lazy:
+            dataset = self._lazy_dataset([i for i in ids if groups[i]], groups, labels, names)
+            return dataset, list(dataset.files)
+        parts, part_labels, sources = [], [], []
+        for i in ids:
+            items = groups[i]
+            if items is None or items.shape[0] == 0:
+                continue
+            parts.append(items)
+            part_labels.append(torch.full((items.shape[0],), labels[i], dtype=torch.long))
+            sources.extend([names[i]] * items.shape[0])
+        if parts:
+            items = torch.cat(parts)
+            item_labels = torch.cat(part_labels)
+        else:
+            items = torch.zeros((0, *self._item_shape()), dtype=self._item_dtype())
+            item_labels = torch.zeros(0, dtype=torch.long)
+        return MediaDataset(items, item_labels, self.sample_key, type(self)._convert, self._dataset_extra()), sources
 
     def _lazy_dataset(self, ids: list[int], counts: list[int | None], labels: list[int],
                       names: list[str]) -> LazyMediaDataset:
@@ -668,6 +788,78 @@ def decode_video_file(path: Path, num_frames: int, fps: float | None, frame_stri
     return fitted.unsqueeze(0).contiguous()
 
 
+def decode_video_frames(path: Path, num_frames: int | None, fps: float | None, frame_stride: int,
+                        image_size: int) -> torch.Tensor:
+    """The first `num_frames` kept frames of a video file (all when None; fewer if it is shorter), after
+    fps resampling / frame_stride -> uint8 [t, 3, image_size, image_size] (resized, centre-cropped)."""
+    frames, _ = read_video(path, num_frames, fps=fps, stride=frame_stride)
+    clip = frames.permute(0, 3, 1, 2)  # [t, 3, H, W]
+    if clip.shape[-2:] != (image_size, image_size):
+        clip = _resize_crop(image_size)(clip)
+    return clip.contiguous()
+
+
+def video_frame_count(path: Path, fps: float | None, frame_stride: int) -> int:
+    """Frames `read_video(path, None, fps, frame_stride)` returns, from the container's packets (their
+    count and timestamps; nothing is decoded). MediaDecodeError for a file that cannot be opened.
+
+    A file whose frames turn out fewer than counted is found bad when a clip past its end is loaded.
+    Packets without a timestamp (with fps resampling) fall back to decoding the file.
+    """
+    from datamodules.media_io import _check_file, _import_av
+
+    av = _import_av()
+    path = Path(path)
+    _check_file(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise MediaDecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frame_dur = 1.0 / float(rate) if rate else 1.0 / 25.0  # as read_video
+            time_base = stream.time_base
+            pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
+    except MediaDecodeError:
+        raise
+    except (av.FFmpegError, ValueError, RuntimeError, OSError, EOFError) as e:
+        raise MediaDecodeError(f"{path}: not a decodable video ({e})") from e
+    if not pts:
+        raise MediaDecodeError(f"{path}: no video frames")
+    if fps is None:
+        return (len(pts) - 1) // frame_stride + 1
+    if time_base is None or any(t is None for t in pts):
+        return read_video(path, None, fps=fps, stride=frame_stride)[0].shape[0]
+    times = sorted(float(t * time_base) for t in pts)
+    # read_video's resampled length: output times t0 + k / fps up to the end of the last frame
+    return max(1, int(math.floor((times[-1] + frame_dur - times[0]) * fps - 1e-6)) + 1)
+
+
+def clip_layout(num_kept: int, num_frames: int, clip_stride: int, clips_per_video: int,
+                short_clip: str) -> tuple[int, int]:
+    """(clips, spare frames) of a video with num_kept frames (after fps / frame_stride): windows of
+    num_frames frames starting every clip_stride frames, at most clips_per_video of them (0 = all that
+    fit); spare = the frames after the last window, the room a random offset may use. A video shorter
+    than one clip gives one padded clip (short_clip=pad) or none (skip)."""
+    if num_kept <= 0:
+        return 0, 0
+    if num_kept < num_frames:
+        return (0 if short_clip == "skip" else 1), 0
+    n = 1 + (num_kept - num_frames) // clip_stride
+    if clips_per_video > 0:
+        n = min(n, clips_per_video)
+    return n, num_kept - num_frames - (n - 1) * clip_stride
+
+
+def window_offset(seed: int, epoch: int, file_index: int, span: int) -> int:
+    """Offset in [0, span) of a file's windows in an epoch: a hash of (seed, epoch, file index), so it
+    is the same in every process and in a resumed run, and uses no global random state."""
+    if span <= 1:
+        return 0
+    digest = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{int(file_index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % span
+
+
 def audio_clip_count(num_samples: int, clip_len: int, short_clip: str) -> int:
     """Clips of clip_len samples `decode_audio_file` cuts from num_samples samples."""
     n_full = num_samples // clip_len
@@ -759,13 +951,33 @@ class ImageDataModule(MediaDataModule):
 class VideoDataModule(MediaDataModule):
     """`VisualBatch` of clips: pixels float32 [B, 3, num_frames, image_size, image_size] in [-1, 1].
 
-    Each file (mp4, webm, avi, gif, mkv, mov) gives one clip: its first `num_frames` frames after
-    resampling to `fps` (None = native rate, every `frame_stride`-th frame), resized (shorter side)
+    Each file (mp4, webm, avi, gif, mkv, mov) gives one clip by default: its first `num_frames` frames
+    after resampling to `fps` (None = native rate, every `frame_stride`-th frame), resized (shorter side)
     and centre-cropped to image_size. short_clip: a clip with fewer frames is padded by repeating its
     last frame ("pad") or left out and counted in `num_short_skipped` ("skip"; decode="lazy" finds
     it when the clip is loaded and serves the next item in its place, like a skipped bad file).
+
+    Several clips per file (files only; frames below are kept frames, after fps / frame_stride):
+        clips_per_video: at most this many clips per file (0 = as many as fit); clip k holds frames
+            [offset + k * clip_stride, offset + k * clip_stride + num_frames). 1 = today's single clip.
+        clip_stride: frames between the starts of consecutive clips of a file; None = num_frames
+            (adjacent, non-overlapping windows); smaller overlaps, larger leaves gaps.
+        random_offset: in the train split, offset = a hash of (seed, epoch, file index) in
+            [0, min(clip_stride, spare + 1)), spare = the frames after the file's last window, so the
+            number of clips per file (and the data set length) never changes; each epoch sees other
+            windows and a resumed run (same seed and epoch) exactly the same ones. val/test: offset 0.
+    A file shorter than one clip gives one padded clip or none (short_clip), as above. Every clip of a
+    file has its label and its split. With these options the items are a `VideoClipDataset`: eager keeps
+    each file's kept frames once, up to the last frame a window can reach (clips_per_video 0: the whole
+    file; frames between windows when clip_stride > num_frames, too) and cuts windows as views, so
+    overlapping clips cost no extra memory; lazy counts each file's frames in setup (from its packets,
+    nothing decoded; a file that cannot be opened is found bad there) and decodes, per item, the file's
+    frames up to the window's end (kept for the next clip of the same file). The train loader's sampler
+    is then an `EpochTaggedSampler`: indices arrive as (index, epoch), which carries the epoch to the
+    worker processes with each index.
     Synthetic: `num_clips` moving-shapes clips of `synthetic_frames` frames (default: just enough for
-    num_frames at frame_stride, i.e. (num_frames - 1) * frame_stride + 1); fps does not apply.
+    num_frames at frame_stride, i.e. (num_frames - 1) * frame_stride + 1); fps and the clip options do
+    not apply.
     """
 
     modality = "video"
@@ -796,6 +1008,9 @@ class VideoDataModule(MediaDataModule):
         num_clips: int = 256,
         synthetic_frames: int | None = None,
         background: str = "mixed",
+        clips_per_video: int = 1,
+        clip_stride: int | None = None,
+        random_offset: bool = False,
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
                          num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
@@ -813,6 +1028,13 @@ class VideoDataModule(MediaDataModule):
             raise ValueError(f"data.synthetic_frames must be >= 1 or null, got {synthetic_frames}")
         if num_clips < 1:
             raise ValueError(f"data.num_clips must be >= 1, got {num_clips}")
+        if clips_per_video < 0:
+            raise ValueError(f"data.clips_per_video must be >= 0 (0 = as many as fit), got {clips_per_video}")
+        if clip_stride is not None and clip_stride < 1:
+            raise ValueError(f"data.clip_stride must be >= 1 or null, got {clip_stride}")
+        self.clips_per_video = clips_per_video
+        self.clip_stride = clip_stride if clip_stride is not None else num_frames
+        self.random_offset = bool(random_offset)
         self.num_frames = num_frames
         self.fps = fps
         self.frame_stride = frame_stride
@@ -847,6 +1069,81 @@ class VideoDataModule(MediaDataModule):
     def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
         return partial(decode_video_file, num_frames=self.num_frames, fps=self.fps, frame_stride=self.frame_stride,
                        image_size=self.image_size, short_clip=self.short_clip)
+
+    # -- several / offset windows per file (clips_per_video != 1 or random_offset) ----------------
+
+    @property
+    def uses_windows(self) -> bool:
+        """Files are cut into windows by `VideoClipDataset` (else: one clip from the first frame, as
+        `decode_video_file` gives it)."""
+        return not self.is_synthetic and (self.clips_per_video != 1 or self.random_offset)
+
+    def _layout(self, num_kept: int) -> tuple[int, int]:
+        return clip_layout(num_kept, self.num_frames, self.clip_stride, self.clips_per_video, self.short_clip)
+
+    def _frames_needed(self) -> int | None:
+        """Kept frames that can reach a window (None = all): decoding stops there."""
+        if self.clips_per_video == 0:
+            return None
+        spare = self.clip_stride - 1 if self.random_offset else 0
+        return (self.clips_per_video - 1) * self.clip_stride + self.num_frames + spare
+
+    def _file_items(self, path: Path) -> torch.Tensor:
+        """Eager: with windows, the file's kept frames [t, 3, H, W] (padded to num_frames when short and
+        short_clip=pad, none when skip); else its one clip."""
+        if not self.uses_windows:
+            return super()._file_items(path)
+        frames = decode_video_frames(path, self._frames_needed(), self.fps, self.frame_stride, self.image_size)
+        if frames.shape[0] < self.num_frames:
+            fitted = fit_clip_length(frames, self.num_frames, self.short_clip)
+            if fitted is None:
+                log.info("skipping %s: %d frames, fewer than data.num_frames=%d", path, frames.shape[0],
+                         self.num_frames)
+                return frames[:0]
+            frames = fitted.contiguous()
+        return frames
+
+    def _count_files(self) -> tuple[list[int | None], list[int], list[str]]:
+        """Lazy: with windows, the frame count of every file (from its packets), else one item per file."""
+        if not self.uses_windows:
+            return super()._count_files()
+        return self._scan_files(partial(video_frame_count, fps=self.fps, frame_stride=self.frame_stride),
+                                lambda count: self._layout(count)[0])
+
+    def _split_dataset(self, split: str, ids: list[int], groups: list, labels: list[int],
+                       names: list[str]) -> tuple[Dataset, list[str]]:
+        if not self.uses_windows:
+            return super()._split_dataset(split, ids, groups, labels, names)
+        moving = self.random_offset and split == "train"
+        files, segments, file_ids, spans, item_labels = [], [], [], [], []
+        kept: dict[str, torch.Tensor] | None = None if self.is_lazy else {}
+        for i in ids:
+            group = groups[i]
+            if group is None:  # a bad file, left out
+                continue
+            num_clips, spare = self._layout(group if self.is_lazy else group.shape[0])
+            span = min(self.clip_stride, spare + 1) if moving else 1
+            for k in range(num_clips):
+                files.append(names[i])
+                segments.append(k)
+                file_ids.append(i)
+                spans.append(span)
+                item_labels.append(labels[i])
+            if kept is not None and num_clips:
+                kept[names[i]] = group
+        decode = partial(decode_video_frames, fps=self.fps, frame_stride=self.frame_stride,
+                         image_size=self.image_size)
+        dataset = VideoClipDataset(
+            files, segments, torch.tensor(item_labels, dtype=torch.long), self.sample_key, type(self)._convert,
+            decode, file_ids=file_ids, spans=spans, num_frames=self.num_frames, clip_stride=self.clip_stride,
+            short_clip=self.short_clip, seed=self.seed, frames=kept, extra=self._dataset_extra(),
+            on_bad_file=self.on_bad_file, modality=self.modality)
+        return dataset, list(files)
+
+    def _loader(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, drop_last: bool) -> DataLoader:
+        if isinstance(dataset, VideoClipDataset) and dataset.epoch_dependent:
+            sampler = EpochTaggedSampler(sampler)  # the window offsets follow the sampler's epoch
+        return super()._loader(dataset, sampler, batch_size, drop_last)
 
 
 # ---------------------------------------------------------------------------
