@@ -498,7 +498,8 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
         net = self.refresh_rollout()
         G = cfg.group_size
         prompts = [dm.prompt_ids(t) for t in dm.train_tasks for _ in range(G)]
-        gen = torch.Generator().manual_seed(step_seed(self.seed, -1, self.global_rank))
+        # the same draws on every rank (each computes every task): ranks agree, and a resume restores it
+        gen = torch.Generator().manual_seed(step_seed(self.seed, -1, 0))
         ro = sample_responses(net, prompts, cfg.max_new_tokens, dm.stop_ids, cfg.temperature, cfg.top_k, gen,
                               max_batch=self.eval_cfg.batch)
         tok = dm.tokenizer
@@ -525,8 +526,14 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
         if self.pass_initial is not None:
             checkpoint["rl_pass_initial"] = self.pass_initial.clone()
         if self.urb is not None:
+            # every rank samples its own prompts: keep each rank's queued groups (the hook runs on every rank)
+            pending = {int(k): _plain_group(v) for k, v in self._urb_pending.items()}
+            by_rank = [pending]
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+                by_rank = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(by_rank, pending)
             checkpoint["rl_urb"] = {"next_id": self._urb_next_id, "pool": list(self._urb_pool),
-                                    "pending": {int(k): _plain_group(v) for k, v in self._urb_pending.items()}}
+                                    "pending_by_rank": by_rank}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -536,7 +543,13 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
             state = checkpoint["rl_urb"]
             self._urb_next_id = int(state["next_id"])
             self._urb_pool = [int(g) for g in state["pool"]]
-            self._urb_pending = {int(k): v for k, v in state["pending"].items()}
+            by_rank = state["pending_by_rank"]
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if len(by_rank) != world:
+                raise ValueError(f"this checkpoint's U-RB queue holds the rollouts of {len(by_rank)} rank(s); resume "
+                                 f"it with the same number of processes (now {world}) or model.rl.urb_groups_ahead=0")
+            rank = self.global_rank if self._trainer is not None else 0
+            self._urb_pending = {int(k): v for k, v in by_rank[rank].items()}
             # every submitted group was complete and released when saved: the buffer resumes at the next id
             self.urb = UnbiasedReplayBuffer(self.rl_cfg.urb_groups_ahead, first_group=self._urb_next_id)
 
