@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import lightning as L
 import numpy as np
 import torch
+
+from models.config import config_from_dict
 
 
 def step_seed(seed: int, batch_index: int, rank: int) -> int:
@@ -80,11 +82,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown model.optim keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model.optim")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -32,16 +32,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.rl_tasks import score
 from lit_modules.base import step_seed
-from lit_modules.sft import EvalConfig, TaskEvalMixin, resolve_net
+from lit_modules.sft import EvalConfig, TaskEvalMixin, resolve_net, score_response
 from lit_modules.lm import LanguageModelModule
+from models.config import config_from_dict
 from models.layers.elastic import RoutingLimit
 from models.moe.replay import RouteReplay, route_disagreement
 from models.rl import (AGGREGATIONS, OBJECTIVES, UnbiasedReplayBuffer, entropy_from_logits, group_advantages,
@@ -138,11 +138,7 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RLConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model.rl keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model.rl")
 
 
 def hint_text(solution: Optional[str], fraction: float) -> str:
@@ -312,11 +308,7 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
         ro = sample_responses(net, prompts, cfg.max_new_tokens, dm.stop_ids, cfg.temperature, cfg.top_k,
                               self._generator(), record_routes=self.sparse)
         rollout_s = time.perf_counter() - t0
-        tok = dm.tokenizer
-        scores = []
-        for n, resp in enumerate(ro.responses):
-            text = tok.decode([t for t in resp if t != tok.eos_id])
-            scores.append({**score(tasks[n // G], text), "task": tasks[n // G].name})
+        scores = [score_response(dm.tokenizer, tasks[n // G], resp) for n, resp in enumerate(ro.responses)]
         return {"index": list(index), "prompts": ro.prompts, "responses": ro.responses, "logp": ro.logp,
                 "finished": ro.finished, "routes": ro.routes, "scores": scores, "hints": hints,
                 "rollout_s": rollout_s, "generated": ro.generated_tokens}
@@ -502,23 +494,12 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
         gen = torch.Generator().manual_seed(step_seed(self.seed, -1, 0))
         ro = sample_responses(net, prompts, cfg.max_new_tokens, dm.stop_ids, cfg.temperature, cfg.top_k, gen,
                               max_batch=self.eval_cfg.batch)
-        tok = dm.tokenizer
-        ok = torch.tensor([score(dm.train_tasks[n // G], tok.decode([t for t in r if t != tok.eos_id]))["correct"]
+        ok = torch.tensor([score_response(dm.tokenizer, dm.train_tasks[n // G], r)["correct"]
                            for n, r in enumerate(ro.responses)], dtype=torch.float32)
         return ok.view(-1, G).amax(1)
 
-    # Held-out accuracy is measured on the policy itself (float32, greedy; under FSDP2 every rank decodes the
-    # same prompts in step), not on the rollout copy: a bf16 copy would add its own rounding to the number.
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if not self.trainer.sanity_checking:
-            with torch.no_grad():
-                self.log_task_accuracy("val", self.model)
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        with torch.no_grad():
-            self.log_task_accuracy("test", self.model)
+    # Held-out accuracy (TaskEvalMixin) is measured on the policy itself (float32, greedy; under FSDP2 every
+    # rank decodes the same prompts in step), not on the rollout copy: a bf16 copy would add its own rounding.
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,7 +9,7 @@ scores the held-out tasks by greedy generation (`val/acc`, `val/format`, `val/ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,10 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.rl_tasks import score
 from lit_modules.lm import LanguageModelModule
+from models.config import config_from_dict
 from models.io import load_checkpoint
 from models.rollout import sample_responses
 
-__all__ = ["EvalConfig", "SFTModule", "TaskEvalMixin", "resolve_net"]
+__all__ = ["EvalConfig", "SFTModule", "TaskEvalMixin", "resolve_net", "score_response"]
 
 
 @dataclass
@@ -38,11 +39,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown model.evaluate keys {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model.evaluate")
 
 
 def resolve_net(net: Optional[dict], init_ckpt: Optional[str]) -> dict:
@@ -59,21 +56,38 @@ def resolve_net(net: Optional[dict], init_ckpt: Optional[str]) -> dict:
     return {**base, **overrides}
 
 
+def score_response(tokenizer, task, response: list[int]) -> dict:
+    """`rl_tasks.score` of a sampled response (its EOS tokens dropped), with the task name and the text."""
+    text = tokenizer.decode([t for t in response if t != tokenizer.eos_id])
+    return {**score(task, text), "task": task.name, "text": text}
+
+
 class TaskEvalMixin:
-    """Scores held-out tasks (`trainer.datamodule.eval_tasks`) by greedy generation and logs the accuracy."""
+    """Scores held-out tasks (`trainer.datamodule.eval_tasks`) by greedy generation and logs the accuracy
+    at the end of every validation (not the sanity check) and test, on the network `eval_net()` returns."""
 
     eval_cfg: EvalConfig
 
+    def eval_net(self):
+        return self.model
+
     def score_tasks(self, net, tasks, prompts) -> list[dict]:
         dm = self.trainer.datamodule
-        tok = dm.tokenizer
         ro = sample_responses(net, prompts, self.eval_cfg.max_new_tokens, dm.stop_ids, temperature=0.0,
                               max_batch=self.eval_cfg.batch)
-        out = []
-        for task, resp in zip(tasks, ro.responses):
-            text = tok.decode([t for t in resp if t != tok.eos_id])
-            out.append({**score(task, text), "task": task.name, "length": len(resp), "text": text})
-        return out
+        return [{**score_response(dm.tokenizer, task, resp), "length": len(resp)}
+                for task, resp in zip(tasks, ro.responses)]
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking:
+            with torch.no_grad():
+                self.log_task_accuracy("val", self.eval_net())
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        with torch.no_grad():
+            self.log_task_accuracy("test", self.eval_net())
 
     def log_task_accuracy(self, prefix: str, net) -> Optional[dict]:
         """Every rank scores every held-out task (identical greedy work, so a sharded network's forwards stay
@@ -129,14 +143,3 @@ class SFTModule(TaskEvalMixin, LanguageModelModule):
             rank_zero_info(f"SFT from {self.init_ckpt}")
         else:
             rank_zero_warn("model.init_ckpt is null: fine-tuning a randomly initialised network")
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if not self.trainer.sanity_checking:
-            with torch.no_grad():
-                self.log_task_accuracy("val", self.model)
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        with torch.no_grad():
-            self.log_task_accuracy("test", self.model)
