@@ -39,7 +39,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,6 +60,7 @@ from datamodules.media_io import (
     read_audio,
     read_image,
     read_video,
+    video_frame_count,
 )
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
@@ -797,42 +797,6 @@ def decode_video_frames(path: Path, num_frames: int | None, fps: float | None, f
     if clip.shape[-2:] != (image_size, image_size):
         clip = _resize_crop(image_size)(clip)
     return clip.contiguous()
-
-
-def video_frame_count(path: Path, fps: float | None, frame_stride: int) -> int:
-    """Frames `read_video(path, None, fps, frame_stride)` returns, from the container's packets (their
-    count and timestamps; nothing is decoded). MediaDecodeError for a file that cannot be opened.
-
-    A file whose frames turn out fewer than counted is found bad when a clip past its end is loaded.
-    Packets without a timestamp (with fps resampling) fall back to decoding the file.
-    """
-    from datamodules.media_io import _check_file, _import_av
-
-    av = _import_av()
-    path = Path(path)
-    _check_file(path)
-    try:
-        with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise MediaDecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            frame_dur = 1.0 / float(rate) if rate else 1.0 / 25.0  # as read_video
-            time_base = stream.time_base
-            pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
-    except MediaDecodeError:
-        raise
-    except (av.FFmpegError, ValueError, RuntimeError, OSError, EOFError) as e:
-        raise MediaDecodeError(f"{path}: not a decodable video ({e})") from e
-    if not pts:
-        raise MediaDecodeError(f"{path}: no video frames")
-    if fps is None:
-        return (len(pts) - 1) // frame_stride + 1
-    if time_base is None or any(t is None for t in pts):
-        return read_video(path, None, fps=fps, stride=frame_stride)[0].shape[0]
-    times = sorted(float(t * time_base) for t in pts)
-    # read_video's resampled length: output times t0 + k / fps up to the end of the last frame
-    return max(1, int(math.floor((times[-1] + frame_dur - times[0]) * fps - 1e-6)) + 1)
 
 
 def clip_layout(num_kept: int, num_frames: int, clip_stride: int, clips_per_video: int,

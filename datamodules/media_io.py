@@ -29,6 +29,7 @@ __all__ = [
     "read_audio",
     "read_image",
     "read_video",
+    "video_frame_count",
     "write_audio",
     "write_video",
 ]
@@ -115,6 +116,47 @@ def _import_av():
     return av
 
 
+def _video_stream(container, path: Path) -> tuple[Any, float | None, float]:
+    """(the first video stream, its native fps or None, one frame's duration in seconds: 1/25 when the
+    rate is unknown); MediaDecodeError when the container has no video stream."""
+    if not container.streams.video:
+        raise MediaDecodeError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    native_fps = float(rate) if rate else None
+    return stream, native_fps, 1.0 / native_fps if native_fps else 1.0 / 25.0
+
+
+def video_frame_count(path: Path, fps: float | None, frame_stride: int) -> int:
+    """Frames `read_video(path, None, fps, frame_stride)` returns, from the container's packets (their
+    count and timestamps; nothing is decoded). MediaDecodeError for a file that cannot be opened.
+
+    A file whose frames turn out fewer than counted is found bad when a clip past its end is loaded.
+    Packets without a timestamp (with fps resampling) fall back to decoding the file.
+    """
+    av = _import_av()
+    path = Path(path)
+    _check_file(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            stream, _, frame_dur = _video_stream(container, path)
+            time_base = stream.time_base
+            pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
+    except MediaDecodeError:
+        raise
+    except (av.FFmpegError, ValueError, RuntimeError, OSError, EOFError) as e:
+        raise MediaDecodeError(f"{path}: not a decodable video ({e})") from e
+    if not pts:
+        raise MediaDecodeError(f"{path}: no video frames")
+    if fps is None:
+        return (len(pts) - 1) // frame_stride + 1
+    if time_base is None or any(t is None for t in pts):
+        return read_video(path, None, fps=fps, stride=frame_stride)[0].shape[0]
+    times = sorted(float(t * time_base) for t in pts)
+    # read_video's resampled length: output times t0 + k / fps up to the end of the last frame
+    return max(1, int(math.floor((times[-1] + frame_dur - times[0]) * fps - 1e-6)) + 1)
+
+
 def read_video(
     path: str | os.PathLike,
     num_frames: int | None = None,
@@ -151,12 +193,7 @@ def read_video(
     frames: list[np.ndarray] = []
     try:
         with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise MediaDecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            native_fps = float(rate) if rate else None
-            frame_dur = 1.0 / native_fps if native_fps else 1.0 / 25.0
+            stream, native_fps, frame_dur = _video_stream(container, path)
             # With fps resampling, decoding can stop once a frame starts after the last wanted time.
             stop_time = None
             reached_end = True

@@ -18,10 +18,9 @@ from datamodules.media import (
     VideoClipDataset,
     clip_layout,
     decode_video_file,
-    video_frame_count,
     window_offset,
 )
-from datamodules.media_io import read_video, write_video
+from datamodules.media_io import read_video, video_frame_count, write_video
 from tests.conftest import compose_train_cfg
 from tests.datamodules.test_media_datamodules import _recorder, built, fake_trainer
 from tests.helpers import resume_trainer
