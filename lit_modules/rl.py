@@ -417,7 +417,7 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
                 loss = loss + balance
                 self.record_routing(infos)
                 stats["balance_loss"] = balance.detach()
-                disagreement.append(self._disagreement(replay, group["routes"], rows, data, m))
+                disagreement.append(self._disagreement(replay, data["routes"], rows, m))
             stats["entropy"] = (ent_seq * m.any(-1)).sum() / m.any(-1).sum().clamp_min(1)
             if wpsm is not None:
                 stats["wpsm_frac"] = (wpsm > 0).float().mean()
@@ -456,11 +456,11 @@ class RLModule(TaskEvalMixin, LanguageModelModule):
         }
         return loss
 
-    def _disagreement(self, replay: RouteReplay, rollout_routes, rows, data, m) -> torch.Tensor:
+    def _disagreement(self, replay: RouteReplay, rollout_routes: dict, rows, m) -> torch.Tensor:
         """Per layer: fraction of response-predicting tokens whose expert set differs between the rollout's
         routing and the training forward's own router choice (replayed or not)."""
         own = replay.natural if replay.mode == "replay" else {l: c[-1] for l, c in replay.recorded.items()}
-        ref = data["routes"]
+        ref = rollout_routes  # padded [N, T, k] per layer (build_rl_batch)
         out = []
         for layer in sorted(own):
             a = own[layer].reshape(m.shape[0], m.shape[1], -1)
