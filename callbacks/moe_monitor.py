@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.figures import figure_to_array, heatmap_figure
 from models.moe.balance import routing_stats
-
-# A 5-stop approximation of matplotlib's viridis (no plotting dependency needed for a heatmap).
-_VIRIDIS = torch.tensor(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float32
-) / 255.0
-
-
-def heatmap(values_RC: torch.Tensor, cell: int = 12) -> torch.Tensor:
-    """[3, R*cell, C*cell] RGB image of a matrix, min-max scaled, viridis colours."""
-    v = values_RC.detach().float().cpu()
-    lo, hi = v.min(), v.max()
-    t = (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
-    pos = t * (len(_VIRIDIS) - 1)
-    i0 = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (pos - i0).unsqueeze(-1)
-    rgb = _VIRIDIS[i0] * (1 - frac) + _VIRIDIS[i0 + 1] * frac  # [R, C, 3]
-    rgb = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return rgb.permute(2, 0, 1).contiguous()
 
 
 class MoEMonitor(L.Callback):
@@ -34,8 +16,9 @@ class MoEMonitor(L.Callback):
     moe/dropped_frac/layer_l, moe/entropy/layer_l, and their means over layers (moe/*/mean).
     For MoUE, statistics are over each layer's candidate experts (its window), and the pool is
     summarised by moue/pool_max_violation: max_e F_e / pi_e - 1, the depth-aggregated load against
-    the topology's expected share. Images (TensorBoard): moe/load_heatmap (layers x experts) and,
-    for MoUE, moue/pool_load (the pool's load summed over layers).
+    the topology's expected share. Images (TensorBoard, heatmaps with a colour bar): moe/load_heatmap
+    (each layer's fraction of routed pairs per expert) and, for MoUE, moue/pool_load (each pool
+    expert's share of all layers' pairs).
     Reads the module's `last_routing` and `routing_topology()` (lit_modules/trunk.py); a dense
     model logs nothing.
     """
@@ -74,10 +57,23 @@ class MoEMonitor(L.Callback):
             metrics["moue/pool_max_violation"] = float((F[live] / pi[live]).max() - 1.0)
             metrics["moue/window"] = float(topology["window"])
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        if self.images and trainer.is_global_zero:
-            load = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
-            for lg in trainer.loggers:
-                if isinstance(lg, TensorBoardLogger):
-                    lg.experiment.add_image("moe/load_heatmap", heatmap(load), step)
-                    if topology is not None:
-                        lg.experiment.add_image("moue/pool_load", heatmap(counts.sum(0, keepdim=True)), step)
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if self.images and trainer.is_global_zero and tensorboards:
+            images = self._images(counts.detach().float().cpu(), info["layers"], topology is not None, step)
+            for lg in tensorboards:
+                for tag, img in images.items():
+                    lg.experiment.add_image(tag, img, step, dataformats="HWC")
+
+    @staticmethod
+    def _images(counts, layers, pool: bool, step: int) -> dict:
+        """HWC uint8 heatmaps of the load fraction: layers x experts and, for MoUE, the pool over all layers."""
+        load = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+        images = {"moe/load_heatmap": figure_to_array(heatmap_figure(
+            load, xlabel="expert", ylabel="layer", yticklabels=list(layers), cbar_label="fraction of routed pairs",
+            title=f"expert load, step {step}"))}
+        if pool:
+            pooled = counts.sum(0, keepdim=True) / counts.sum().clamp_min(1.0)
+            images["moue/pool_load"] = figure_to_array(heatmap_figure(
+                pooled, xlabel="pool expert", ylabel="", yticklabels=["all layers"],
+                cbar_label="fraction of routed pairs", title=f"pool load, step {step}"))
+        return images

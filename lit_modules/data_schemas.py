@@ -29,6 +29,7 @@ DATA_SCHEMAS = {
     "knowledge_schema": "datamodules.knowledge.KnowledgeDataModule",
     "knowledge_finetune_schema": "datamodules.knowledge.KnowledgeFinetuneDataModule",
     "tasks_schema": "datamodules.tasks.TaskDataModule",
+    "multimodal_schema": "datamodules.multimodal.MultimodalDataModule",
 }
 
 

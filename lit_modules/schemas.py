@@ -21,6 +21,7 @@ from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
 from models.ernie3 import Ernie3Config
+from models.ernie5 import Ernie5Config
 from lit_modules.rl import RLConfig
 
 
@@ -174,6 +175,42 @@ class Ernie3FinetuneModuleSchema:
     seed: int = 0
 
 
+Ernie5NetSchema = schema_of(Ernie5Config)
+
+
+@dataclass
+class Ernie5SampleConfig:
+    """Samples of every generation task logged to TensorBoard at validation end (num 0 = off)."""
+
+    num: int = 2
+    guidance: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    max_new_tokens: int = 48
+
+
+@dataclass
+class Ernie5ModuleSchema:
+    _target_: str = "lit_modules.ernie5.Ernie5Module"
+    net: Ernie5NetSchema = field(default_factory=Ernie5NetSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    visual_tokenizer: Optional[str] = None
+    audio_tokenizer: Optional[str] = None
+    mtp_weight: float = 0.3
+    posterior_weighting: bool = False
+    posterior_decay: float = 0.99
+    scale_weighting: str = "infinity"
+    cfec: CFECSchema = field(default_factory=CFECSchema)
+    bias_update_rate: Optional[float] = None
+    seed: int = 0
+    init_ckpt: Optional[str] = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    sample: Ernie5SampleConfig = field(default_factory=lambda: Ernie5SampleConfig())
+
+
 @dataclass
 class EvalSchema:
     max_new_tokens: int = 16
@@ -240,3 +277,4 @@ def register_schemas() -> None:
     cs.store(group="model", name="ernie3_finetune_schema", node=Ernie3FinetuneModuleSchema)
     cs.store(group="model", name="sft_schema", node=SFTModuleSchema)
     cs.store(group="model", name="rl_schema", node=RLModuleSchema)
+    cs.store(group="model", name="ernie5_schema", node=Ernie5ModuleSchema)

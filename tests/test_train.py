@@ -44,6 +44,9 @@ SMALL_DATA = {
                   "data.dlm_segments=2"],
     "knowledge_finetune": ["data.num_people=40", "data.batch_size=2", "data.vocab_size=512"],
     "tasks": ["data.n_train=64", "data.n_eval=4", "data.batch_size=2", "data.seq_len=48", "data.prompts_per_step=2"],
+    "multimodal": ["data.num_videos=8", "data.num_images=8", "data.num_audio=8", "data.val_videos=2",
+                   "data.val_images=2", "data.val_audio=2", "data.num_people=30", "data.vocab_size=512",
+                   "data.batch_size=2", "data.train_rows=4", "data.val_rows=2", "model.sample.num=1"],
 }
 TEXT_GROUPS = ("text", "knowledge", "knowledge_finetune")  # share the session's tokenizer cache
 
@@ -70,10 +73,12 @@ def artifacts(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, data_cache, artifacts):
     """Every experiment as configured, from a fresh clone: no manual step (what it needs is built)."""
+    group = experiment_data_group(experiment)
+    cache = data_cache if group in TEXT_GROUPS else tmp_path / "cache" if group == "multimodal" else None
     cfg = compose_train_cfg(
-        [f"experiment={experiment}", "debug=fdr", *SMALL_DATA[experiment_data_group(experiment)],
+        [f"experiment={experiment}", "debug=fdr", *SMALL_DATA[group],
          f"paths.artifacts_dir={artifacts}", "trainer.enable_progress_bar=false", "~callbacks.rich_progress_bar"],
-        tmp_path, data_cache if experiment_data_group(experiment) in TEXT_GROUPS else None,
+        tmp_path, cache,
     )
     metrics, objects = train.run(cfg)
     loss = metrics.get("train/loss", metrics.get("train/loss_total"))

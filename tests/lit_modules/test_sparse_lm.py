@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from callbacks.moe_monitor import heatmap
+from callbacks.moe_monitor import MoEMonitor
 from tests.helpers import find_metrics, read_metric, run_train_cli
 from tests.conftest import TINY
 
@@ -20,9 +20,10 @@ MONITOR = ["+callbacks/moe_monitor=default", "callbacks.moe_monitor.every_n_step
 
 
 def test_heatmap_image():
-    img = heatmap(torch.tensor([[0.0, 1.0], [0.5, 0.25]]), cell=3)
-    assert img.shape == (3, 6, 6) and 0 <= img.min() and img.max() <= 1
-    assert not torch.equal(img[:, 0, 0], img[:, 0, 3])
+    images = MoEMonitor._images(torch.tensor([[0.0, 4.0], [2.0, 1.0]]), [0, 1], pool=True, step=3)
+    assert set(images) == {"moe/load_heatmap", "moue/pool_load"}
+    for img in images.values():
+        assert img.dtype.name == "uint8" and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) > 200
 
 
 @pytest.mark.parametrize("sparse", [MOE, MOUE], ids=["moe", "moue"])

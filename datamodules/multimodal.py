@@ -1,0 +1,465 @@
+"""ERNIE 5.0's data: an embedded paired multimodal corpus, tokenized once, packed into unified rows.
+
+The corpus (no network; `source: synthetic`):
+    video   moving-shapes clips (`synthetic_shapes`) with captions from their own parameters
+            (`captions.video_caption`, every template), encoded by the frozen visual tokenizer
+    image   single frames of other draws, with `captions.image_caption`
+    audio   synthetic sounds (`synthetic_audio`) with `captions.audio_description`, encoded by the
+            frozen audio tokenizer (RVQ codes)
+    text    the synthetic biographies (`synthetic_bios`)
+The held-out split draws every medium from other seeds (`eval_seed`) and holds out biographies.
+Media are encoded once per (data config, tokenizer digests) and cached atomically under
+`cache_dir` as one file, with the BPE text tokenizer trained on the train split's text (captions
+and biographies); the log says whether the cache was built or reused.
+
+Rows: row i of a split is a pure function of (seed, split, i): documents of the seven tasks
+(`models.ernie5.TASKS`) are drawn by `task_weights` and packed into `seq_len` tokens (a draw that
+does not fit is skipped, a text document is cut to fit; the rest is padding), so the train order
+(a `ResumableSampler` over rows) resumes exactly. Generation documents drop their caption with
+probability `caption_dropout` (the unconditional branch of classifier-free guidance). Batches are
+`models.ernie5.UnifiedBatch`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules import captions as cap
+from datamodules.resumable import ResumableDataModule
+from models.ernie5 import (BOUNDARY_TOKENS, IGNORE, KINDS, MODALITIES, TASKS, AudioSpans, DocumentBuilder,
+                           UnifiedBatch, VisualSpans)
+from models.io import atomic_torch_save, load_checkpoint
+from models.random import multinomial
+from models.tokenizers.checkpoint import load_media_tokenizer
+
+__all__ = ["MultimodalCorpus", "MultimodalDataModule", "Vocabulary", "collate_rows"]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+TASK_MODALITY = {"text": 0, "image_und": 1, "image_gen": 1, "video_und": 2, "video_gen": 2, "audio_und": 3,
+                 "audio_gen": 3}
+
+
+class Vocabulary:
+    """The unified text id space: BPE ids [0, V_bpe), then the boundary tokens (`BOUNDARY_TOKENS`)."""
+
+    def __init__(self, bpe) -> None:
+        self.bpe = bpe
+        self.base = bpe.vocab_size
+        self.special = {name: self.base + i for i, name in enumerate(BOUNDARY_TOKENS)}
+
+    def __len__(self) -> int:
+        return self.base + len(BOUNDARY_TOKENS)
+
+    @property
+    def eos(self) -> int:
+        return self.bpe.eos_id
+
+    def __getitem__(self, name: str) -> int:
+        return self.special[name]
+
+    def encode(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids; boundary tokens are written as their names, EOS ends the text."""
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i == self.eos:
+                break
+            if i >= self.base:
+                out.append(self.bpe.decode(run))
+                run = []
+                out.append(BOUNDARY_TOKENS[i - self.base] if i - self.base < len(BOUNDARY_TOKENS) else "<?>")
+            else:
+                run.append(i)
+        out.append(self.bpe.decode(run))
+        return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------- corpus
+
+
+def _render_split(cfg: dict, seed: int, n_video: int, n_image: int, n_audio: int) -> dict:
+    """Pixels / waves and captions of one split (nothing encoded yet)."""
+    from datamodules.synthetic_audio import render_synthetic_audio
+    from datamodules.synthetic_shapes import clip_params, render_moving_shapes
+
+    size, frames = cfg["image_size"], cfg["num_frames"]
+    out = {}
+    vids, _ = render_moving_shapes(n_video, frames, size, seed)
+    vp = clip_params(n_video, frames, size, seed)
+    out["video"] = vids
+    out["video_captions"] = [[cap.video_caption(p, t) for t in range(cap.CAPTION_TEMPLATES)] for p in vp]
+    imgs, _ = render_moving_shapes(n_image, 1, size, seed + 7919)
+    ip = clip_params(n_image, 1, size, seed + 7919)
+    out["image"] = imgs
+    out["image_captions"] = [[cap.image_caption(p, 0, t) for t in range(cap.IMAGE_TEMPLATES)] for p in ip]
+    waves, _, _, ap = render_synthetic_audio(n_audio, cfg["clip_seconds"], cfg["sample_rate"], seed, return_params=True)
+    out["audio"] = waves
+    out["audio_captions"] = [[cap.audio_description(p, t) for t in range(cap.AUDIO_TEMPLATES)] for p in ap]
+    return out
+
+
+@torch.no_grad()
+def _encode_visual(tok, clips: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """uint8 [N, T, H, W, 3] -> latents float32 [N, T', d, H', W']."""
+    out = []
+    for s in range(0, clips.shape[0], batch):
+        x = clips[s:s + batch].float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)  # [n, 3, T, H, W]
+        if x.shape[2] == 1:
+            x = x[:, :, 0]
+        out.append(tok.encode_features(x).transpose(1, 2).contiguous())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def _encode_audio(tok, waves: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([tok.encode(waves[s:s + batch]) for s in range(0, waves.shape[0], batch)])
+
+
+class MultimodalCorpus:
+    """Both splits' encoded media, captions and text, plus the vocabulary (see the module docstring).
+
+    splits[name] = {'video': latents [N, T', d, H, W], 'video_captions': [[str per template]], 'image': ...
+    [N, 1, d, H, W], 'audio': codes [N, F, Q], ..._captions, 'text': [token id lists]}.
+    """
+
+    def __init__(self, splits: dict, vocab: Vocabulary, info: dict) -> None:
+        self.splits, self.vocab, self.info = splits, vocab, info
+
+    @classmethod
+    def build_or_load(cls, cfg: dict, visual_ckpt: str, audio_ckpt: str, cache_dir: Path) -> "MultimodalCorpus":
+        from models.tokenizers.text import BPETokenizer
+        from tokenizers import Tokenizer
+
+        vtok, vinfo = load_media_tokenizer(visual_ckpt, "visual")
+        atok, ainfo = load_media_tokenizer(audio_ckpt, "audio")
+        if not vtok.cfg.video:
+            raise ValueError(f"data.visual_tokenizer {visual_ckpt} is a 2D image tokenizer; ERNIE 5.0 needs the "
+                             "3D video tokenizer (images are 1-frame videos)")
+        content = {k: cfg[k] for k in sorted(cfg) if k not in ("batch_size", "seed", "num_workers", "seq_len",
+                                                              "task_weights", "caption_dropout", "train_rows",
+                                                              "val_rows", "cache_dir", "text_len")}
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, content, vinfo["digest"], ainfo["digest"]],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"multimodal-{key}.pt"
+        info = {"path": str(path), "visual_digest": vinfo["digest"], "audio_digest": ainfo["digest"],
+                "scales": [list(s) for s in vtok.scales], "bits": vtok.cfg.dim,
+                "audio_levels": atok.cfg.num_quantizers, "audio_codebook": atok.cfg.codebook_size}
+        if path.is_file():
+            try:
+                blob = load_checkpoint(path, what="multimodal token cache")
+                log.info("multimodal corpus: reusing the token cache %s", path)
+                return cls(blob["splits"], Vocabulary(BPETokenizer(Tokenizer.from_str(blob["bpe"]))),
+                           {**info, "built": False})
+            except Exception as e:  # an unreadable cache is rebuilt, never trusted
+                log.warning("multimodal corpus: ignoring unreadable cache %s (%s); rebuilding", path, e)
+        t0 = time.time()
+        log.info("multimodal corpus: building the token cache %s (rendering, encoding with the frozen tokenizers)", path)
+        from datamodules.synthetic_bios import generate_biographies
+        from models.tokenizers.text import build_tokenizer
+
+        bios = generate_biographies(cfg["num_people"], seed=cfg["text_seed"]).documents
+        n_val_bios = max(1, int(len(bios) * cfg["val_fraction"]))
+        texts = {"train": bios[n_val_bios:], "val": bios[:n_val_bios]}
+        raw = {"train": _render_split(cfg, cfg["data_seed"], cfg["num_videos"], cfg["num_images"], cfg["num_audio"]),
+               "val": _render_split(cfg, cfg["eval_seed"], cfg["val_videos"], cfg["val_images"], cfg["val_audio"])}
+        train_text = texts["train"] + [c for key_ in ("video_captions", "image_captions", "audio_captions")
+                                       for caps in raw["train"][key_] for c in caps]
+        bpe = build_tokenizer("bpe", texts=train_text, vocab_size=cfg["vocab_size"])
+        splits = {}
+        for name, r in raw.items():
+            splits[name] = {
+                "video": _encode_visual(vtok, r["video"]), "image": _encode_visual(vtok, r["image"]),
+                "audio": _encode_audio(atok, r["audio"]),
+                "video_captions": r["video_captions"], "image_captions": r["image_captions"],
+                "audio_captions": r["audio_captions"],
+                "text": [ids + [bpe.eos_id] for ids in bpe.encode_batch(texts[name])],
+            }
+        atomic_torch_save({"version": CACHE_VERSION, "splits": splits, "bpe": bpe.hf_tokenizer.to_str(),
+                           "info": info}, path)
+        log.info("multimodal corpus: built %s in %.0f s", path, time.time() - t0)
+        return cls(splits, Vocabulary(bpe), {**info, "built": True})
+
+    def num_items(self, split: str) -> dict:
+        s = self.splits[split]
+        return {"video": len(s["video"]), "image": len(s["image"]), "audio": len(s["audio"]), "text": len(s["text"])}
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+
+def _row_seed(seed: int, split: str, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()[:8], "little") & ((1 << 62) - 1)
+
+
+class RowDataset(Dataset):
+    """Packed rows of one split; row i is a pure function of (seed, split, i)."""
+
+    def __init__(self, corpus: MultimodalCorpus, split: str, num_rows: int, seq_len: int, weights: dict,
+                 caption_dropout: float, text_len: int, seed: int) -> None:
+        self.c, self.split, self.num_rows, self.S = corpus, split, num_rows, seq_len
+        self.data = corpus.splits[split]
+        self.vocab = corpus.vocab
+        self.scales = [tuple(s) for s in corpus.info["scales"]]
+        self.tasks = [t for t in TASKS if weights.get(t, 0) > 0]
+        self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
+        self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _pick(self, n: int, g: torch.Generator) -> int:
+        return int(torch.randint(n, (1,), generator=g))
+
+    def _caption(self, key: str, j: int, g: torch.Generator) -> list[int]:
+        caps = self.data[key][j]
+        return self.vocab.encode(caps[self._pick(len(caps), g)])
+
+    def document(self, task: str, g: torch.Generator) -> tuple[dict, list]:
+        """One document of `task`: the builder's arrays and its media [(kind, task, tensor)]."""
+        v = self.vocab
+        b = DocumentBuilder(0, TASKS.index(task), self.scales)
+        media = []
+        if task == "text":
+            ids = self.data["text"][self._pick(len(self.data["text"]), g)]
+            if len(ids) > self.text_len:
+                s = self._pick(len(ids) - self.text_len + 1, g)
+                ids = ids[s:s + self.text_len]
+            b.text(ids)
+        else:
+            medium, role = task.split("_")
+            key = {"image": "image", "video": "video", "audio": "audio"}[medium]
+            j = self._pick(len(self.data[key]), g)
+            item = self.data[key][j]
+            open_, close = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>"), "audio": ("<boa>", "<eoa>")}[medium]
+            caption = self._caption(f"{key}_captions", j, g)
+            if role == "gen":
+                if float(torch.rand((), generator=g)) < self.caption_dropout:
+                    caption = []
+                b.text(caption + [v[open_]])
+            else:
+                b.text([v[open_]])
+            if medium == "audio":
+                b.audio(item.shape[0])
+                media.append(("audio", task, item))
+            elif role == "und":
+                b.understanding(item.shape[0])
+                media.append(("vis_und", task, item))
+            else:
+                b.generation(item.shape[0])
+                media.append(("vis_gen", task, item))
+            b.text([v[close]] + ([v["<sep>"]] + caption if role == "und" else []) + [v.eos])
+        return b.finish(), media
+
+    def __getitem__(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(_row_seed(self.seed, self.split, index))
+        S, used, tries = self.S, 0, 0
+        docs = []
+        while used < S and tries < 8:
+            task = self.tasks[int(multinomial(self.probs, 1, g))]
+            doc, media = self.document(task, g)
+            n = len(doc["ids"])
+            if n > S - used:
+                if task == "text" and S - used >= 8:
+                    doc = {k: (v[:S - used] if torch.is_tensor(v) else v) for k, v in doc.items()}
+                    doc["text_targets"][-1] = IGNORE
+                    doc["mtp_targets"][-2:] = IGNORE
+                    n = S - used
+                else:
+                    tries += 1
+                    continue
+            docs.append((doc, media, used))
+            used += n
+        return self._pack(docs)
+
+    def _pack(self, docs: list) -> dict:
+        S = self.S
+        row = {"ids": torch.zeros(S, dtype=torch.long), "kind": torch.full((S,), KINDS["pad"], dtype=torch.long),
+               "modality": torch.full((S,), -1, dtype=torch.long), "task": torch.full((S,), -1, dtype=torch.long),
+               "positions": torch.zeros(S, 3), "block_ids": torch.zeros(S, dtype=torch.long),
+               "doc_ids": torch.full((S,), -1, dtype=torch.long),
+               "text_targets": torch.full((S,), IGNORE, dtype=torch.long),
+               "mtp_targets": torch.full((S,), IGNORE, dtype=torch.long)}
+        spans, block = [], 0
+        for d, (doc, media, start) in enumerate(docs):
+            n = len(doc["ids"])
+            sl = slice(start, start + n)
+            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task"):
+                row[k][sl] = doc[k]
+            kind = doc["kind"]
+            mod = torch.zeros_like(kind)  # text / boundary tokens: text
+            medium = TASK_MODALITY[TASKS[int(doc["task"][0])]]
+            mod[kind != KINDS["text"]] = medium
+            row["modality"][sl] = mod
+            row["block_ids"][sl] = doc["block_ids"] + block
+            block += int(doc["block_ids"].max()) + 1 if n else 0
+            row["doc_ids"][sl] = d
+            for (kind_name, first, count), (mkind, task, tensor) in zip(doc["spans"], media):
+                assert kind_name == mkind
+                spans.append((mkind, task, start + first, count, tensor))
+        pad = S - (docs[-1][2] + len(docs[-1][0]["ids"]) if docs else 0)
+        if pad:
+            row["block_ids"][S - pad:] = block + torch.arange(pad)
+            row["doc_ids"][S - pad:] = len(docs)
+        row["spans"] = spans
+        return row
+
+
+def collate_rows(rows: Sequence[dict]) -> UnifiedBatch:
+    """Stack rows; group media spans by (kind, task) with flat destination indices row * S + position."""
+    S = rows[0]["ids"].shape[0]
+    fields = {k: torch.stack([r[k] for r in rows]) for k in ("ids", "kind", "modality", "task", "positions",
+                                                               "block_ids", "doc_ids", "text_targets", "mtp_targets")}
+    groups: dict = {}
+    for b, r in enumerate(rows):
+        for mkind, task, start, count, tensor in r["spans"]:
+            g = groups.setdefault((mkind, task), ([], []))
+            g[0].append(tensor)
+            g[1].append(b * S + start + torch.arange(count))
+    batch = UnifiedBatch(**fields)
+    for (mkind, task), (tensors, dest) in sorted(groups.items(), key=lambda kv: (kv[0][0], TASKS.index(kv[0][1]))):
+        data, dest = torch.stack(tensors), torch.stack(dest)
+        if mkind == "audio":
+            batch.audio.append(AudioSpans(task, data, dest))
+        elif mkind == "vis_und":
+            batch.vis_und.append(VisualSpans(task, data, dest))
+        else:
+            batch.vis_gen.append(VisualSpans(task, data, dest))
+    return batch
+
+
+# ------------------------------------------------------------------------------------ DataModule
+
+
+class MultimodalDataModule(ResumableDataModule):
+    """Packed unified rows over the embedded multimodal corpus (see the module docstring).
+
+    visual_tokenizer / audio_tokenizer: frozen tokenizer checkpoints (an experiment's `requires`
+        builds them); the visual one must be the 3D video tokenizer.
+    task_weights: {task: weight} over `models.ernie5.TASKS` (0 leaves a task out).
+    seq_len: tokens per packed row; train_rows / val_rows: rows per epoch / in validation.
+    """
+
+    def __init__(self, visual_tokenizer: Optional[str] = None, audio_tokenizer: Optional[str] = None,
+                 cache_dir: str = "data/cache/multimodal", source: str = "synthetic", seq_len: int = 512,
+                 batch_size: int = 8, train_rows: int = 2048, val_rows: int = 64,
+                 task_weights: Optional[dict] = None, caption_dropout: float = 0.1, text_len: int = 128,
+                 image_size: int = 32, num_frames: int = 9, clip_seconds: float = 1.0, sample_rate: int = 16000,
+                 num_videos: int = 512, num_images: int = 512, num_audio: int = 4096, val_videos: int = 64,
+                 val_images: int = 64, val_audio: int = 64, num_people: int = 1000, val_fraction: float = 0.1,
+                 vocab_size: int = 2048, data_seed: int = 100, eval_seed: int = 200, text_seed: int = 0,
+                 seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
+        if source != "synthetic":
+            raise ValueError(f"data.source must be 'synthetic' (real multimodal manifests are not supported yet), "
+                             f"got {source!r}")
+        weights = dict(task_weights or {t: 1.0 for t in TASKS})
+        bad = sorted(set(weights) - set(TASKS))
+        if bad:
+            raise ValueError(f"data.task_weights has unknown tasks {bad}; known: {list(TASKS)}")
+        if any(float(w) < 0 for w in weights.values()) or not any(float(w) > 0 for w in weights.values()):
+            raise ValueError(f"data.task_weights must be >= 0 with at least one > 0, got {weights}")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1), got {caption_dropout}")
+        for key, val in (("seq_len", seq_len), ("batch_size", batch_size), ("train_rows", train_rows),
+                         ("val_rows", val_rows), ("text_len", text_len)):
+            if val < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {val}")
+        self.visual_tokenizer, self.audio_tokenizer = visual_tokenizer, audio_tokenizer
+        self.cache_dir = Path(cache_dir)
+        self.seq_len, self.batch_size, self.train_rows, self.val_rows = seq_len, batch_size, train_rows, val_rows
+        self.task_weights, self.caption_dropout, self.text_len = weights, caption_dropout, text_len
+        self.seed, self.num_workers = seed, num_workers
+        self.corpus_cfg = dict(image_size=image_size, num_frames=num_frames, clip_seconds=clip_seconds,
+                               sample_rate=sample_rate, num_videos=num_videos, num_images=num_images,
+                               num_audio=num_audio, val_videos=val_videos, val_images=val_images, val_audio=val_audio,
+                               num_people=num_people, val_fraction=val_fraction, vocab_size=vocab_size,
+                               data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed)
+        self.corpus: Optional[MultimodalCorpus] = None
+        self.datasets: dict = {}
+
+    @property
+    def vocab(self) -> Vocabulary:
+        self._require_setup()
+        return self.corpus.vocab
+
+    def _require_setup(self) -> None:
+        if self.corpus is None:
+            raise RuntimeError("MultimodalDataModule.setup() has not run")
+
+    def _check_tokenizers(self) -> None:
+        for key, val in (("visual_tokenizer", self.visual_tokenizer), ("audio_tokenizer", self.audio_tokenizer)):
+            if not val:
+                raise ValueError(f"data.{key} is not set: give a tokenizer checkpoint, or list it under `requires`")
+
+    def prepare_data(self) -> None:
+        """Build the token cache once (local rank 0; the other ranks wait, then load it in setup)."""
+        self._check_tokenizers()
+        MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer, self.cache_dir)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.corpus is not None:
+            return
+        self._check_tokenizers()
+        self.corpus = MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer,
+                                                     self.cache_dir)
+        longest = self.longest_document()
+        if longest > self.seq_len:
+            raise ValueError(f"data.seq_len={self.seq_len} is shorter than the longest document ({longest} tokens: "
+                             "a video generation document); raise it or give that task weight 0")
+        for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
+            self.datasets[split] = RowDataset(self.corpus, split, rows, self.seq_len, self.task_weights,
+                                              self.caption_dropout if split == "train" else 0.0, self.text_len,
+                                              self.seed if split == "train" else 0)
+
+    def longest_document(self) -> int:
+        """Tokens of the longest non-text document a positive task weight can draw (longest caption)."""
+        c = self.corpus
+        tr = c.splits["train"]
+        scales = c.info["scales"]
+        per_frame = sum(h * w for h, w in scales)
+        cap_len = {k: max((len(c.vocab.encode(x)) for caps in c.splits[s][k] for x in caps), default=0)
+                   for k in ("video_captions", "image_captions", "audio_captions") for s in ("train",)}
+        lengths = {"text": 0,
+                   "image_und": 4 + tr["image"].shape[3] * tr["image"].shape[4] // 4 + cap_len["image_captions"],
+                   "image_gen": 3 + per_frame + cap_len["image_captions"],
+                   "video_und": 4 + tr["video"].shape[1] * tr["video"].shape[3] * tr["video"].shape[4] // 4
+                   + cap_len["video_captions"],
+                   "video_gen": 3 + tr["video"].shape[1] * per_frame + cap_len["video_captions"],
+                   "audio_und": 4 + tr["audio"].shape[1] + cap_len["audio_captions"],
+                   "audio_gen": 3 + tr["audio"].shape[1] + cap_len["audio_captions"]}
+        return max(lengths[t] for t, w in self.task_weights.items() if w > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        ds = self.datasets["train"]
+        sampler = self._make_train_sampler(len(ds), f"data.train_rows={len(ds)} gives this rank less than one batch")
+        return DataLoader(ds, batch_size=self.per_rank_batch_size(), sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=collate_rows)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        ds = self.datasets["val"]
+        return DataLoader(ds, batch_size=self.per_rank_batch_size(), sampler=self._make_eval_sampler(len(ds)),
+                          num_workers=self.num_workers, collate_fn=collate_rows)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch.to(device) if isinstance(batch, UnifiedBatch) else super().transfer_batch_to_device(
+            batch, device, dataloader_idx)

@@ -1,0 +1,227 @@
+"""ERNIE 5.0 end to end on tiny random tokenizers: the multimodal DataModule's rows (packing, targets,
+determinism, errors), the module's losses and knobs, routing counts per task, exact resume, generation
+from a checkpoint, FSDP2 on 2 CPU processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from datamodules.multimodal import MultimodalDataModule, collate_rows
+from models.ernie5 import IGNORE, KINDS, TASKS
+from tests.conftest import compose_train_cfg
+from tests.helpers import find_metrics, read_metric, run_train_cli
+
+QUIET = ["~callbacks.rich_progress_bar", "~callbacks.model_summary", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "extras.print_config=false", "logger=csv"]
+SMALL_DATA = dict(seq_len=192, batch_size=4, image_size=16, num_frames=5, clip_seconds=0.5, num_videos=12,
+                  num_images=12, num_audio=12, val_videos=4, val_images=4, val_audio=4, num_people=40,
+                  vocab_size=400, train_rows=16, val_rows=4, text_len=48)
+
+
+@pytest.fixture(scope="module")
+def audio_tokenizer(tmp_path_factory) -> Path:
+    from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+    from models.tokenizers.checkpoint import save_tokenizer_export
+
+    torch.manual_seed(0)
+    cfg = AudioTokenizerConfig(preset="tiny")
+    path = tmp_path_factory.mktemp("atok") / "tiny_audio_tokenizer.pt"
+    save_tokenizer_export(path, AudioTokenizer(cfg), "audio", cfg.to_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mm_cache")
+
+
+@pytest.fixture(scope="module")
+def dm(tiny_tokenizer, audio_tokenizer, cache):
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), **SMALL_DATA)
+    d.setup()
+    return d
+
+
+def test_rows_are_deterministic_packed_and_targets_stay_inside_documents(dm):
+    ds = dm.datasets["train"]
+    for i in range(6):
+        a, b = ds[i], ds[i]
+        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["positions"], b["positions"])
+        ids, kind, doc = a["ids"], a["kind"], a["doc_ids"]
+        S = len(ids)
+        for j, t in enumerate(a["text_targets"].tolist()):
+            if t != IGNORE:
+                assert t == int(ids[j + 1]) and doc[j] == doc[j + 1] and kind[j] == kind[j + 1] == KINDS["text"]
+        for j, t in enumerate(a["mtp_targets"].tolist()):
+            if t != IGNORE:
+                assert t == int(ids[j + 2]) and doc[j] == doc[j + 2]
+        # block ids never decrease along a row; a document's positions restart at 0
+        assert (a["block_ids"][1:] >= a["block_ids"][:-1]).all()
+        for d in doc.unique().tolist():
+            sel = doc == d
+            if (kind[sel] >= 0).any():
+                assert float(a["positions"][sel][0, 0]) == 0.0
+        # every media span covers tokens of its kind, in one document
+        for mkind, task, start, count, tensor in a["spans"]:
+            assert (kind[start:start + count] == KINDS[mkind]).all() and doc[start:start + count].unique().numel() == 1
+            assert a["task"][start] == TASKS.index(task)
+        assert S == dm.seq_len
+    assert not torch.equal(ds[0]["ids"], ds[1]["ids"])
+
+
+def test_batch_collation_groups_spans_with_flat_destinations(dm):
+    ds = dm.datasets["train"]
+    rows = [ds[i] for i in range(4)]
+    batch = collate_rows(rows)
+    S = dm.seq_len
+    flat_kind = batch.kind.reshape(-1)
+    for spans in batch.vis_gen + batch.vis_und:
+        k = KINDS["vis_gen"] if spans in batch.vis_gen else KINDS["vis_und"]
+        assert (flat_kind[spans.dest.reshape(-1)] == k).all()
+        assert spans.latents.dim() == 5 and spans.latents.shape[0] == spans.dest.shape[0]
+    for spans in batch.audio:
+        assert (flat_kind[spans.dest.reshape(-1)] == KINDS["audio"]).all()
+        assert spans.codes.shape[:2] == spans.dest.shape
+        assert (batch.ids.reshape(-1)[spans.dest[:, 0] - 1] == dm.vocab["<boa>"]).all()
+    assert batch.ids.shape == (4, S)
+
+
+def test_vocabulary_boundary_tokens_and_caption_dropout(dm, tiny_tokenizer, audio_tokenizer, cache):
+    v = dm.vocab
+    assert len(v) == v.base + 7 and v["<sep>"] == v.base + 6
+    assert v.decode(v.encode("a red circle") + [v["<boi>"]] + v.encode(" x")) == "a red circle<boi> x"
+    # caption dropout: some generation documents start with their open token
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache),
+                             **{**SMALL_DATA, "task_weights": {"image_gen": 1.0}, "caption_dropout": 0.5})
+    d.setup()
+    first = [int(d.datasets["train"][i]["ids"][0]) for i in range(12)]
+    assert first.count(v["<boi>"]) not in (0, 12)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"task_weights": {"imag_gen": 1.0}}, "data.task_weights has unknown tasks"),
+    ({"task_weights": {"text": 0.0}}, "data.task_weights"),
+    ({"caption_dropout": 1.0}, "data.caption_dropout"),
+    ({"source": "folder"}, "data.source"),
+])
+def test_bad_data_config_names_the_key(kw, match, tiny_tokenizer, audio_tokenizer, cache):
+    with pytest.raises(ValueError, match=match):
+        MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), **{**SMALL_DATA, **kw})
+
+
+def test_too_short_rows_and_wrong_tokenizer_kind_are_named(tiny_tokenizer, audio_tokenizer, cache):
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache),
+                             **{**SMALL_DATA, "seq_len": 40})
+    with pytest.raises(ValueError, match="data.seq_len=40"):
+        d.setup()
+    d = MultimodalDataModule(str(audio_tokenizer), str(audio_tokenizer), cache_dir=str(cache), **SMALL_DATA)
+    with pytest.raises(ValueError, match="audio tokenizer, expected visual"):
+        d.setup()
+
+
+def test_corpus_cache_is_reused_and_a_corrupt_cache_is_rebuilt(dm, tiny_tokenizer, audio_tokenizer, cache, caplog):
+    import logging
+
+    path = Path(dm.corpus.info["path"])
+    assert path.is_file()
+    with caplog.at_level(logging.INFO):
+        d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), **SMALL_DATA)
+        d.setup()
+    assert "reusing the token cache" in caplog.text and d.corpus.info["built"] is False
+    assert torch.equal(d.corpus.splits["val"]["video"], dm.corpus.splits["val"]["video"])
+
+
+# ------------------------------------------------------------------------------------- the module
+
+
+def cfg_for(tmp_path: Path, vt: Path, at: Path, cache: Path, *extra: str, subdir: str = "run"):
+    data = [f"data.{k}={v}" for k, v in SMALL_DATA.items()]
+    return compose_train_cfg(["experiment=ernie5_tiny", f"data.visual_tokenizer={vt}", f"data.audio_tokenizer={at}",
+                              f"data.cache_dir={cache}", *data, "model.sample.num=0", *QUIET, *extra], tmp_path / subdir)
+
+
+def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tokenizer, audio_tokenizer, cache):
+    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                  "trainer.limit_val_batches=1", "test=false", "callbacks.ernie5_schedule.switch_at=0.5")
+    _, objs = train.run(cfg)
+    m = find_metrics(Path(cfg.paths.output_dir))
+    for key in ("train/loss_text", "train/loss_mtp", "train/loss_image", "train/loss_video", "train/loss_audio",
+                "val/loss_text", "val/loss_image", "val/loss_video", "val/loss_audio", "val/loss"):
+        assert read_metric(m, key), key
+    # MTP weight 0.3 for steps 0-1, 0.1 from step 2 (half of 4)
+    w = read_metric(m, "train/mtp_weight")
+    assert w[0] == pytest.approx(0.3) and w[3] == pytest.approx(0.1)
+    module = objs["model"]
+    assert module.bias_update_rate == pytest.approx(1e-5) and module.mtp_weight == pytest.approx(0.1)
+    # routing analysis ran at validation: counts per task, every layer, and the knob is off again
+    assert not module.track_routing and set(module.routing_counts) >= {"text", "image_gen", "audio_und"}
+    L, E = module.net_cfg.n_layers, module.trunk.num_experts
+    assert all(c.shape == (L, E) for c in module.routing_counts.values())
+    assert list(Path(cfg.paths.output_dir).rglob("routing/step_4.md"))
+
+
+def test_posterior_weighting_divides_each_modality_by_its_ema(tmp_path, tiny_tokenizer, audio_tokenizer, cache, dm):
+    import hydra
+
+    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "model.posterior_weighting=true")
+    module = hydra.utils.instantiate(cfg.model)
+    module._datamodule = lambda: dm
+    module.configure_model()
+    terms = {"text": torch.tensor(6.0), "image": torch.tensor(0.5), "audio": torch.tensor(4.0), "mtp": torch.tensor(6.5)}
+    first = module._total(terms, train=True)  # EMA starts at the first value: each term is 1
+    assert first == pytest.approx(3 + 0.3 * 6.5)
+    second = module._total({**terms, "text": torch.tensor(3.0)}, train=True)
+    ema_text = 0.99 * 6.0 + 0.01 * 3.0
+    assert second == pytest.approx(3.0 / ema_text + 2 + 0.3 * 6.5, rel=1e-5)
+
+
+def test_exact_resume_and_generation_from_the_checkpoint(tmp_path, tiny_tokenizer, audio_tokenizer, cache):
+    extra = ["trainer.val_check_interval=2", "trainer.limit_val_batches=1", "test=false",
+             "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1",
+             "model.cfec.enabled=true", "model.optim.total_steps=4"]  # the schedules' horizon survives the stop
+    full = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, *extra, "trainer.max_steps=4", subdir="full")
+    train.run(full)
+    loss_full = read_metric(find_metrics(Path(full.paths.output_dir)), "train/loss")
+    part = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, *extra, "trainer.max_steps=2", subdir="part")
+    train.run(part)
+    ckpt = sorted((Path(part.paths.output_dir) / "checkpoints").glob("step*.ckpt"))[-1]
+    resumed = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, *extra, "trainer.max_steps=4",
+                      f"ckpt_path={ckpt}", subdir="resumed")
+    train.run(resumed)
+    loss_res = read_metric(find_metrics(Path(resumed.paths.output_dir)), "train/loss")
+    assert set(loss_res) == {2, 3}
+    for step, value in loss_res.items():
+        assert value == pytest.approx(loss_full[step], abs=1e-6)
+
+    # the checkpoint alone rebuilds the model, its vocabulary and its tokenizers: any-to-any generation
+    from lit_modules.ernie5 import Ernie5Module
+
+    last = Path(full.paths.output_dir) / "checkpoints" / "last.ckpt"
+    m = Ernie5Module.load_from_checkpoint(last, map_location="cpu", weights_only=True).eval()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    lat = torch.randn(1, 8, 4, 4)
+    text = m.caption("image", lat, g(), max_new_tokens=6)
+    assert isinstance(text, str) and text == m.caption("image", lat, g(), max_new_tokens=6)
+    tokens, video = m.render("a red circle", "video", 2, g())
+    assert video.shape == (1, 3, 3, 16, 16) and video.abs().max() <= 1
+    tokens, image = m.render("a red circle", "image", 1, g())
+    assert image.shape == (1, 3, 1, 16, 16)
+    codes, wave = m.speak("a steady tone", 5, g())
+    assert codes.shape == (1, 5, 2) and wave.dim() == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes(tmp_path, tiny_tokenizer, audio_tokenizer, cache, dm):
+    out = tmp_path / "fsdp"
+    data = [f"data.{k}={v}" for k, v in SMALL_DATA.items()]
+    run_train_cli(["experiment=ernie5_tiny", f"data.visual_tokenizer={tiny_tokenizer}",
+                   f"data.audio_tokenizer={audio_tokenizer}", f"data.cache_dir={cache}", *data, "model.sample.num=0",
+                   "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                   "trainer.val_check_interval=2", "test=false", *QUIET, f"hydra.run.dir={out}"])
+    loss = read_metric(find_metrics(out), "train/loss")
+    assert len(loss) == 2 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    assert list(out.rglob("routing/step_2.md"))

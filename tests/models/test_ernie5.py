@@ -1,0 +1,278 @@
+"""ERNIE 5.0's network: sequence layouts, masks and Uni-RoPE against hand-built examples, the additive
+audio embedding, MTP / NCP targets and layers, modality-agnostic routing, and KV-cached generation."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.ernie5 import IGNORE, KINDS, DocumentBuilder, Ernie5, Ernie5Config, UnifiedBatch, VisualSpans, AudioSpans
+from models.ernie5 import merge_patches
+from models.layers.elastic import RoutingLimit
+from models.layers.mask import AttentionMask
+from models.moe.replay import RouteReplay
+from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
+from models.videoar import teacher_forcing_sequence
+
+SCALES = [(1, 1), (2, 2)]
+TXT, VU, VG, AU = KINDS["text"], KINDS["vis_und"], KINDS["vis_gen"], KINDS["audio"]
+BOI, EOI, SEP, EOS = 90, 91, 96, 1
+
+
+def allowed_from_blocks(blocks):
+    """The obviously correct mask of a block layout: key k visible to query q iff block[k] <= block[q]."""
+    b = torch.as_tensor(blocks)
+    return b[None, :] <= b[:, None]
+
+
+def test_image_generation_layout_blocks_and_center_aligned_positions():
+    d = DocumentBuilder(1, 2, SCALES).text([5, 6, BOI]).generation(1).text([EOI, EOS]).finish()
+    assert d["kind"].tolist() == [TXT] * 3 + [VG] * 5 + [TXT] * 2
+    # text 0 1 2 (own blocks), scale 1 one block, scale 2 one block of 4, then EOI, EOS
+    assert d["block_ids"].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 5, 6]
+    pos = d["positions"]
+    assert pos[:3].tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+    # scale 1 (1x1) sits at the centre of the final 2x2 grid: (0 + 0.5) * 2 / 1 - 0.5 = 0.5
+    assert pos[3].tolist() == [3, 3.5, 3.5]
+    assert pos[4:8].tolist() == [[3, 3, 3], [3, 3, 4], [3, 4, 3], [3, 4, 4]]
+    # the index after the span is 1 + its largest coordinate (4)
+    assert pos[8:].tolist() == [[5, 5, 5], [6, 6, 6]]
+    # next-token targets only between text tokens; the BOI token predicts nothing (a visual block follows)
+    assert d["text_targets"].tolist() == [6, BOI] + [IGNORE] * 6 + [EOS, IGNORE]
+    assert d["mtp_targets"].tolist() == [BOI] + [IGNORE] * 9
+
+
+def test_video_generation_blocks_per_frame_and_scale_and_uni_rope():
+    d = DocumentBuilder(2, 4, SCALES).text([7]).generation(2).finish()
+    blocks = d["block_ids"].tolist()
+    assert blocks == [0, 1, 2, 2, 2, 2, 3, 4, 4, 4, 4]
+    pos = d["positions"]
+    assert pos[1].tolist() == [1, 1.5, 1.5] and pos[6].tolist() == [2, 1.5, 1.5]  # frame t -> t = p + t
+    assert pos[7:11, 0].tolist() == [2, 2, 2, 2]
+    mask = AttentionMask.blocks(d["block_ids"][None]).dense(11, 11)[0, 0]
+    assert torch.equal(mask, allowed_from_blocks(blocks))
+    # frame 2's first scale sees all of frame 1 and not its own finer scale
+    assert mask[6, :6].all() and not mask[6, 7:].any()
+
+
+def test_understanding_span_is_one_bidirectional_block_with_merged_positions():
+    d = DocumentBuilder(1, 1, [(1, 1), (2, 2), (4, 4)]).text([BOI]).understanding(1).text([EOI, SEP, 8, EOS]).finish()
+    assert d["kind"].tolist() == [TXT] + [VU] * 4 + [TXT] * 4
+    assert d["block_ids"].tolist() == [0, 1, 1, 1, 1, 2, 3, 4, 5]
+    # 2x2 cells of the 4x4 latent grid, centred: h = p + 2 i + 0.5
+    assert d["positions"][1:5].tolist() == [[1, 1.5, 1.5], [1, 1.5, 3.5], [1, 3.5, 1.5], [1, 3.5, 3.5]]
+    assert d["positions"][5].tolist() == [5, 5, 5]
+    mask = AttentionMask.blocks(d["block_ids"][None]).dense(9, 9)[0, 0]
+    assert mask[1, 4] and mask[4, 1]  # bidirectional inside the image
+    assert not mask[0, 1] and mask[8, 1]  # causal around it
+    assert d["text_targets"].tolist() == [IGNORE] * 5 + [SEP, 8, EOS, IGNORE]
+    assert d["mtp_targets"].tolist() == [IGNORE] * 5 + [8, EOS, IGNORE, IGNORE]
+
+
+def test_audio_span_is_causal_with_sequential_positions():
+    d = DocumentBuilder(3, 6, SCALES).text([4, 92]).audio(3).text([93, EOS]).finish()
+    assert d["kind"].tolist() == [TXT, TXT, AU, AU, AU, TXT, TXT]
+    assert d["block_ids"].tolist() == list(range(7))
+    assert d["positions"][:, 0].tolist() == list(range(7)) and (d["positions"][:, 1] == d["positions"][:, 0]).all()
+    assert d["spans"] == [("audio", 2, 3)]
+
+
+def test_merge_patches_orders_2x2_cells_row_major():
+    lat = torch.arange(2 * 1 * 4 * 4, dtype=torch.float).view(1, 2, 1, 4, 4)  # [n, T', D, H, W]
+    p = merge_patches(lat)
+    assert p.shape == (1, 8, 4, 1)
+    assert p[0, 0, :, 0].tolist() == [0, 1, 4, 5] and p[0, 1, :, 0].tolist() == [2, 3, 6, 7]
+    assert p[0, 4, :, 0].tolist() == [16, 17, 20, 21]  # second latent frame
+
+
+# ----------------------------------------------------------------------------------------- network
+
+
+def tiny_cfg(**kw):
+    base = dict(text_vocab=100, bits=8, scales=[[1, 1], [2, 2], [4, 4]], audio_levels=2, audio_codebook=16,
+                n_layers=3)
+    return Ernie5Config(**{**base, **kw})
+
+
+def tiny_batch(seed=0):
+    """Two packed rows: row 0 = image generation doc + text doc; row 1 = audio generation doc + image
+    understanding doc (hand-built with DocumentBuilder, spans at known places)."""
+    g = torch.Generator().manual_seed(seed)
+    S = 40
+    scales = [(1, 1), (2, 2), (4, 4)]
+    rows = [[DocumentBuilder(1, 2, scales).text([5, 6, BOI]).generation(1).text([EOI, EOS]),
+             DocumentBuilder(0, 0, scales).text([11, 12, 13, 14, EOS])],
+            [DocumentBuilder(3, 6, scales).text([7, 8, 92]).audio(5).text([93, EOS]),
+             DocumentBuilder(1, 1, scales).text([BOI]).understanding(1).text([EOI, SEP, 9, 10, EOS])]]
+    fields = {k: [] for k in ("ids", "kind", "modality", "task", "positions", "block_ids", "doc_ids", "text_targets",
+                              "mtp_targets")}
+    vis_gen, vis_und, audio = [], [], []
+    for r, docs in enumerate(rows):
+        parts = {k: [] for k in fields}
+        used, block = 0, 0
+        for i, b in enumerate(docs):
+            d = b.finish()
+            n = len(d["ids"])
+            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task", "modality"):
+                parts[k].append(d[k])
+            parts["block_ids"].append(d["block_ids"] + block)
+            parts["doc_ids"].append(torch.full((n,), i))
+            for kind, first, count in d["spans"]:
+                dest = r * S + used + first + torch.arange(count)
+                if kind == "vis_gen":
+                    vis_gen.append(VisualSpans("image_gen", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
+                elif kind == "vis_und":
+                    vis_und.append(VisualSpans("image_und", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
+                else:
+                    audio.append(AudioSpans("audio_gen", torch.randint(16, (1, count, 2), generator=g), dest[None]))
+            block += int(d["block_ids"].max()) + 1
+            used += n
+        pad = S - used
+        parts["ids"].append(torch.zeros(pad, dtype=torch.long))
+        parts["kind"].append(torch.full((pad,), -1))
+        parts["positions"].append(torch.zeros(pad, 3))
+        parts["text_targets"].append(torch.full((pad,), IGNORE))
+        parts["mtp_targets"].append(torch.full((pad,), IGNORE))
+        parts["task"].append(torch.full((pad,), -1))
+        parts["modality"].append(torch.full((pad,), -1))
+        parts["block_ids"].append(block + torch.arange(pad))
+        parts["doc_ids"].append(torch.full((pad,), len(docs)))
+        for k in fields:
+            fields[k].append(torch.cat(parts[k]).to(torch.float if k == "positions" else torch.long))
+    return UnifiedBatch(**{k: torch.stack(v) for k, v in fields.items()}, vis_und=vis_und, vis_gen=vis_gen, audio=audio)
+
+
+@pytest.fixture(scope="module")
+def quantizer():
+    torch.manual_seed(0)
+    return VisualTokenizer(TokenizerConfig(preset="tiny")).quantizer
+
+
+def vis_inputs(batch, quantizer):
+    return [teacher_forcing_sequence(quantizer, s.latents)["inputs"] for s in batch.vis_gen]
+
+
+def test_additive_audio_embedding_sums_one_table_per_level(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg())
+    codes = torch.tensor([[3, 7], [0, 15]])
+    want = net.audio_emb[0].weight[[3, 0]] + net.audio_emb[1].weight[[7, 15]]
+    assert torch.allclose(net.audio_embed(codes), want)
+    batch = tiny_batch()
+    x = net.embed(batch, vis_inputs(batch, quantizer))
+    a = batch.audio[0]
+    assert torch.allclose(x.reshape(-1, x.shape[-1])[a.dest[0]], net.audio_embed(a.codes[0]))
+
+
+def test_forward_selects_targets_and_ncp_heads_read_layers_L_minus_Q_plus_j(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    assert net.audio_layers == [1, 2]
+    batch = tiny_batch()
+    vin = vis_inputs(batch, quantizer)
+    out = net(batch, vin)
+    tt = batch.text_targets.reshape(-1)
+    assert torch.equal(out.text_targets, tt[tt != IGNORE])
+    # reference: run the trunk once, read every layer's raw output, apply level j's head by hand
+    x = net.embed(batch, vin)
+    ref = net.trunk(x, batch.positions, batch.mask(), return_hidden=[0, 1, 2])
+    a = batch.audio[0]
+    src = (a.dest - 1).reshape(-1)
+    C = x.shape[-1]
+    h0 = ref.hidden_states[1].reshape(-1, C)[src]
+    want0 = net.audio_head[0](net.audio_norm[0](h0))
+    h1 = ref.hidden_states[2].reshape(-1, C)[src] + net.audio_emb[0](a.codes[0, :, 0])
+    want1 = net.audio_head[1](net.audio_norm[1](h1))
+    got0, got1 = out.audio["audio_gen"][0]
+    assert torch.allclose(got0[0], want0, atol=1e-5) and torch.allclose(got1[0], want1, atol=1e-5)
+    # the first frame is predicted at the BOA token
+    assert int(a.dest[0, 0] - 1) == 40 + 2 and int(batch.ids[1, 2]) == 92
+
+
+def test_mtp_targets_are_two_ahead_and_never_cross_documents():
+    batch = tiny_batch()
+    ids, doc, kind = batch.ids, batch.doc_ids, batch.kind
+    for r in range(2):
+        for i, t in enumerate(batch.mtp_targets[r].tolist()):
+            if t == IGNORE:
+                continue
+            assert t == int(ids[r, i + 2]) and doc[r, i] == doc[r, i + 2] and (kind[r, i:i + 3] == TXT).all()
+    # row 0: doc 0 ends with EOI EOS, doc 1 starts at 11: no target crosses from EOI to doc 1
+    row = batch.mtp_targets[0].tolist()
+    assert row[:2] == [BOI, IGNORE] and 11 not in row[:10]
+
+
+def test_routing_never_reads_modality_or_task_ids(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    batch = tiny_batch()
+    vin = vis_inputs(batch, quantizer)
+
+    def routes(b):
+        rec = RouteReplay("record")
+        out = net(b, vin, routing=RoutingLimit(replay=rec))
+        return {k: torch.cat(v) for k, v in rec.recorded.items()}, out.hidden
+
+    r1, h1 = routes(batch)
+    g = torch.Generator().manual_seed(5)
+    scrambled = dataclasses.replace(batch, modality=torch.randint(4, batch.modality.shape, generator=g),
+                                    task=torch.randint(7, batch.task.shape, generator=g))
+    r2, h2 = routes(scrambled)
+    assert r1.keys() == r2.keys() == {0, 1, 2}
+    assert all(torch.equal(r1[k], r2[k]) for k in r1) and torch.equal(h1, h2)
+
+
+def test_ultra_sparse_defaults_every_layer_moe_with_bias_balancing():
+    cfg = Ernie5Config(preset="small", text_vocab=10, bits=16, scales=[[1, 1], [8, 8]], audio_levels=4,
+                       audio_codebook=256)
+    assert cfg.moe.num_experts == 64 and cfg.moe.top_k == 4 and cfg.moe.num_shared == 1
+    assert cfg.moe.bias_balancing and cfg.moe.bias_update_rate == 1e-4 and cfg.moe.capacity_factor is None
+    assert cfg.moe.aux_loss_coef == 0 and cfg.ffn == "moe"
+    net = Ernie5(cfg)
+    assert all(type(b.ffn).__name__ == "MoEFFN" for b in net.trunk.layers)
+    routed = cfg.moe.top_k / cfg.moe.num_experts
+    assert routed == 0.0625
+    with pytest.raises(ValueError, match="model.net.moe"):
+        Ernie5Config(text_vocab=10, bits=8, scales=[[1, 1]], audio_levels=1, audio_codebook=4, moe={"top_k": 0})
+    with pytest.raises(ValueError, match="audio code levels"):
+        Ernie5Config(text_vocab=10, bits=8, scales=[[1, 1]], audio_levels=3, audio_codebook=4)
+
+
+# -------------------------------------------------------------------------------------- generation
+
+
+def gen(seed=3):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_text_generation_deterministic_and_kv_cache_equals_uncached(temperature):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    prompt = [("text", [BOI]), ("vis_und", torch.randn(1, 8, 4, 4)), ("text", [EOI, SEP])]
+    a = net.generate_text(prompt, 10, temperature=temperature, generator=gen())
+    assert a == net.generate_text(prompt, 10, temperature=temperature, generator=gen())
+    assert a == net.generate_text(prompt, 10, temperature=temperature, generator=gen(), use_cache=False)
+
+
+def test_visual_generation_with_guidance_kv_cache_equals_uncached(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    kw = dict(uncond_prompt=[("text", [BOI])], guidance=3.0)
+    a = net.generate_visual(quantizer, [("text", [4, 5, BOI])], 2, generator=gen(), **kw)
+    b = net.generate_visual(quantizer, [("text", [4, 5, BOI])], 2, generator=gen(), use_cache=False, **kw)
+    c = net.generate_visual(quantizer, [("text", [4, 5, BOI])], 2, generator=gen(), **kw)
+    assert [t.shape for t in a] == [(1, 2, 1, 1, 8), (1, 2, 2, 2, 8), (1, 2, 4, 4, 8)]
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+    d = net.generate_visual(quantizer, [("text", [4, 5, BOI])], 2, generator=gen(4), **kw)
+    assert not all(torch.equal(x, y) for x, y in zip(a, d))
+    with pytest.raises(ValueError, match="unconditional prompt"):
+        net.generate_visual(quantizer, [("text", [BOI])], 1, guidance=2.0)
+
+
+def test_audio_generation_kv_cache_equals_uncached():
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    a = net.generate_audio([("text", [7, 8, 92])], 6, generator=gen())
+    b = net.generate_audio([("text", [7, 8, 92])], 6, generator=gen(), use_cache=False)
+    assert a.shape == (1, 6, 2) and torch.equal(a, b)
