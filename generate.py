@@ -1,8 +1,15 @@
-"""Sample from a trained checkpoint: text (language models, ERNIE 3.0's NLG module) or video (VideoAR).
+"""Sample from a trained checkpoint: text (language models, ERNIE 3.0's NLG module), video (VideoAR), or
+any-to-any with ERNIE 5.0 (`--task`).
 
     python generate.py logs/train/runs/<run>/checkpoints/last.ckpt --prompt "Mira Okafor was born" -n 3
     python generate.py VIDEOAR.ckpt --classes 0 5 7 --frames 3 --out samples/ --format gif
     python generate.py VIDEOAR.ckpt --continue-from clip.mp4 --classes 4 --frames 8 --out samples/
+
+    python generate.py ERNIE5.ckpt --task image --prompt "a large red circle in the centre, on a plain background"
+    python generate.py ERNIE5.ckpt --task video --prompt "a large blue square moves slowly upward, over ..."
+    python generate.py ERNIE5.ckpt --task audio --prompt "a steady tone at 440 hertz, lasting 1 second"
+    python generate.py ERNIE5.ckpt --task caption --input clip.mp4     # or an image / a .wav file
+    python generate.py ERNIE5.ckpt --task text --prompt "Mira Okafor was born"
 
 A language-model checkpoint carries its tokenizer; a VideoAR checkpoint records the path of its
 frozen video tokenizer. `--frames` counts latent frames (1 + time_stride * (n - 1) pixel frames);
@@ -14,6 +21,7 @@ Checkpoints load weights only (`models.io.load_checkpoint`): a file whose pickle
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -72,6 +80,103 @@ def load_videoar(ckpt: str | Path, device: str = "cpu"):
     return module.to(device).eval()
 
 
+def is_ernie5(ckpt: str | Path) -> bool:
+    """An ERNIE 5.0 checkpoint (lit_modules/ernie5.py: it records its text vocabulary and both tokenizers)."""
+    path = Path(ckpt)
+    if not path.is_file():
+        return False
+    ckpt_ = load_checkpoint(path)
+    return "text_tokenizer" in ckpt_ and "tokenizers" in ckpt_
+
+
+ERNIE5_TASKS = ("text", "image", "video", "audio", "caption")
+
+
+def generate_ernie5(args) -> list:
+    """ERNIE 5.0 any-to-any: text / caption -> image, video or sound / media file -> caption."""
+    from models.io import atomic_write
+    from lit_modules.ernie5 import Ernie5Module
+
+    with refuse_unsafe_pickle(args.ckpt):
+        module = Ernie5Module.load_from_checkpoint(args.ckpt, map_location=args.device, weights_only=True)
+    module = module.to(args.device).eval()
+    module._tokenizers_to(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    opts = {"temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 0.0,
+            "max_new_tokens": args.max_new_tokens}
+    if args.cfg is not None:
+        opts["guidance"] = args.cfg
+    out_dir = Path(args.out)
+    results = []
+    if args.task == "caption":
+        if not args.input:
+            raise ValueError("--task caption needs --input (an image, video or audio file)")
+        for path in args.input:
+            medium, item = _encode_media(module, Path(path), args.device)
+            for i in range(args.num_samples):
+                text = module.caption(medium, item, gen, **opts)
+                print(f"--- {path} ({medium}), sample {i}\n{text}\n")
+                results.append(text)
+        return results
+    prompts = args.prompt or []
+    if not prompts:
+        raise ValueError(f"--task {args.task} needs --prompt")
+    atok = module.audio_tokenizer
+    for j, prompt in enumerate(prompts):
+        for i in range(args.num_samples):
+            name = out_dir / f"{args.task}_{j:02d}_{i:02d}"
+            if args.task == "text":
+                text = module.continue_text(prompt, gen, **opts)
+                print(f"--- sample {i} (prompt {prompt!r})\n{prompt}{text}\n")
+                results.append(text)
+            elif args.task in ("image", "video"):
+                from datamodules.media_io import write_video
+
+                frames = 1 if args.task == "image" else args.frames
+                _, video = module.render(prompt, args.task, frames, gen, **opts)
+                pix = ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # [3, T, H, W]
+                if args.task == "image":
+                    from torchvision.io import encode_png
+
+                    path = name.with_suffix(".png")
+                    data = encode_png(pix[:, 0]).numpy().tobytes()
+                    atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
+                else:
+                    path = write_video(name.with_suffix(f".{args.format}"), pix.permute(1, 2, 3, 0), fps=args.fps)
+                print(path)
+                results.append(Path(path))
+            else:
+                from datamodules.media_io import write_audio
+
+                frames = max(1, int(round(args.seconds * atok.codes_per_second)))
+                _, wave = module.speak(prompt, frames, gen, **opts)
+                path = write_audio(name.with_suffix(".wav"), wave[0].clamp(-1, 1).cpu(), int(atok.cfg.sample_rate))
+                print(path)
+                results.append(Path(path))
+    return results
+
+
+def _encode_media(module, path: Path, device: str) -> tuple[str, torch.Tensor]:
+    """A media file -> (medium, latents [T', d, H, W] or codes [F, Q]) through the model's frozen tokenizers."""
+    from datamodules.media import decode_image_file, decode_video_file
+
+    vtok, atok = module.visual_tokenizer, module.audio_tokenizer
+    suffix = path.suffix.lower()
+    size = vtok.scales[-1][0] * vtok.cfg.spatial_factor
+    if suffix in (".wav", ".flac", ".ogg"):
+        rate = int(atok.cfg.sample_rate)
+        from datamodules.media_io import read_audio
+
+        wave = read_audio(path, rate).clamp(-1, 1)[None].to(device)
+        return "audio", atok.encode(wave)[0]
+    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+        img = decode_image_file(path, size).float().div(127.5).sub(1).to(device)  # [1, 3, H, W]
+        return "image", vtok.encode_features(img).transpose(1, 2)[0]
+    clip = decode_video_file(path, 1 + vtok.cfg.time_stride * 2, None, 1, size, "pad")  # [1, T, 3, H, W]
+    x = clip.float().div(127.5).sub(1).permute(0, 2, 1, 3, 4).to(device)
+    return "video", vtok.encode_features(x).transpose(1, 2)[0]
+
+
 def generate_video(args) -> list[Path]:
     from datamodules.media_io import write_video
 
@@ -123,6 +228,14 @@ def main(argv: list[str] | None = None):
     v.add_argument("--out", default="samples", help="output folder")
     v.add_argument("--format", default="gif", choices=["gif", "mp4"])
     v.add_argument("--fps", type=int, default=8)
+    e = p.add_argument_group("ERNIE 5.0 checkpoints")
+    e.add_argument("--task", choices=ERNIE5_TASKS, default="text",
+                   help="text: continue --prompt; image / video / audio: generate from the --prompt caption; "
+                        "caption: describe --input files")
+    e.add_argument("--input", action="append", default=None, help="--task caption: an image, video or audio file")
+    e.add_argument("--cfg", type=float, default=None, help="classifier-free guidance for image / video "
+                   "(default: the checkpoint's sample.guidance)")
+    e.add_argument("--seconds", type=float, default=1.0, help="--task audio: length of the sound")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: empty prompt")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -132,6 +245,11 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    if is_ernie5(args.ckpt):
+        if args.temperature == 0.8 and "--temperature" not in args.argv:
+            args.temperature = 1.0
+        return generate_ernie5(args)
     if is_videoar(args.ckpt):
         if args.temperature == 0.8 and "--temperature" not in (argv or []):
             args.temperature = 1.0

@@ -136,18 +136,24 @@ class RoutingAnalysis(L.Callback):
                 lg.experiment.add_text("routing/tables", md, step)
 
     def _images(self, tables: dict, step: int) -> dict:
-        groups, pct = tables["groups"], f"{self.fraction * 100:g}%"
-        images = {}
-        for layer, role, freq, iou in zip(tables["layers"], tables["roles"], tables["frequency"], tables["iou"]):
-            name = f"layer {layer + 1} ({role}), step {step}"
-            images[f"routing/frequency/layer_{layer + 1}"] = figure_to_array(heatmap_figure(
-                freq, xlabel="expert", ylabel="group", yticklabels=groups,
-                cbar_label="fraction of the group's routed pairs", title=f"expert frequency, {name}"))
-            images[f"routing/iou/layer_{layer + 1}"] = figure_to_array(heatmap_figure(
-                iou, xlabel="group", ylabel="group", xticklabels=groups, yticklabels=groups, annotate=True,
-                vmin=0.0, vmax=1.0, cbar_label=f"IoU of top-{pct} expert sets", title=f"top-set IoU, {name}"))
-        ne = tables["entropy"]
-        images["routing/entropy"] = figure_to_array(lines_figure(
-            {g: ne[i].tolist() for i, g in enumerate(groups)}, x=list(range(1, tables["num_layers"] + 1)),
-            xlabel="layer", ylabel="normalised entropy", title=f"routing entropy per layer, step {step}"))
-        return images
+        return {tag: figure_to_array(fig) for tag, fig in routing_figures(tables, step, self.fraction).items()}
+
+
+def routing_figures(tables: dict, step: int, fraction: float = 0.25) -> dict:
+    """{tag: matplotlib Figure} of `models.moe.analysis.routing_tables` output: expert frequency (group x
+    expert) and top-set IoU (group x group) per reported layer, normalised entropy per layer."""
+    groups, pct = tables["groups"], f"{fraction * 100:g}%"
+    figs = {}
+    for layer, role, freq, iou in zip(tables["layers"], tables["roles"], tables["frequency"], tables["iou"]):
+        name = f"layer {layer + 1} ({role}), step {step}"
+        figs[f"routing/frequency/layer_{layer + 1}"] = heatmap_figure(
+            freq, xlabel="expert", ylabel="group", yticklabels=groups,
+            cbar_label="fraction of the group's routed pairs", title=f"expert frequency, {name}")
+        figs[f"routing/iou/layer_{layer + 1}"] = heatmap_figure(
+            iou, xlabel="group", ylabel="group", xticklabels=groups, yticklabels=groups, annotate=True,
+            vmin=0.0, vmax=1.0, cbar_label=f"IoU of top-{pct} expert sets", title=f"top-set IoU, {name}")
+    ne = tables["entropy"]
+    figs["routing/entropy"] = lines_figure(
+        {g: ne[i].tolist() for i, g in enumerate(groups)}, x=list(range(1, tables["num_layers"] + 1)),
+        xlabel="layer", ylabel="normalised entropy", title=f"routing entropy per layer, step {step}")
+    return figs

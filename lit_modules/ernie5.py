@@ -328,16 +328,15 @@ class Ernie5Module(TrunkModule):
         self._log_eval_means("test")
 
     def _count_routes(self, batch: UnifiedBatch, replay: RouteReplay) -> None:
-        """Add this batch's routed pairs per task (media tokens by their task, text tokens of every
-        document as 'text') to `routing_counts`."""
+        """Add this batch's routed (token, expert) pairs per group to `routing_counts`: text and boundary
+        tokens of every document count as 'text', media tokens by their document's task."""
+        from models.moe.analysis import route_counts
+
         E, L = self.trunk.num_experts, self.net_cfg.n_layers
-        # text and boundary tokens count as text whatever their document; media tokens by their task
         group = torch.where(batch.kind == 0, torch.zeros_like(batch.task), batch.task).reshape(-1)
         for layer, calls in replay.recorded.items():
             routes = torch.cat([r.reshape(-1, r.shape[-1]) for r in calls])  # [N, k]
-            valid = group >= 0
-            idx = group[valid][:, None] * E + routes[valid]
-            c = torch.bincount(idx.reshape(-1), minlength=len(TASKS) * E).view(len(TASKS), E)
+            c = route_counts(routes, group, len(TASKS), E)
             for g, name in enumerate(TASKS):
                 if c[g].any():
                     cur = self.routing_counts.setdefault(name, torch.zeros(L, E, dtype=torch.long, device=c.device))

@@ -225,3 +225,40 @@ def test_fsdp2_on_two_cpu_processes(tmp_path, tiny_tokenizer, audio_tokenizer, c
     loss = read_metric(find_metrics(out), "train/loss")
     assert len(loss) == 2 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
     assert list(out.rglob("routing/step_2.md"))
+
+
+def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_tokenizer, audio_tokenizer, cache):
+    import generate
+    from datamodules.media_io import read_audio
+    from tools import eval_ernie5, routing_report
+
+    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                  "test=false")
+    train.run(cfg)
+    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert generate.is_ernie5(ckpt) and not generate.is_videoar(ckpt)
+    out = tmp_path / "samples"
+    common = ["--device", "cpu", "--out", str(out), "--max-new-tokens", "4"]
+    (png,) = generate.main([ckpt, "--task", "image", "--prompt", "a red circle", *common])
+    (gif,) = generate.main([ckpt, "--task", "video", "--prompt", "a red circle", "--frames", "2", *common])
+    (wav,) = generate.main([ckpt, "--task", "audio", "--prompt", "a tone", "--seconds", "0.5", *common])
+    assert png.suffix == ".png" and gif.suffix == ".gif" and read_audio(wav).numel() > 0
+    captions = generate.main([ckpt, "--task", "caption", "--input", str(png), "--input", str(wav), "--input", str(gif),
+                              *common])
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    with pytest.raises(ValueError, match="--task caption needs --input"):
+        generate.main([ckpt, "--task", "caption", *common])
+
+    res = eval_ernie5.main([ckpt, "--num", "2", "--text-rows", "4", "--text-baseline", ckpt, "--out", str(tmp_path / "e.json")])
+    assert res["checkpoint_step"] == 2 and res["text_loss"] == pytest.approx(res["text_loss_baseline"])
+    assert set(res["understanding"]) == {"image", "video", "audio"}
+    for medium in ("image", "video", "audio"):
+        g = res["generation"][medium]
+        assert set(g["generated"]) == set(g["probe_on_real"]) and all(0 <= v <= 1 for v in g["generated"].values())
+    assert (tmp_path / "e.json").is_file()
+
+    md = routing_report.main([ckpt, "--rows", "4", "--out", str(tmp_path / "rr")])
+    assert "step 2" in md and "IoU" in md
+    counts = torch.load(tmp_path / "rr" / "counts.pt", weights_only=True)
+    assert "text" in counts and all(c.shape == counts["text"].shape for c in counts.values())
+    assert (tmp_path / "rr" / "iou_layer_1.png").is_file() and (tmp_path / "rr" / "entropy.png").is_file()

@@ -1,0 +1,239 @@
+"""Evaluate an ERNIE 5.0 checkpoint on the held-out split of its multimodal corpus (other seeds).
+
+    python tools/eval_ernie5.py RUN/checkpoints/last.ckpt [--num 32] [--text-baseline TEXT_ONLY.ckpt] [--out X.json]
+
+Understanding: the greedy caption of each held-out image / video / sound, parsed back into fields
+(`datamodules.captions.caption_fields`) and compared with the truth: the main (large) object's colour
+and shape, the video's motion direction, the background; the sound's kind.
+Generation: caption -> image / video (classifier-free guidance) and description -> sound, judged by
+probe classifiers trained on the REAL tokenized train split (visual: the main object's colour, shape,
+the background and the video's direction from the quantized latent; audio: the sound's kind from the
+codes); each probe's own accuracy on the real held-out items is reported beside it (the ceiling).
+Text: the model's next-token loss on held-out biography rows; with --text-baseline, the same for a
+text-only model (the "seesaw" question).
+Prints one JSON object (and writes it atomically with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from datamodules.captions import caption_fields  # noqa: E402
+from models.io import atomic_write_text, load_checkpoint  # noqa: E402
+
+VISUAL_FIELDS = ("colour", "shape", "background", "direction")
+AUDIO_KINDS = ("tone", "chord", "chirp", "clicks", "noise_burst")
+
+
+def load(ckpt: str, device: str = "cpu"):
+    """(module, DataModule set up on the checkpoint's own data config)."""
+    from datamodules.multimodal import MultimodalDataModule
+    from lit_modules.ernie5 import Ernie5Module
+
+    raw = load_checkpoint(ckpt, what="ERNIE 5.0 checkpoint")
+    data = raw.get("datamodule_hyper_parameters")
+    if not data:
+        raise ValueError(f"{ckpt} records no data config (datamodule_hyper_parameters); was it written by train.py?")
+    dm = MultimodalDataModule(**{k: v for k, v in data.items() if not k.startswith("_")})
+    dm.setup()
+    module = Ernie5Module.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
+    module._tokenizers_to(device)
+    module.checkpoint_step = int(raw.get("global_step", 0))
+    return module, dm
+
+
+def main_object(fields: dict) -> dict:
+    objs = [o for o in fields.get("objects") or [] if o.get("size") == "large"] or (fields.get("objects") or [{}])
+    return objs[0]
+
+
+def visual_labels(caption: str) -> dict:
+    f = caption_fields(caption)
+    o = main_object(f)
+    return {"colour": o.get("colour"), "shape": o.get("shape"), "background": f.get("background"),
+            "direction": o.get("direction")}
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+
+class Probe:
+    """Linear classifiers (one per field) on standardised features, trained full-batch with AdamW."""
+
+    def __init__(self, x: torch.Tensor, labels: dict[str, list], steps: int = 300, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-4)
+        z = (x - self.mean) / self.std
+        self.heads, self.classes = {}, {}
+        for name, ys in labels.items():
+            classes = sorted({y for y in ys if y is not None})
+            if len(classes) < 2:
+                continue
+            keep = torch.tensor([y is not None for y in ys])
+            y = torch.tensor([classes.index(v) for v in ys if v is not None])
+            head = torch.nn.Linear(z.shape[1], len(classes))
+            opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-2)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(head(z[keep]), y).backward()
+                opt.step()
+            self.heads[name], self.classes[name] = head.eval(), classes
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, list]:
+        z = (x - self.mean) / self.std
+        return {n: [self.classes[n][i] for i in h(z).argmax(-1).tolist()] for n, h in self.heads.items()}
+
+
+def accuracy(pred: dict[str, list], truth: list[dict]) -> dict[str, float]:
+    out = {}
+    for name, ps in pred.items():
+        pairs = [(p, t[name]) for p, t in zip(ps, truth) if t.get(name) is not None]
+        if pairs:
+            out[name] = sum(p == t for p, t in pairs) / len(pairs)
+    return out
+
+
+@torch.no_grad()
+def quantized(vtok, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Stored latents [N, T', d, H, W] -> their quantized reconstruction, flattened [N, T' d H W]."""
+    out = []
+    for s in range(0, latents.shape[0], batch):
+        z = latents[s:s + batch].transpose(1, 2)
+        out.append(vtok.tokens_to_features(vtok.features_to_tokens(z)).flatten(1))
+    return torch.cat(out)
+
+
+def audio_features(codes: torch.Tensor, codebook: int) -> torch.Tensor:
+    """Codes [N, F, Q] -> per-level code histograms [N, Q * G] (order-free: a sound's kind is spectral)."""
+    one = F.one_hot(codes, codebook).float().mean(1)
+    return one.flatten(1)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = None,
+             text_baseline=None, text_rows: int = 32) -> dict:
+    dev = module.device
+    tr, va = dm.corpus.splits["train"], dm.corpus.splits["val"]
+    vtok, atok = module.visual_tokenizer, module.audio_tokenizer
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    res: dict = {"checkpoint_step": int(getattr(module, "checkpoint_step", 0)), "num": num}
+    greedy = {"temperature": 0.0, "max_new_tokens": 64}
+
+    # understanding: caption each held-out item greedily and parse it
+    und = {}
+    for medium in ("image", "video", "audio"):
+        n = min(num, len(va[medium]))
+        hits: dict[str, list] = {}
+        for i in range(n):
+            text = module.caption(medium, va[medium][i], gen, **greedy)
+            truth = caption_fields(va[f"{medium}_captions"][i][0])
+            got = caption_fields(text)
+            if medium == "audio":
+                hits.setdefault("kind", []).append(got.get("sound") == truth.get("sound"))
+                ok_dur = got.get("duration") is not None and abs(got["duration"] - truth["duration"]) <= 0.1 + 1e-9
+                hits.setdefault("duration", []).append(ok_dur)
+            else:
+                t, g = visual_labels(va[f"{medium}_captions"][i][0]), visual_labels(text)
+                for k in VISUAL_FIELDS:
+                    if t[k] is not None:
+                        hits.setdefault(k, []).append(g[k] == t[k])
+                hits.setdefault("parsed", []).append(bool(got.get("objects")))
+        und[medium] = {k: sum(v) / len(v) for k, v in hits.items()}
+    res["understanding"] = und
+
+    # generation: probes trained on real tokenized train items, scored on real held-out items and on samples
+    gen_res = {}
+    for medium in ("image", "video"):
+        n = min(num, len(va[medium]))
+        x_tr = quantized(vtok, tr[medium].to(dev)).cpu()
+        y_tr = [visual_labels(c[0]) for c in tr[f"{medium}_captions"]]
+        fields = [f for f in VISUAL_FIELDS if medium == "video" or f != "direction"]
+        probe = Probe(x_tr, {f: [y[f] for y in y_tr] for f in fields})
+        truth = [visual_labels(c[0]) for c in va[f"{medium}_captions"][:n]]
+        real = accuracy(probe.predict(quantized(vtok, va[medium][:n].to(dev)).cpu()), truth)
+        frames = va[medium].shape[1]
+        samples = []
+        for i in range(n):
+            tokens, _ = module.render(va[f"{medium}_captions"][i][0], medium, frames, gen, guidance=guidance)
+            samples.append(vtok.tokens_to_features(tokens).flatten(1).cpu())
+        generated = accuracy(probe.predict(torch.cat(samples)), truth)
+        gen_res[medium] = {"probe_on_real": real, "generated": generated}
+    n = min(num, len(va["audio"]))
+    G = atok.cfg.codebook_size
+    kinds = [caption_fields(c[0]).get("sound") for c in tr["audio_captions"]]
+    probe = Probe(audio_features(tr["audio"], G), {"kind": kinds})
+    truth = [{"kind": caption_fields(c[0]).get("sound")} for c in va["audio_captions"][:n]]
+    real = accuracy(probe.predict(audio_features(va["audio"][:n], G)), truth)
+    frames = va["audio"].shape[1]
+    codes = torch.cat([module.speak(va["audio_captions"][i][0], frames, gen)[0].cpu() for i in range(n)])
+    gen_res["audio"] = {"probe_on_real": real, "generated": accuracy(probe.predict(audio_features(codes, G)), truth)}
+    res["generation"] = gen_res
+
+    # text: next-token loss on held-out biography rows (text documents only)
+    res["text_loss"] = text_loss(module, dm, text_rows)
+    if text_baseline is not None:
+        res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
+    res["params"] = module.net.num_params()
+    return res
+
+
+@torch.no_grad()
+def text_loss(module, dm, rows: int) -> float:
+    """Mean next-token cross-entropy over held-out rows made of biography documents only."""
+    from datamodules.multimodal import RowDataset, collate_rows
+
+    ds = RowDataset(dm.corpus, "val", rows, dm.seq_len, {"text": 1.0}, 0.0, dm.text_len, 0)
+    total, count = 0.0, 0
+    for s in range(0, rows, 8):
+        batch = collate_rows([ds[i] for i in range(s, min(rows, s + 8))]).to(module.device)
+        out = module.net(batch, [], mtp=False)
+        total += float(F.cross_entropy(out.text_logits.float(), out.text_targets, reduction="sum"))
+        count += out.text_targets.numel()
+    return total / max(1, count)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt")
+    p.add_argument("--num", type=int, default=32, help="held-out items per medium")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's sample.guidance)")
+    p.add_argument("--text-baseline", default=None, help="a text-only ERNIE 5.0 checkpoint (same architecture)")
+    p.add_argument("--text-rows", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    module, dm = load(args.ckpt, args.device)
+    baseline = None
+    if args.text_baseline:
+        from lit_modules.ernie5 import Ernie5Module
+
+        baseline = Ernie5Module.load_from_checkpoint(args.text_baseline, map_location=args.device,
+                                                     weights_only=True).eval()
+        if baseline.vocab is None or baseline.vocab.bpe.hf_tokenizer.to_str() != module.vocab.bpe.hf_tokenizer.to_str():
+            raise ValueError("--text-baseline must share the model's text vocabulary (the same corpus config)")
+    res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows)
+    res["ckpt"] = str(args.ckpt)
+    text = json.dumps(res, indent=1, sort_keys=True, default=float)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
