@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -112,6 +112,88 @@ def _render_split(cfg: dict, seed: int, n_video: int, n_image: int, n_audio: int
     return out
 
 
+MEDIA_KEYS = ("image", "video", "audio")
+
+
+def _decode_item(medium: str, path: Path, cfg: dict) -> torch.Tensor:
+    """One media file -> image / video uint8 [T, H, W, 3] or audio float32 [samples] (first clip)."""
+    from datamodules.media import decode_audio_file, decode_image_file, decode_video_file
+
+    size = cfg["image_size"]
+    if medium == "image":
+        return decode_image_file(path, size)[0].permute(1, 2, 0)[None]
+    if medium == "video":
+        clip = decode_video_file(path, cfg["num_frames"], None, 1, size, "pad")
+        return clip[0].permute(0, 2, 3, 1)
+    clip_len = int(round(cfg["clip_seconds"] * cfg["sample_rate"]))
+    return decode_audio_file(path, cfg["sample_rate"], clip_len, "pad")[0]
+
+
+def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple[dict, dict]:
+    """A JSONL manifest of {"image" | "video" | "audio": path, "text": caption} lines -> (raw splits in
+    `_render_split`'s layout, {'bad_files': n, 'skipped': [where: reason]}). Relative paths are relative
+    to the manifest. A line without exactly one medium or without a caption, or a file that is missing,
+    unreadable or undecodable, is an error naming the file and its manifest line (or, under
+    on_bad_file=skip, is left out and counted). Items are split by a seeded permutation (val_fraction)."""
+    from datamodules.jsonl import iter_jsonl, where
+    from datamodules.media_io import MediaDecodeError
+
+    root = Path(manifest).parent
+    items: dict[str, list] = {m: [] for m in MEDIA_KEYS}
+    skipped = []
+    for lineno, row in iter_jsonl(manifest):
+        media = [m for m in MEDIA_KEYS if m in row]
+        text = row.get("text")
+        if len(media) != 1 or not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where(manifest, lineno)}: a manifest line needs exactly one of "
+                             f"{list(MEDIA_KEYS)} and a non-empty \"text\", got keys {sorted(row)}")
+        medium = media[0]
+        path = Path(os.path.expanduser(str(row[medium])))
+        path = path if path.is_absolute() else root / path
+        try:
+            if not path.is_file():
+                raise MediaDecodeError(f"{path}: no such file")
+            x = _decode_item(medium, path, cfg)
+        except (MediaDecodeError, OSError, RuntimeError, ValueError) as e:
+            msg = f"{where(manifest, lineno)}: {medium} file {path}: {str(e).splitlines()[-1] if str(e) else type(e).__name__}"
+            if on_bad_file == "skip":
+                skipped.append(msg)
+                log.warning("skipping %s", msg)
+                continue
+            raise ValueError(msg) from e
+        items[medium].append((x, text.strip()))
+    if not any(items.values()):
+        raise ValueError(f"manifest {manifest} has no usable items ({len(skipped)} skipped)")
+    splits = {"train": {}, "val": {}}
+    for medium, pairs in items.items():
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg["data_seed"])).tolist()
+        n_val = int(len(pairs) * cfg["val_fraction"]) if len(pairs) > 1 else 0
+        for split, idx in (("val", order[:n_val]), ("train", order[n_val:])):
+            xs = [pairs[i][0] for i in idx]
+            empty = torch.zeros(0, int(round(cfg["clip_seconds"] * cfg["sample_rate"]))) if medium == "audio" else \
+                torch.zeros(0, 1 if medium == "image" else cfg["num_frames"], cfg["image_size"], cfg["image_size"], 3,
+                            dtype=torch.uint8)
+            splits[split][medium] = torch.stack(xs) if xs else empty
+            splits[split][f"{medium}_captions"] = [[pairs[i][1]] for i in idx]
+    return splits, {"bad_files": len(skipped), "skipped": skipped}
+
+
+def _source_digest(manifest: str) -> str:
+    """What a manifest's items are: its bytes and every file's size and modification time."""
+    from datamodules.jsonl import iter_jsonl
+
+    h = hashlib.sha256(Path(manifest).read_bytes())
+    root = Path(manifest).parent
+    for _, row in iter_jsonl(manifest):
+        for m in MEDIA_KEYS:
+            if m in row:
+                p = Path(os.path.expanduser(str(row[m])))
+                p = p if p.is_absolute() else root / p
+                st = p.stat() if p.is_file() else None
+                h.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    return h.hexdigest()[:20]
+
+
 @torch.no_grad()
 def _encode_visual(tok, clips: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """uint8 [N, T, H, W, 3] -> latents float32 [N, T', d, H', W']."""
@@ -121,11 +203,13 @@ def _encode_visual(tok, clips: torch.Tensor, batch: int = 32) -> torch.Tensor:
         if x.shape[2] == 1:
             x = x[:, :, 0]
         out.append(tok.encode_features(x).transpose(1, 2).contiguous())
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, 1, tok.cfg.dim, 1, 1)
 
 
 @torch.no_grad()
 def _encode_audio(tok, waves: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    if not waves.shape[0]:
+        return torch.zeros(0, 1, tok.cfg.num_quantizers, dtype=torch.long)
     return torch.cat([tok.encode(waves[s:s + batch]) for s in range(0, waves.shape[0], batch)])
 
 
@@ -151,7 +235,15 @@ class MultimodalCorpus:
                              "3D video tokenizer (images are 1-frame videos)")
         content = {k: cfg[k] for k in sorted(cfg) if k not in ("batch_size", "seed", "num_workers", "seq_len",
                                                               "task_weights", "caption_dropout", "train_rows",
-                                                              "val_rows", "cache_dir", "text_len")}
+                                                              "val_rows", "cache_dir", "text_len", "source",
+                                                              "text_source", "on_bad_file")}
+        if cfg["source"] != "synthetic":
+            content.update(source=cfg["source"], on_bad_file=cfg["on_bad_file"],
+                           source_digest=_source_digest(cfg["source"]))
+        if cfg.get("text_source"):
+            from datamodules.text import corpus_hash, load_documents
+
+            content["text_digest"] = corpus_hash(load_documents(cfg["text_source"]))
         key = hashlib.sha256(json.dumps([CACHE_VERSION, content, vinfo["digest"], ainfo["digest"]],
                                         sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"multimodal-{key}.pt"
@@ -163,7 +255,7 @@ class MultimodalCorpus:
                 blob = load_checkpoint(path, what="multimodal token cache")
                 log.info("multimodal corpus: reusing the token cache %s", path)
                 return cls(blob["splits"], Vocabulary(BPETokenizer(Tokenizer.from_str(blob["bpe"]))),
-                           {**info, "built": False})
+                           {**info, "bad_files": blob["info"].get("bad_files", 0), "built": False})
             except Exception as e:  # an unreadable cache is rebuilt, never trusted
                 log.warning("multimodal corpus: ignoring unreadable cache %s (%s); rebuilding", path, e)
         t0 = time.time()
@@ -171,11 +263,21 @@ class MultimodalCorpus:
         from datamodules.synthetic_bios import generate_biographies
         from models.tokenizers.text import build_tokenizer
 
-        bios = generate_biographies(cfg["num_people"], seed=cfg["text_seed"]).documents
+        if cfg.get("text_source"):
+            from datamodules.text import load_documents
+
+            bios = load_documents(cfg["text_source"])
+        else:
+            bios = generate_biographies(cfg["num_people"], seed=cfg["text_seed"]).documents
         n_val_bios = max(1, int(len(bios) * cfg["val_fraction"]))
         texts = {"train": bios[n_val_bios:], "val": bios[:n_val_bios]}
-        raw = {"train": _render_split(cfg, cfg["data_seed"], cfg["num_videos"], cfg["num_images"], cfg["num_audio"]),
-               "val": _render_split(cfg, cfg["eval_seed"], cfg["val_videos"], cfg["val_images"], cfg["val_audio"])}
+        bad = {"bad_files": 0, "skipped": []}
+        if cfg["source"] == "synthetic":
+            raw = {"train": _render_split(cfg, cfg["data_seed"], cfg["num_videos"], cfg["num_images"], cfg["num_audio"]),
+                   "val": _render_split(cfg, cfg["eval_seed"], cfg["val_videos"], cfg["val_images"], cfg["val_audio"])}
+        else:
+            raw, bad = read_manifest(cfg["source"], cfg, cfg["on_bad_file"])
+        info["bad_files"] = bad["bad_files"]
         train_text = texts["train"] + [c for key_ in ("video_captions", "image_captions", "audio_captions")
                                        for caps in raw["train"][key_] for c in caps]
         bpe = build_tokenizer("bpe", texts=train_text, vocab_size=cfg["vocab_size"])
@@ -214,7 +316,10 @@ class RowDataset(Dataset):
         self.data = corpus.splits[split]
         self.vocab = corpus.vocab
         self.scales = [tuple(s) for s in corpus.info["scales"]]
-        self.tasks = [t for t in TASKS if weights.get(t, 0) > 0]
+        # a split without items of a medium (a small manifest's held-out part) draws none of its tasks
+        self.tasks = [t for t in TASKS if weights.get(t, 0) > 0 and len(self.data[t.split("_")[0]]) > 0]
+        if not self.tasks:
+            raise ValueError(f"the {split} split has no items for any task of data.task_weights {weights}")
         self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
         self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
 
@@ -361,12 +466,14 @@ class MultimodalDataModule(ResumableDataModule):
                  num_videos: int = 512, num_images: int = 512, num_audio: int = 4096, val_videos: int = 64,
                  val_images: int = 64, val_audio: int = 64, num_people: int = 1000, val_fraction: float = 0.1,
                  vocab_size: int = 2048, data_seed: int = 100, eval_seed: int = 200, text_seed: int = 0,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, num_workers: int = 0, text_source: Optional[str] = None,
+                 on_bad_file: str = "error") -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
-        if source != "synthetic":
-            raise ValueError(f"data.source must be 'synthetic' (real multimodal manifests are not supported yet), "
-                             f"got {source!r}")
+        if source != "synthetic" and not (str(source).endswith(".jsonl") and Path(source).is_file()):
+            raise ValueError(f"data.source must be 'synthetic' or an existing .jsonl manifest, got {source!r}")
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         weights = dict(task_weights or {t: 1.0 for t in TASKS})
         bad = sorted(set(weights) - set(TASKS))
         if bad:
@@ -388,9 +495,15 @@ class MultimodalDataModule(ResumableDataModule):
                                sample_rate=sample_rate, num_videos=num_videos, num_images=num_images,
                                num_audio=num_audio, val_videos=val_videos, val_images=val_images, val_audio=val_audio,
                                num_people=num_people, val_fraction=val_fraction, vocab_size=vocab_size,
-                               data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed)
+                               data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed, source=str(source),
+                               text_source=text_source, on_bad_file=on_bad_file)
         self.corpus: Optional[MultimodalCorpus] = None
         self.datasets: dict = {}
+
+    @property
+    def num_bad_files(self) -> int:
+        """Manifest files left out under on_bad_file=skip."""
+        return int(self.corpus.info.get("bad_files", 0)) if self.corpus is not None else 0
 
     @property
     def vocab(self) -> Vocabulary:
@@ -417,6 +530,13 @@ class MultimodalDataModule(ResumableDataModule):
         self._check_tokenizers()
         self.corpus = MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer,
                                                      self.cache_dir)
+        for task, w in self.task_weights.items():
+            medium = task.split("_")[0]
+            if w > 0 and task != "text" and len(self.corpus.splits["train"][medium]) == 0:
+                raise ValueError(f"data.task_weights.{task}={w} but the data has no {medium} items "
+                                 f"(give that task weight 0)")
+        if self.corpus.info.get("bad_files"):
+            log.warning("multimodal data: %d bad files were skipped (data.on_bad_file=skip)", self.corpus.info["bad_files"])
         longest = self.longest_document()
         if longest > self.seq_len:
             raise ValueError(f"data.seq_len={self.seq_len} is shorter than the longest document ({longest} tokens: "

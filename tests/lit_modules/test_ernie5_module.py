@@ -262,3 +262,52 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
     counts = torch.load(tmp_path / "rr" / "counts.pt", weights_only=True)
     assert "text" in counts and all(c.shape == counts["text"].shape for c in counts.values())
     assert (tmp_path / "rr" / "iou_layer_1.png").is_file() and (tmp_path / "rr" / "entropy.png").is_file()
+
+
+def test_jsonl_manifest_of_real_files_errors_name_file_and_line_or_skip_counts(tmp_path, tiny_tokenizer, audio_tokenizer):
+    import json
+
+    from datamodules.media_io import write_audio, write_video
+    from models.io import atomic_write_bytes
+
+    from torchvision.io import encode_png
+
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(4):
+        img = (torch.rand(3, 20, 20, generator=g) * 255).byte()
+        atomic_write_bytes(tmp_path / f"img{i}.png", encode_png(img).numpy().tobytes())
+        lines.append({"image": f"img{i}.png", "text": f"an image number {i}"})
+        write_video(tmp_path / f"vid{i}.gif", (torch.rand(5, 16, 16, 3, generator=g) * 255).byte(), fps=4)
+        lines.append({"video": str(tmp_path / f"vid{i}.gif"), "text": f"a video number {i}"})
+        write_audio(tmp_path / f"snd{i}.wav", torch.rand(8000, generator=g) * 0.2 - 0.1, 16000)
+        lines.append({"audio": f"snd{i}.wav", "text": f"a sound number {i}"})
+    (tmp_path / "bios.txt").write_text("Ada was born in Paris.\n\nBo studied in Rome.\n\nCy works in Oslo.\n")
+    manifest = tmp_path / "m.jsonl"
+    kw = dict(SMALL_DATA, cache_dir=str(tmp_path / "cache"), text_source=str(tmp_path / "bios.txt"), val_fraction=0.25)
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), **kw)
+    d.setup()
+    tr, va = d.corpus.splits["train"], d.corpus.splits["val"]
+    assert (len(tr["image"]), len(va["image"]), len(tr["video"]), len(tr["audio"])) == (3, 1, 3, 3)
+    assert tr["video"].shape[1] == 3 and tr["image"].shape[1] == 1  # 5 frames -> 3 latent frames; an image -> 1
+    assert d.datasets["train"][0]["ids"].shape == (SMALL_DATA["seq_len"],)
+    # a missing file and a corrupt one: errors name the file and the manifest line, or skip and count
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    bad = lines + [{"image": "missing.png", "text": "gone"}, {"image": "bad.png", "text": "broken"}]
+    manifest.write_text("\n".join(json.dumps(x) for x in bad) + "\n")
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), **kw)
+    with pytest.raises(ValueError, match=r"m\.jsonl:13: image file .*missing\.png"):
+        d.setup()
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), on_bad_file="skip", **kw)
+    d.setup()
+    assert d.num_bad_files == 2 and len(d.corpus.splits["train"]["image"]) == 3
+    manifest.write_text(json.dumps({"image": "img0.png"}) + "\n")
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), **kw)
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: a manifest line needs exactly one of"):
+        d.setup()
+    # a task whose medium the data lacks is named
+    manifest.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[3]) + "\n")
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), **kw)
+    with pytest.raises(ValueError, match="data.task_weights.video_und=1.0 but the data has no video"):
+        d.setup()
