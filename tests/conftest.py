@@ -58,6 +58,19 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_audio_tokenizer(tmp_path_factory) -> Path:
+    """An untrained tiny audio tokenizer export (2 RVQ levels of 64 codes, 50 frames/s)."""
+    from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+    from models.tokenizers.checkpoint import save_tokenizer_export
+
+    torch.manual_seed(0)
+    cfg = AudioTokenizerConfig(preset="tiny")
+    path = tmp_path_factory.mktemp("atok") / "tiny_audio_tokenizer.pt"
+    save_tokenizer_export(path, AudioTokenizer(cfg), "audio", cfg.to_dict())
+    return path
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenizer/token cache for the whole session (BPE is trained once)."""
     return tmp_path_factory.mktemp("data_cache")

@@ -23,15 +23,8 @@ SMALL_DATA = dict(seq_len=192, batch_size=4, image_size=16, num_frames=5, clip_s
 
 
 @pytest.fixture(scope="module")
-def audio_tokenizer(tmp_path_factory) -> Path:
-    from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-    from models.tokenizers.checkpoint import save_tokenizer_export
-
-    torch.manual_seed(0)
-    cfg = AudioTokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("atok") / "tiny_audio_tokenizer.pt"
-    save_tokenizer_export(path, AudioTokenizer(cfg), "audio", cfg.to_dict())
-    return path
+def audio_tokenizer(tiny_audio_tokenizer) -> Path:
+    return tiny_audio_tokenizer
 
 
 @pytest.fixture(scope="module")
