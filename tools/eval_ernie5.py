@@ -96,6 +96,18 @@ class Probe:
         return {n: [self.classes[n][i] for i in h(z).argmax(-1).tolist()] for n, h in self.heads.items()}
 
 
+def majority(train: list[dict], truth: list[dict], fields) -> dict[str, float]:
+    """Accuracy of always answering the train split's most frequent value of each field (the chance row)."""
+    from collections import Counter
+
+    out = {}
+    for f in fields:
+        common = Counter(t[f] for t in train if t.get(f) is not None).most_common(1)
+        if common:
+            out[f] = accuracy({f: [common[0][0]] * len(truth)}, truth).get(f, 0.0)
+    return out
+
+
 def accuracy(pred: dict[str, list], truth: list[dict]) -> dict[str, float]:
     out = {}
     for name, ps in pred.items():
@@ -153,6 +165,14 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
                         hits.setdefault(k, []).append(g[k] == t[k])
                 hits.setdefault("parsed", []).append(bool(got.get("objects")))
         und[medium] = {k: sum(v) / len(v) for k, v in hits.items()}
+        if medium == "audio":
+            kinds_tr = [{"kind": caption_fields(c[0]).get("sound")} for c in tr["audio_captions"]]
+            kinds_va = [{"kind": caption_fields(c[0]).get("sound")} for c in va["audio_captions"][:n]]
+            und[medium]["chance"] = majority(kinds_tr, kinds_va, ["kind"])
+        else:
+            lab_tr = [visual_labels(c[0]) for c in tr[f"{medium}_captions"]]
+            lab_va = [visual_labels(c[0]) for c in va[f"{medium}_captions"][:n]]
+            und[medium]["chance"] = majority(lab_tr, lab_va, VISUAL_FIELDS)
     res["understanding"] = und
 
     # generation: probes trained on real tokenized train items, scored on real held-out items and on samples
@@ -171,7 +191,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             tokens, _ = module.render(va[f"{medium}_captions"][i][0], medium, frames, gen, guidance=guidance)
             samples.append(vtok.tokens_to_features(tokens).flatten(1).cpu())
         generated = accuracy(probe.predict(torch.cat(samples)), truth)
-        gen_res[medium] = {"probe_on_real": real, "generated": generated}
+        gen_res[medium] = {"probe_on_real": real, "generated": generated, "chance": majority(y_tr, truth, fields)}
     n = min(num, len(va["audio"]))
     G = atok.cfg.codebook_size
     kinds = [caption_fields(c[0]).get("sound") for c in tr["audio_captions"]]
@@ -180,7 +200,8 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     real = accuracy(probe.predict(audio_features(va["audio"][:n], G)), truth)
     frames = va["audio"].shape[1]
     codes = torch.cat([module.speak(va["audio_captions"][i][0], frames, gen)[0].cpu() for i in range(n)])
-    gen_res["audio"] = {"probe_on_real": real, "generated": accuracy(probe.predict(audio_features(codes, G)), truth)}
+    gen_res["audio"] = {"probe_on_real": real, "generated": accuracy(probe.predict(audio_features(codes, G)), truth),
+                        "chance": majority([{"kind": k} for k in kinds], truth, ["kind"])}
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
