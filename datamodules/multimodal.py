@@ -115,26 +115,33 @@ def _render_split(cfg: dict, seed: int, n_video: int, n_image: int, n_audio: int
 MEDIA_KEYS = ("image", "video", "audio")
 
 
-def _decode_item(medium: str, path: Path, cfg: dict) -> torch.Tensor:
-    """One media file -> image / video uint8 [T, H, W, 3] or audio float32 [samples] (first clip)."""
-    from datamodules.media import decode_audio_file, decode_image_file, decode_video_file
+def _decode_items(medium: str, path: Path, cfg: dict) -> list[torch.Tensor]:
+    """One media file -> its items: an image uint8 [1, H, W, 3]; a video's clips uint8 [T, H, W, 3]
+    (windows of num_frames every clip_stride frames, at most clips_per_video; a short video is padded
+    with its last frame); a sound's first clip float32 [samples]."""
+    from datamodules.media import clip_layout, decode_audio_file, decode_image_file, decode_video_frames, fit_clip_length
 
     size = cfg["image_size"]
     if medium == "image":
-        return decode_image_file(path, size)[0].permute(1, 2, 0)[None]
+        return [decode_image_file(path, size)[0].permute(1, 2, 0)[None]]
     if medium == "video":
-        clip = decode_video_file(path, cfg["num_frames"], None, 1, size, "pad")
-        return clip[0].permute(0, 2, 3, 1)
+        T, stride, per = cfg["num_frames"], cfg["clip_stride"] or cfg["num_frames"], cfg["clips_per_video"]
+        need = None if per == 0 else T + (per - 1) * stride
+        frames = decode_video_frames(path, need, None, 1, size)  # [t, 3, H, W]
+        n, _ = clip_layout(frames.shape[0], T, stride, per, "pad")
+        clips = [fit_clip_length(frames[i * stride:i * stride + T], T, "pad") for i in range(n)]
+        return [c.permute(0, 2, 3, 1) for c in clips]
     clip_len = int(round(cfg["clip_seconds"] * cfg["sample_rate"]))
-    return decode_audio_file(path, cfg["sample_rate"], clip_len, "pad")[0]
+    return [decode_audio_file(path, cfg["sample_rate"], clip_len, "pad")[0]]
 
 
 def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple[dict, dict]:
     """A JSONL manifest of {"image" | "video" | "audio": path, "text": caption} lines -> (raw splits in
     `_render_split`'s layout, {'bad_files': n, 'skipped': [where: reason]}). Relative paths are relative
-    to the manifest. A line without exactly one medium or without a caption, or a file that is missing,
+    to the manifest; a long video gives up to clips_per_video clips (every clip_stride frames), each with
+    the line's caption. A line without exactly one medium or without a caption, or a file that is missing,
     unreadable or undecodable, is an error naming the file and its manifest line (or, under
-    on_bad_file=skip, is left out and counted). Items are split by a seeded permutation (val_fraction)."""
+    on_bad_file=skip, is left out and counted). Items are split by a seeded permutation of the files (val_fraction): a video's clips stay in one split."""
     from datamodules.jsonl import iter_jsonl, where
     from datamodules.media_io import MediaDecodeError
 
@@ -153,7 +160,9 @@ def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple
         try:
             if not path.is_file():
                 raise MediaDecodeError(f"{path}: no such file")
-            x = _decode_item(medium, path, cfg)
+            xs = _decode_items(medium, path, cfg)
+            if not xs:
+                raise MediaDecodeError(f"{path}: no frames")
         except (MediaDecodeError, OSError, RuntimeError, ValueError) as e:
             msg = f"{where(manifest, lineno)}: {medium} file {path}: {str(e).splitlines()[-1] if str(e) else type(e).__name__}"
             if on_bad_file == "skip":
@@ -161,14 +170,16 @@ def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple
                 log.warning("skipping %s", msg)
                 continue
             raise ValueError(msg) from e
-        items[medium].append((x, text.strip()))
+        items[medium].append([(x, text.strip()) for x in xs])  # one group per file: its clips share a split
     if not any(items.values()):
         raise ValueError(f"manifest {manifest} has no usable items ({len(skipped)} skipped)")
     splits = {"train": {}, "val": {}}
-    for medium, pairs in items.items():
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg["data_seed"])).tolist()
-        n_val = int(len(pairs) * cfg["val_fraction"]) if len(pairs) > 1 else 0
-        for split, idx in (("val", order[:n_val]), ("train", order[n_val:])):
+    for medium, files in items.items():
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg["data_seed"])).tolist()
+        n_val = int(len(files) * cfg["val_fraction"]) if len(files) > 1 else 0
+        for split, chosen in (("val", order[:n_val]), ("train", order[n_val:])):
+            pairs = [p for i in chosen for p in files[i]]
+            idx = range(len(pairs))
             xs = [pairs[i][0] for i in idx]
             empty = torch.zeros(0, int(round(cfg["clip_seconds"] * cfg["sample_rate"]))) if medium == "audio" else \
                 torch.zeros(0, 1 if medium == "image" else cfg["num_frames"], cfg["image_size"], cfg["image_size"], 3,
@@ -236,9 +247,11 @@ class MultimodalCorpus:
         content = {k: cfg[k] for k in sorted(cfg) if k not in ("batch_size", "seed", "num_workers", "seq_len",
                                                               "task_weights", "caption_dropout", "train_rows",
                                                               "val_rows", "cache_dir", "text_len", "source",
-                                                              "text_source", "on_bad_file")}
+                                                              "text_source", "on_bad_file", "clips_per_video",
+                                                              "clip_stride")}
         if cfg["source"] != "synthetic":
-            content.update(source=cfg["source"], on_bad_file=cfg["on_bad_file"],
+            content.update(source=cfg["source"], on_bad_file=cfg["on_bad_file"], clips_per_video=cfg["clips_per_video"],
+                           clip_stride=cfg["clip_stride"],
                            source_digest=_source_digest(cfg["source"]))
         if cfg.get("text_source"):
             from datamodules.text import corpus_hash, load_documents
@@ -319,7 +332,8 @@ class RowDataset(Dataset):
         # a split without items of a medium (a small manifest's held-out part) draws none of its tasks
         self.tasks = [t for t in TASKS if weights.get(t, 0) > 0 and len(self.data[t.split("_")[0]]) > 0]
         if not self.tasks:
-            raise ValueError(f"the {split} split has no items for any task of data.task_weights {weights}")
+            raise ValueError(f"the {split} split has no items for any task of data.task_weights {weights} "
+                             "(a manifest too small for data.val_fraction?)")
         self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
         self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
 
@@ -467,11 +481,14 @@ class MultimodalDataModule(ResumableDataModule):
                  val_images: int = 64, val_audio: int = 64, num_people: int = 1000, val_fraction: float = 0.1,
                  vocab_size: int = 2048, data_seed: int = 100, eval_seed: int = 200, text_seed: int = 0,
                  seed: int = 0, num_workers: int = 0, text_source: Optional[str] = None,
-                 on_bad_file: str = "error") -> None:
+                 on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None) -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
         if source != "synthetic" and not (str(source).endswith(".jsonl") and Path(source).is_file()):
             raise ValueError(f"data.source must be 'synthetic' or an existing .jsonl manifest, got {source!r}")
+        if clips_per_video < 0 or (clip_stride is not None and clip_stride < 1):
+            raise ValueError(f"data.clips_per_video must be >= 0 (0 = all) and data.clip_stride >= 1 or null, "
+                             f"got {clips_per_video}, {clip_stride}")
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"data.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         weights = dict(task_weights or {t: 1.0 for t in TASKS})
@@ -496,7 +513,8 @@ class MultimodalDataModule(ResumableDataModule):
                                num_audio=num_audio, val_videos=val_videos, val_images=val_images, val_audio=val_audio,
                                num_people=num_people, val_fraction=val_fraction, vocab_size=vocab_size,
                                data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed, source=str(source),
-                               text_source=text_source, on_bad_file=on_bad_file)
+                               text_source=text_source, on_bad_file=on_bad_file, clips_per_video=clips_per_video,
+                               clip_stride=clip_stride)
         self.corpus: Optional[MultimodalCorpus] = None
         self.datasets: dict = {}
 

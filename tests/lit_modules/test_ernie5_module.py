@@ -285,6 +285,17 @@ def test_jsonl_manifest_of_real_files_errors_name_file_and_line_or_skip_counts(t
     assert (len(tr["image"]), len(va["image"]), len(tr["video"]), len(tr["audio"])) == (3, 1, 3, 3)
     assert tr["video"].shape[1] == 3 and tr["image"].shape[1] == 1  # 5 frames -> 3 latent frames; an image -> 1
     assert d.datasets["train"][0]["ids"].shape == (SMALL_DATA["seq_len"],)
+    # a long video gives several clips (windows every clip_stride frames), each with the line's caption
+    write_video(tmp_path / "long.gif", (torch.rand(11, 16, 16, 3, generator=g) * 255).byte(), fps=4)
+    long = {"video": "long.gif", "text": "a long video"}
+    manifest.write_text(json.dumps(long) + "\n" + json.dumps(lines[1]) + "\n")
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), source=str(manifest), clips_per_video=0,
+                             clip_stride=3, **{**kw, "val_fraction": 0.5, "task_weights": {"video_gen": 1.0}})
+    d.setup()
+    split = {s: d.corpus.splits[s]["video_captions"] for s in ("train", "val")}
+    # starts 0, 3, 6 of 11 frames, 5 frames each: three clips, all in the long video's split
+    assert sorted(map(len, split.values())) == [1, 3] and [["a long video"]] * 3 in split.values()
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     # a missing file and a corrupt one: errors name the file and the manifest line, or skip and count
     (tmp_path / "bad.png").write_bytes(b"not a png")
     bad = lines + [{"image": "missing.png", "text": "gone"}, {"image": "bad.png", "text": "broken"}]
