@@ -139,7 +139,8 @@ def cfg_for(tmp_path: Path, vt: Path, at: Path, cache: Path, *extra: str, subdir
 
 def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tokenizer, audio_tokenizer, cache):
     cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "trainer.max_steps=4", "trainer.val_check_interval=4",
-                  "trainer.limit_val_batches=1", "test=false", "callbacks.ernie5_schedule.switch_at=0.5")
+                  "trainer.limit_val_batches=1", "test=false", "callbacks.ernie5_schedule.switch_at=0.5",
+                  "+callbacks/cfec=default")
     _, objs = train.run(cfg)
     m = find_metrics(Path(cfg.paths.output_dir))
     for key in ("train/loss_text", "train/loss_mtp", "train/loss_image", "train/loss_video", "train/loss_audio",
@@ -148,7 +149,9 @@ def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tok
     # MTP weight 0.3 for steps 0-1, 0.1 from step 2 (half of 4)
     w = read_metric(m, "train/mtp_weight")
     assert w[0] == pytest.approx(0.3) and w[3] == pytest.approx(0.1)
+    assert read_metric(m, "cfec/p_max")  # VideoAR's cross-frame error correction schedule drives this module too
     module = objs["model"]
+    assert module.cfec.enabled
     assert module.bias_update_rate == pytest.approx(1e-5) and module.mtp_weight == pytest.approx(0.1)
     # routing analysis ran at validation: counts per task, every layer, and the knob is off again
     assert not module.track_routing and set(module.routing_counts) >= {"text", "image_gen", "audio_und"}
