@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules import captions as cap
 from datamodules.resumable import ResumableDataModule
-from models.ernie5 import (BOUNDARY_TOKENS, IGNORE, KINDS, MODALITIES, TASKS, AudioSpans, DocumentBuilder,
+from models.ernie5 import (BOUNDARY_TOKENS, IGNORE, KINDS, SPAN_TOKENS, TASKS, AudioSpans, DocumentBuilder,
                            UnifiedBatch, VisualSpans)
 from models.io import atomic_torch_save, load_checkpoint
 from models.random import multinomial
@@ -179,13 +179,12 @@ def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple
         n_val = int(len(files) * cfg["val_fraction"]) if len(files) > 1 else 0
         for split, chosen in (("val", order[:n_val]), ("train", order[n_val:])):
             pairs = [p for i in chosen for p in files[i]]
-            idx = range(len(pairs))
-            xs = [pairs[i][0] for i in idx]
+            xs = [x for x, _ in pairs]
             empty = torch.zeros(0, int(round(cfg["clip_seconds"] * cfg["sample_rate"]))) if medium == "audio" else \
                 torch.zeros(0, 1 if medium == "image" else cfg["num_frames"], cfg["image_size"], cfg["image_size"], 3,
                             dtype=torch.uint8)
             splits[split][medium] = torch.stack(xs) if xs else empty
-            splits[split][f"{medium}_captions"] = [[pairs[i][1]] for i in idx]
+            splits[split][f"{medium}_captions"] = [[text] for _, text in pairs]
     return splits, {"bad_files": len(skipped), "skipped": skipped}
 
 
@@ -360,11 +359,10 @@ class RowDataset(Dataset):
             b.text(ids)
         else:
             medium, role = task.split("_")
-            key = {"image": "image", "video": "video", "audio": "audio"}[medium]
-            j = self._pick(len(self.data[key]), g)
-            item = self.data[key][j]
-            open_, close = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>"), "audio": ("<boa>", "<eoa>")}[medium]
-            caption = self._caption(f"{key}_captions", j, g)
+            j = self._pick(len(self.data[medium]), g)
+            item = self.data[medium][j]
+            open_, close = SPAN_TOKENS[medium]
+            caption = self._caption(f"{medium}_captions", j, g)
             if role == "gen":
                 if float(torch.rand((), generator=g)) < self.caption_dropout:
                     caption = []
@@ -570,8 +568,8 @@ class MultimodalDataModule(ResumableDataModule):
         tr = c.splits["train"]
         scales = c.info["scales"]
         per_frame = sum(h * w for h, w in scales)
-        cap_len = {k: max((len(c.vocab.encode(x)) for caps in c.splits[s][k] for x in caps), default=0)
-                   for k in ("video_captions", "image_captions", "audio_captions") for s in ("train",)}
+        cap_len = {k: max((len(c.vocab.encode(x)) for caps in tr[k] for x in caps), default=0)
+                   for k in ("video_captions", "image_captions", "audio_captions")}
         lengths = {"text": 0,
                    "image_und": 4 + tr["image"].shape[3] * tr["image"].shape[4] // 4 + cap_len["image_captions"],
                    "image_gen": 3 + per_frame + cap_len["image_captions"],

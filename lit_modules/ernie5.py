@@ -23,6 +23,7 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from lit_modules.base import OptimConfig, step_seed
 from lit_modules.trunk import TrunkModule
 from lit_modules.videoar import _cfec_from
-from models.ernie5 import TASKS, Ernie5, Ernie5Config, UnifiedBatch
+from models.ernie5 import SPAN_TOKENS, TASKS, Ernie5, Ernie5Config, UnifiedBatch
 from models.layers.elastic import RoutingLimit
 from models.moe.replay import RouteReplay
 from models.tokenizers.checkpoint import load_media_tokenizer
@@ -311,8 +312,6 @@ class Ernie5Module(TrunkModule):
         for key, metric in self.eval_means[stage].items():
             if metric.update_count == 0 and not torch.distributed.is_initialized():
                 continue
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a term no rank saw computes to nan: left out below
                 value = metric.compute()
@@ -357,7 +356,7 @@ class Ernie5Module(TrunkModule):
                 **overrides) -> str:
         """Image / video (latents [T', d, H, W]) or audio (codes [F, Q]) -> its generated caption."""
         v, o = self.vocab, self._opts(overrides)
-        open_, close = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>"), "audio": ("<boa>", "<eoa>")}[medium]
+        open_, close = SPAN_TOKENS[medium]
         kind = "audio" if medium == "audio" else "vis_und"
         prompt = [("text", [v[open_]]), (kind, item.to(self.device)), ("text", [v[close], v["<sep>"]])]
         ids = self.net.generate_text(prompt, int(o["max_new_tokens"]), [v.eos], o["temperature"], o["top_k"] or None,
@@ -380,7 +379,7 @@ class Ernie5Module(TrunkModule):
         """Caption -> (tokens per scale, pixels [1, 3, T, H, W] in [-1, 1]); frames = latent frames
         (1 for an image); classifier-free guidance against the caption-less prompt."""
         v, o = self.vocab, self._opts(overrides)
-        open_ = v["<boi>"] if medium == "image" else v["<bov>"]
+        open_ = v[SPAN_TOKENS[medium][0]]
         tokens = self.net.generate_visual(self._vtok.quantizer, [("text", v.encode(caption) + [open_])], frames,
                                           uncond_prompt=[("text", [open_])], guidance=o["guidance"],
                                           temperature=o["temperature"], top_k=int(o["top_k"] or 0),
@@ -393,7 +392,7 @@ class Ernie5Module(TrunkModule):
               num_samples: Optional[int] = None, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
         """Description -> (codes [1, frames, Q], waveform [1, samples])."""
         v, o = self.vocab, self._opts(overrides)
-        codes = self.net.generate_audio([("text", v.encode(description) + [v["<boa>"]])], frames, o["temperature"],
+        codes = self.net.generate_audio([("text", v.encode(description) + [v[SPAN_TOKENS["audio"][0]]])], frames, o["temperature"],
                                         o["top_k"] or None, o["top_p"] or None, generator)
         return codes, self._atok.decode_wave(codes, num_samples)
 

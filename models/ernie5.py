@@ -67,10 +67,11 @@ from models.layers.trunk import Trunk, TrunkConfig
 from models.moe.layer import MoEConfig
 from models.tokenizers.multiscale import parse_scales
 
-__all__ = ["BOUNDARY_TOKENS", "DocumentBuilder", "Ernie5", "Ernie5Config", "Ernie5Output", "KINDS", "MODALITIES",
+__all__ = ["BOUNDARY_TOKENS", "SPAN_TOKENS", "DocumentBuilder", "Ernie5", "Ernie5Config", "Ernie5Output", "KINDS", "MODALITIES",
            "PRESETS", "TASKS", "UnifiedBatch", "VisualSpans", "AudioSpans", "merge_patches"]
 
 BOUNDARY_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>")
+SPAN_TOKENS = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>"), "audio": ("<boa>", "<eoa>")}  # open, close
 KINDS = {"pad": -1, "text": 0, "vis_und": 1, "vis_gen": 2, "audio": 3}
 MODALITIES = ("text", "image", "video", "audio")
 TASKS = ("text", "image_und", "image_gen", "video_und", "video_gen", "audio_und", "audio_gen")

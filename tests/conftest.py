@@ -44,30 +44,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _untrained_export(tmp_path_factory, kind: str, tokenizer, cfg, name: str) -> Path:
+    """Save an untrained media tokenizer (built with seed 0) as a tokenizer export file."""
+    from models.tokenizers.checkpoint import save_tokenizer_export
+
+    path = tmp_path_factory.mktemp("tok") / name
+    save_tokenizer_export(path, tokenizer, kind, cfg.to_dict())
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """An untrained tiny video tokenizer export (16x16 frames, time stride 2, scales 1/2/4)."""
-    from models.tokenizers.checkpoint import save_tokenizer_export
     from models.tokenizers.visual import TokenizerConfig, VisualTokenizer
 
     torch.manual_seed(0)
     cfg = TokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("tok") / "tiny_video_tokenizer.pt"
-    save_tokenizer_export(path, VisualTokenizer(cfg), "visual", cfg.to_dict())
-    return path
+    return _untrained_export(tmp_path_factory, "visual", VisualTokenizer(cfg), cfg, "tiny_video_tokenizer.pt")
 
 
 @pytest.fixture(scope="session")
 def tiny_audio_tokenizer(tmp_path_factory) -> Path:
     """An untrained tiny audio tokenizer export (2 RVQ levels of 64 codes, 50 frames/s)."""
     from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-    from models.tokenizers.checkpoint import save_tokenizer_export
 
     torch.manual_seed(0)
     cfg = AudioTokenizerConfig(preset="tiny")
-    path = tmp_path_factory.mktemp("atok") / "tiny_audio_tokenizer.pt"
-    save_tokenizer_export(path, AudioTokenizer(cfg), "audio", cfg.to_dict())
-    return path
+    return _untrained_export(tmp_path_factory, "audio", AudioTokenizer(cfg), cfg, "tiny_audio_tokenizer.pt")
 
 
 @pytest.fixture(scope="session")
