@@ -1,6 +1,6 @@
 """Evaluate a VideoAR checkpoint on held-out clips of its data; prints one JSON object.
 
-    python tools/eval_videoar.py VIDEOAR.ckpt experiment=videoar [--num-clips 64] [--seed 0]
+    python tools/eval_videoar.py VIDEOAR.ckpt experiment=videoar [--num-clips 64] [--seed 0] [--bootstrap 200]
 
 Metrics (trailing key=value arguments are Hydra overrides selecting the data, as for train.py):
 - fd_tokenizer: Frechet distance between Gaussian fits of tokenizer features of generated and real
@@ -14,6 +14,12 @@ Metrics (trailing key=value arguments are Hydra overrides selecting the data, as
 - colour: the tokenizer's reconstruction of the real clips (`tokenizer_colour`: chroma ratio and
   error, per-channel and Y / CbCr PSNR, models/tokenizers/metrics.py), and the chroma of generated
   clips against the real ones (`generated_chroma_ratio`: 0 = grey samples, 1 = as colourful).
+
+The metric's own noise: `ci95` holds a percentile bootstrap 95% interval (`--bootstrap` resamples of
+the clips, with replacement; 0 turns it off) of fd_tokenizer (generated and real clips resampled
+independently), future PSNR per horizon and bit accuracy per frame (clips resampled). The interval
+is what another draw of as many clips would give for this one model; compare its width with the
+spread over training seeds before reading a difference between configurations.
 """
 
 from __future__ import annotations
@@ -48,6 +54,23 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * tr_sqrt)
 
 
+def bootstrap_ci(stat, sizes: tuple[int, ...], resamples: int, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of `stat(*index_tensors)`: each call gets one index tensor per entry of
+    `sizes`, drawn with replacement from range(size), independently; returns [low, high]."""
+    if resamples < 2:
+        raise ValueError(f"bootstrap needs at least 2 resamples, got {resamples}")
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([float(stat(*(torch.randint(n, (n,), generator=g) for n in sizes)))
+                           for _ in range(resamples)], dtype=torch.float64)
+    tail = (1 - level) / 2
+    return torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+
+
+def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR (data range 1) of the mean of per-clip MSEs: over equal-size clips, the PSNR of the whole set."""
+    return 10 * torch.log10(1.0 / mse.double().mean().clamp_min(1e-12))
+
+
 @torch.no_grad()
 def clip_features(tokenizer, video: torch.Tensor) -> torch.Tensor:
     z = tokenizer.encode_features(video)  # [B, d, T', H, W]
@@ -56,7 +79,7 @@ def clip_features(tokenizer, video: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0, batch: int = 16,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", bootstrap: int = 200) -> dict:
     from generate import load_videoar
     from tools.tokenize_dataset import compose_data_config
 
@@ -91,6 +114,12 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
            "fd_tokenizer": frechet_distance(f_real, f_fake),
            "fd_tokenizer_real_split": frechet_distance(f_real[:half], f_real[half:2 * half]),
            "future_psnr": {}, "future_ssim": {}}
+    ci: dict = {}
+    if bootstrap:
+        f_real_c, f_fake_c = f_real.cpu(), f_fake.cpu()
+        ci["fd_tokenizer"] = bootstrap_ci(lambda i, j: frechet_distance(f_real_c[i], f_fake_c[j]),
+                                          (n, n), bootstrap, seed)
+        ci["future_psnr"] = {}
     unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     for h in range(1, T):
         sl = slice(1 + (h - 1) * tau, 1 + h * tau)
@@ -98,6 +127,9 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
         b = unit(real[:, :, sl]).transpose(1, 2).flatten(0, 1)
         out["future_psnr"][h] = float(peak_signal_noise_ratio(a, b, data_range=1.0))
         out["future_ssim"][h] = float(structural_similarity_index_measure(a, b, data_range=1.0))
+        if bootstrap:
+            mse = (unit(cont[:, :, sl]) - unit(real[:, :, sl])).double().pow(2).flatten(1).mean(1).cpu()
+            ci["future_psnr"][h] = bootstrap_ci(lambda i: psnr_from_mse(mse[i]), (n,), bootstrap, seed)
 
     from models.tokenizers.metrics import chroma, colour_metrics
 
@@ -107,14 +139,18 @@ def evaluate(ckpt: str, overrides: list[str], num_clips: int = 64, seed: int = 0
     # teacher-forced bit accuracy per frame (no corruption)
     from datamodules.batch import VisualBatch
 
-    acc = torch.zeros(T)
+    per_clip = []
     for s in range(0, n, batch):
         b = VisualBatch(real[s:s + batch], labels[s:s + batch], torch.arange(s, min(n, s + batch)))
         res = module._step(b, "eval", corrupt=False)
         correct = (res["logits"].argmax(-1) == res["labels"].long()).float().mean(-1)
-        per_frame = correct.view(correct.shape[0], T, -1).mean(-1).sum(0)
-        acc += per_frame.cpu()
-    out["bit_acc_per_frame"] = (acc / n).tolist()
+        per_clip.append(correct.view(correct.shape[0], T, -1).mean(-1).cpu())
+    per_clip = torch.cat(per_clip)  # [n, T]
+    out["bit_acc_per_frame"] = per_clip.mean(0).tolist()
+    if bootstrap:
+        ci["bit_acc_per_frame"] = [bootstrap_ci(lambda i, t=t: per_clip[i, t].mean(), (n,), bootstrap, seed)
+                                   for t in range(T)]
+        out["ci95"] = {"resamples": bootstrap, **ci}
     return out
 
 
@@ -127,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the clips for ci95 (0: none)")
     args = p.parse_args(argv)
-    res = evaluate(args.ckpt, args.overrides, args.num_clips, args.seed, args.batch, args.device)
+    if args.bootstrap == 1 or args.bootstrap < 0:
+        p.error(f"--bootstrap must be 0 (off) or at least 2, got {args.bootstrap}")
+    res = evaluate(args.ckpt, args.overrides, args.num_clips, args.seed, args.batch, args.device, args.bootstrap)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

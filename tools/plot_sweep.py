@@ -1,14 +1,18 @@
 """Figures of a Hydra multirun (logger=csv), written as PNG next to the sweep's table (the sweep folder).
 
     python tools/plot_sweep.py logs/train/multiruns/<date>_<time> [--out DIR] [--group-by experiment]
+    python tools/plot_sweep.py logs/token_sufficient --group-by +lm_size experiment
 
 loss_vs_tokens.png: train/loss and val/loss against tokens seen ((step + 1) x data.batch_size x
     data.seq_len, as tools/summarize_sweep.py counts them), one line per configuration (the values
     of the --group-by overrides), its seeds aggregated: the mean line and a min-max band, at the
     steps every seed logged.
-recall_vs_params.png: the final val/fact_recall (callbacks/fact_recall.py) against total and
-    activated parameters (params/total, params/activated), mean and min-max over seeds per
-    configuration; written only when some job logged val/fact_recall.
+loss_vs_params.png: the final val/loss against total and activated parameters (params/total,
+    params/activated), mean and min-max over seeds per configuration; configurations that share the
+    value of the --series override (default: experiment, when grouped by it) are joined by one line,
+    so a sweep grouped by `+lm_size experiment` draws one scaling line per model family.
+recall_vs_params.png: the same for the final val/fact_recall (callbacks/fact_recall.py); written
+    only when some job logged val/fact_recall.
 Jobs are read with tools/summarize_sweep.py's code. Prints one JSON object: the aggregated numbers
 plotted and the files written (atomically).
 """
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.io import atomic_write  # noqa: E402
 from tools.summarize_sweep import group_runs, metric_series  # noqa: E402
 
-__all__ = ["aggregate_curves", "aggregate_recall", "main", "plot_sweep"]
+__all__ = ["aggregate_curves", "aggregate_final", "main", "plot_sweep"]
 
 LOSSES = ("train/loss", "val/loss")
 RECALL = "val/fact_recall"
@@ -48,9 +52,9 @@ def aggregate_curves(runs: list[dict], metric: str) -> dict | None:
             "mean": [sum(v) / len(v) for v in vals], "min": [min(v) for v in vals], "max": [max(v) for v in vals]}
 
 
-def aggregate_recall(runs: list[dict]) -> dict | None:
-    """Final val/fact_recall over the runs (mean, min, max) with their parameter counts (None: never logged)."""
-    finals = [metric_series(r["rows"], RECALL) for r in runs]
+def aggregate_final(runs: list[dict], metric: str = RECALL) -> dict | None:
+    """Final `metric` over the runs (mean, min, max) with their parameter counts (None: never logged)."""
+    finals = [metric_series(r["rows"], metric) for r in runs]
     finals = [s[-1][1] for s in finals if s]
     if not finals:
         return None
@@ -63,7 +67,36 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_by: list[str] | None = None) -> dict:
+def _save_vs_params(plt, values: dict, series_of: dict, metric: str, path: Path) -> Path:
+    """Final `metric` (mean, min-max bars) against total and activated parameters, one line per series."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    lines: dict[str, list] = {}
+    for label, r in values.items():
+        lines.setdefault(series_of.get(label) or label, []).append(r)
+    for ax, count in zip(axes[0], ("total", "activated")):
+        for name, points in lines.items():
+            points = sorted((p for p in points if p[count] is not None), key=lambda p: p[count])
+            if not points:
+                continue
+            xs, means = [p[count] for p in points], [p["mean"] for p in points]
+            err = [[p["mean"] - p["min"] for p in points], [p["max"] - p["mean"] for p in points]]
+            ax.errorbar(xs, means, yerr=err, fmt="o-", capsize=4,
+                        label=f"{name} (n={min(p['seeds'] for p in points)})")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{count} parameters")
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title(f"{metric} vs {count} parameters (mean, min-max over seeds)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_by: list[str] | None = None,
+               series: str | None = None) -> dict:
     """Write the figures of `sweep_dir` into `out_dir` (default: the sweep folder); returns what was plotted."""
     import matplotlib
 
@@ -78,16 +111,26 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_b
     if not groups:
         raise ValueError(f"no job with a metrics.csv and .hydra/overrides.yaml under {sweep} (train with logger=csv)")
     out = Path(out_dir) if out_dir is not None else sweep
-    result: dict = {"sweep": str(sweep), "group_by": group_by, "loss": {}, "recall": {}, "files": []}
+    if series is None:
+        series = "experiment" if "experiment" in group_by and len(group_by) > 1 else None
+    elif series not in group_by:
+        raise ValueError(f"--series {series!r} must be one of --group-by {group_by}")
+    result: dict = {"sweep": str(sweep), "group_by": group_by, "series": series, "loss": {}, "final_loss": {},
+                    "recall": {}, "files": []}
+    series_of: dict[str, str] = {}
 
     for key, runs in groups.items():
         label = _label(group_by, key)
         curves = {m: c for m in LOSSES if (c := aggregate_curves(runs, m)) is not None}
         if curves:
             result["loss"][label] = curves
-        recall = aggregate_recall(runs)
+        recall = aggregate_final(runs, RECALL)
         if recall is not None:
             result["recall"][label] = recall
+        final = aggregate_final(runs, "val/loss")
+        if final is not None:
+            result["final_loss"][label] = final
+        series_of[label] = dict(zip(group_by, key)).get(series, "") if series else ""
 
     panels = [m for m in LOSSES if any(m in c for c in result["loss"].values())]
     if panels:
@@ -109,24 +152,10 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_b
         result["files"].append(str(_save(fig, out / "loss_vs_tokens.png")))
         plt.close(fig)
 
-    if result["recall"]:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
-        for ax, count in zip(axes[0], ("total", "activated")):
-            for label, r in result["recall"].items():
-                if r[count] is None:
-                    continue
-                ax.errorbar([r[count]], [r["mean"]], yerr=[[r["mean"] - r["min"]], [r["max"] - r["mean"]]],
-                            fmt="o", capsize=4, label=f"{label} (n={r['seeds']})")
-            ax.set_xscale("log")
-            ax.set_xlabel(f"{count} parameters")
-            ax.set_ylabel(f"final {RECALL}")
-            ax.set_title(f"fact recall vs {count} parameters")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        result["files"].append(str(_save(fig, out / "recall_vs_params.png")))
-        plt.close(fig)
+    for name, metric, values in (("loss_vs_params.png", "val/loss", result["final_loss"]),
+                                 ("recall_vs_params.png", RECALL, result["recall"])):
+        if values and (name != "loss_vs_params.png" or series is not None):
+            result["files"].append(str(_save_vs_params(plt, values, series_of, metric, out / name)))
     return result
 
 
@@ -135,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("sweep_dir")
     p.add_argument("--out", help="folder for the PNG files (default: the sweep folder)")
     p.add_argument("--group-by", nargs="+", default=["experiment"])
+    p.add_argument("--series", help="the --group-by key whose values become lines of the vs-parameters figures "
+                   "(default: experiment when grouped by more than it)")
     args = p.parse_args(argv)
-    out = plot_sweep(args.sweep_dir, args.out, args.group_by)
+    out = plot_sweep(args.sweep_dir, args.out, args.group_by, args.series)
     print(json.dumps(out))
     return out
 

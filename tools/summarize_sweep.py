@@ -1,7 +1,10 @@
 """Summarise a Hydra multirun (logger=csv) as a markdown table: final val/loss mean and spread over
-seeds per configuration, tokens seen, total and activated parameters.
+seeds per configuration, tokens seen (and per total parameter), total and activated parameters, and,
+when the jobs ran the fact-recall callback, the final val/fact_recall (exact match) and
+val/fact_recall_top1 in the training wording and, with a held-out wording, val/fact_recall_unseen.
 
     python tools/summarize_sweep.py logs/sparse_compare [--group-by experiment]
+    python tools/summarize_sweep.py logs/token_sufficient --group-by +lm_size experiment
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+
+# Final values summarised when some job of the sweep logged them (callbacks/fact_recall.py).
+RECALL_METRICS = ("val/fact_recall", "val/fact_recall_top1", "val/fact_recall_unseen", "val/fact_recall_unseen_top1")
 
 
 def metric_series(rows: list[dict], name: str) -> list[tuple[int, float]]:
@@ -43,6 +49,7 @@ def read_run(run_dir: Path) -> dict | None:
         "dir": run_dir,
         "overrides": yaml.safe_load(overrides.read_text()),
         "val_loss": last("val/loss"),
+        **{name: last(name) for name in RECALL_METRICS},
         "train_loss": last("train/loss"),
         "total": last("params/total"),
         "activated": last("params/activated"),
@@ -65,20 +72,35 @@ def group_runs(sweep_dir: Path, group_by: list[str]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value, nan for none)."""
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def summarize(sweep_dir: Path, group_by: list[str]) -> str:
     groups = group_runs(sweep_dir, group_by)
+    recall = [m for m in RECALL_METRICS if any(r[m] is not None for runs in groups.values() for r in runs)]
     lines = [
-        "| " + " | ".join(group_by) + " | seeds | final val/loss (mean ± std) | min..max | tokens seen | activated params | total params |",
-        "| " + " | ".join("---" for _ in group_by) + " | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(group_by) + " | seeds | final val/loss (mean ± std) | min..max | tokens seen | tokens per total param"
+        " | activated params | total params |" + "".join(f" {m} |" for m in recall),
+        "| " + " | ".join("---" for _ in group_by) + " | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(recall),
     ]
     for key, runs in groups.items():
         vals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
-        mean = statistics.mean(vals) if vals else float("nan")
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        lines.append(
-            "| " + " | ".join(key) + f" | {len(vals)} | {mean:.4f} ± {std:.4f} | {min(vals):.4f}..{max(vals):.4f} | "
-            f"{runs[0]['tokens']:,} | {int(runs[0]['activated'] or 0):,} | {int(runs[0]['total'] or 0):,} |"
+        mean, std = mean_std(vals)
+        spread = f"{min(vals):.4f}..{max(vals):.4f}" if vals else "-"
+        total = int(runs[0]["total"] or 0)
+        per_param = f"{runs[0]['tokens'] / total:.1f}" if total else "-"
+        row = (
+            "| " + " | ".join(key) + f" | {len(vals)} | {mean:.4f} ± {std:.4f} | {spread} | "
+            f"{runs[0]['tokens']:,} | {per_param} | {int(runs[0]['activated'] or 0):,} | {total:,} |"
         )
+        for m in recall:
+            rm, rs = mean_std([r[m] for r in runs if r[m] is not None])
+            row += f" {rm:.3f} ± {rs:.3f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 

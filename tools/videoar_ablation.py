@@ -1,5 +1,8 @@
 """Run VideoAR's ablations at small scale (papers.md Table 4 and the Random Frame Mask comparison),
-several seeds each, evaluate every run with tools/eval_videoar.py and print a markdown table.
+several seeds each, evaluate every run with tools/eval_videoar.py and print a markdown table: each
+metric's spread over seeds beside its bootstrap interval over evaluation clips, then every step of the
+table (and every configuration against the baseline) as a difference of seed means with its standard
+error and a verdict (differs: more than two standard errors).
 
     python tools/videoar_ablation.py --tokenizer TOK.ckpt --cache CACHE_DIR --out logs/videoar_ablation \
         [--seeds 0 1 2] [--steps 300] [--configs baseline mst tdc full full_rfm]
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    p.add_argument("--eval-clips", type=int, default=64)
+    p.add_argument("--eval-clips", type=int, default=256)
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per evaluation (tools/eval_videoar.py)")
     p.add_argument("--train-args", nargs="*", default=[], help="extra train.py overrides for every run")
     p.add_argument("--data", nargs="*", default=["experiment=videoar", "data.num_clips=256"],
                    help="Hydra overrides selecting the (pixel) data for evaluation")
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not res_path.is_file():
                 run([sys.executable, "tools/eval_videoar.py", str(ckpt), *args.data,
                      f"model.tokenizer_ckpt={args.tokenizer}", "--num-clips", str(args.eval_clips), "--seed", str(seed),
+                     "--bootstrap", str(args.bootstrap),
                      "--out", str(res_path)])
             results.setdefault(name, []).append(json.loads(res_path.read_text()))
     table = summarize(results)
@@ -86,22 +91,73 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _psnr(run: dict, h) -> float:
+    return run["future_psnr"][str(h)] if str(h) in run["future_psnr"] else run["future_psnr"][int(h)]
+
+
+def _ci(run: dict, metric: str, h=None) -> list[float] | None:
+    ci = run.get("ci95", {}).get(metric)
+    if ci is None or h is None:
+        return ci
+    return ci.get(str(h), ci.get(int(h))) if isinstance(ci, dict) else ci[h]
+
+
+def _half_width(runs: list[dict], metric: str, h=None) -> str:
+    """Mean over seeds of the bootstrap 95% interval's half-width ('-' when the runs have none)."""
+    widths = [(c[1] - c[0]) / 2 for r in runs if (c := _ci(r, metric, h)) is not None]
+    return f"±{statistics.mean(widths):.3f}" if widths else "-"
+
+
+METRICS = {  # name -> (value of one run, CI lookup, higher is better)
+    "FD": (lambda r: r["fd_tokenizer"], ("fd_tokenizer", None), False),
+    "PSNR h=1": (lambda r: _psnr(r, 1), ("future_psnr", 1), True),
+}
+
+
+def compare(a: list[float], b: list[float]) -> tuple[float, float, str]:
+    """Difference of seed means (b - a), its standard error (Welch) and a verdict: 'differs' when the
+    difference exceeds two standard errors, else 'within noise' (seeds are the unit of replication)."""
+    diff = statistics.mean(b) - statistics.mean(a)
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan"), "needs 2+ seeds each"
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return diff, se, ("differs" if abs(diff) > 2 * se else "within noise")
+
+
 def summarize(results: dict) -> str:
-    rows = ["| config | FD (tokenizer feats) ↓ | future PSNR h=1 | future PSNR last h | bit acc frame 0 | bit acc last frame | seeds |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| config | FD (tokenizer feats) ↓ | FD 95% CI | future PSNR h=1 | h=1 95% CI | future PSNR last h | "
+            "last h 95% CI | bit acc frame 0 | bit acc last frame | seeds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in results.items():
         last_h = max(runs[0]["future_psnr"], key=int)
         rows.append("| " + " | ".join([
             name,
             _ms([r["fd_tokenizer"] for r in runs]),
-            _ms([r["future_psnr"]["1"] if "1" in r["future_psnr"] else r["future_psnr"][1] for r in runs]),
-            _ms([r["future_psnr"][last_h] for r in runs]),
+            _half_width(runs, "fd_tokenizer"),
+            _ms([_psnr(r, 1) for r in runs]),
+            _half_width(runs, "future_psnr", 1),
+            _ms([_psnr(r, last_h) for r in runs]),
+            _half_width(runs, "future_psnr", last_h),
             _ms([r["bit_acc_per_frame"][0] for r in runs]),
             _ms([r["bit_acc_per_frame"][-1] for r in runs]),
             str(len(runs)),
         ]) + " |")
     floor = [r["fd_tokenizer_real_split"] for runs in results.values() for r in runs]
     rows.append(f"\nReal-vs-real FD floor (two halves of the held-out clips): {statistics.mean(floor):.3f}")
+    rows.append("\n'± x' after a mean is the spread over training seeds (standard deviation); a 95% CI column is the "
+                "bootstrap half-width over evaluation clips, averaged over seeds (the metric's own noise).\n")
+    names = list(results)
+    pairs = [(names[i - 1], names[i]) for i in range(1, len(names))]
+    if names and names[0] == "baseline":
+        pairs += [("baseline", n) for n in names[2:]]
+    if pairs:
+        rows += ["| comparison | metric | difference (B - A) | standard error | verdict |", "| --- | --- | --- | --- | --- |"]
+        for a, b in pairs:
+            for metric, (value, _, higher) in METRICS.items():
+                diff, se, verdict = compare([value(r) for r in results[a]], [value(r) for r in results[b]])
+                if verdict == "differs":
+                    verdict += " (B better)" if (diff > 0) == higher else " (B worse)"
+                rows.append(f"| {a} -> {b} | {metric} | {diff:+.3f} | {se:.3f} | {verdict} |")
     return "\n".join(rows) + "\n"
 
 

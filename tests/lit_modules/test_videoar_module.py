@@ -207,6 +207,12 @@ def test_eval_tool_reports_every_metric(tmp_path, tokenizer):
     colour = res["tokenizer_colour"]
     assert {"chroma_ratio", "chroma_error", "psnr_r", "psnr_g", "psnr_b", "psnr_y", "psnr_cbcr"} <= set(colour)
     assert colour["chroma_real"] > 0 and res["generated_chroma_ratio"] >= 0
+    ci = res["ci95"]  # bootstrap intervals over the 8 clips
+    assert ci["resamples"] == 200 and ci["fd_tokenizer"][0] <= ci["fd_tokenizer"][1]
+    assert set(ci["future_psnr"]) == {1, 2} and len(ci["bit_acc_per_frame"]) == 3
+    for h, (lo, hi) in ci["future_psnr"].items():
+        assert lo <= res["future_psnr"][h] <= hi
+    assert all(0 <= lo <= hi <= 1 for lo, hi in ci["bit_acc_per_frame"])
 
 
 def test_sparse_videoar_trains_with_balance_loss_routing_monitor_and_bias_updates(tmp_path, tokenizer):

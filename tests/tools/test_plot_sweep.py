@@ -10,15 +10,17 @@ import yaml
 from PIL import Image
 
 from tools.plot_sweep import main as plot_main
+from tools.summarize_sweep import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=1000, activated=None):
+def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=1000, activated=None, extra=()):
     """A job folder as Hydra + the CSV logger leave it: .hydra/{overrides,config}.yaml, csv/version_0/metrics.csv."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"experiment={experiment}", f"seed={seed}"]))
+    overrides = [*extra, f"experiment={experiment}", f"seed={seed}"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 4, "seq_len": 8}}))
     metrics = job / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
@@ -75,3 +77,32 @@ def test_plot_sweep_out_dir_and_no_recall(tmp_path):
     assert out["files"] == [str(tmp_path / "figs" / "loss_vs_tokens.png")] and out["recall"] == {}
     with pytest.raises(ValueError, match="no job with a metrics.csv"):
         plot_main([str(tmp_path / "figs")])
+
+
+def test_scaling_lines_per_series_and_summary_table(tmp_path):
+    """A sweep grouped by size and family: loss_vs_params.png joins each family's sizes; the table has the
+    tokens per total parameter and the recall columns, seeds aggregated."""
+    root = tmp_path / "multirun"
+    for i, (size, exp, seed, val, rec, total, act) in enumerate([
+        ("s", "dense_lm", 0, 2.0, 0.1, 100, 100), ("s", "dense_lm", 1, 2.2, 0.3, 100, 100),
+        ("s", "moe_lm", 0, 1.8, 0.2, 200, 100), ("l", "dense_lm", 0, 1.5, 0.4, 400, 400),
+        ("l", "moe_lm", 0, 1.2, 0.6, 800, 400),
+    ]):
+        _job(root, str(i), exp, seed, [3.0, val], {1: val}, {1: rec}, total=total, activated=act,
+             extra=[f"+lm_size={size}"])
+    out = plot_main([str(root), "--group-by", "+lm_size", "experiment"])
+    assert out["series"] == "experiment"
+    assert sorted(out["files"]) == sorted(str(root / n) for n in
+                                          ("loss_vs_tokens.png", "loss_vs_params.png", "recall_vs_params.png"))
+    dense_s = out["final_loss"]["+lm_size=s, experiment=dense_lm"]
+    assert dense_s["seeds"] == 2 and dense_s["mean"] == pytest.approx(2.1) and dense_s["total"] == 100.0
+    assert out["final_loss"]["+lm_size=l, experiment=moe_lm"]["mean"] == 1.2
+    with pytest.raises(ValueError, match="--series 'seed' must be one of"):
+        plot_main([str(root), "--group-by", "+lm_size", "experiment", "--series", "seed"])
+
+    table = summarize(root, ["+lm_size", "experiment"]).splitlines()
+    assert "tokens per total param" in table[0] and table[0].endswith("val/fact_recall |")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:]}
+    # 2 steps x batch 4 x seq 8 = 64 tokens; dense s has 100 parameters -> 0.6 tokens per parameter
+    assert "| 2 | 2.1000 ± 0.1414 | 2.0000..2.2000 | 64 | 0.6 | 100 | 100 | 0.200 ± 0.141 |" in rows[("s", "dense_lm")]
+    assert "| 1 | 1.2000 ± 0.0000 |" in rows[("l", "moe_lm")] and rows[("l", "moe_lm")].endswith("| 0.600 ± 0.000 |")
