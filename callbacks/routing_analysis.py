@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.figures import figure_to_array, heatmap_figure, lines_figure
-from models.io import atomic_write_text
+from models.io import atomic_torch_save, atomic_write_text
 from models.moe.analysis import routing_markdown, routing_tables
 
 
@@ -49,7 +49,9 @@ class RoutingAnalysis(L.Callback):
     routing/iou/<a>__<b>/layer_l (a < b by name). nan values (no pairs) are not logged.
     Global zero only: TensorBoard images routing/frequency/layer_l (group x expert), routing/iou/layer_l
     (group x group), routing/entropy (lines per group over layers) and text routing/tables (images /
-    markdown flags), and the markdown report at <trainer.log_dir>/routing/step_<global_step>.md.
+    markdown flags), and the markdown report at <trainer.log_dir>/routing/step_<global_step>.md with the
+    raw counts beside it (step_<global_step>.counts.pt, {group: int64 [L, E]}), which
+    `tools/routing_report.py --combine` averages over seeds.
 
     fraction: the top set of a group is its ceil(fraction * E) most-activated experts.
     """
@@ -126,6 +128,7 @@ class RoutingAnalysis(L.Callback):
         md = routing_markdown(tables, step) if self.markdown else None
         if md is not None and log_dir is not None:
             atomic_write_text(Path(log_dir) / "routing" / f"step_{step}.md", md)
+            atomic_torch_save(tables["counts"], Path(log_dir) / "routing" / f"step_{step}.counts.pt")
         if not tensorboards:
             return
         images = self._images(tables, step) if self.images else {}

@@ -113,6 +113,7 @@ def routing_tables(counts: dict[str, torch.Tensor], fraction: float = 0.25) -> d
         concentration   [R] of float [G]: share of the group's pairs its top-`fraction` experts carry
         entropy         float [G, L]: `normalized_entropy` per group and layer
         pairs           int64 [G, L]: routed pairs per group and layer
+        counts          {group: int64 [L, E]} the input, on the CPU
     """
     if not counts:
         raise ValueError("routing_tables needs counts for at least one group")
@@ -139,6 +140,7 @@ def routing_tables(counts: dict[str, torch.Tensor], fraction: float = 0.25) -> d
         "layers": layers, "roles": [_role(layer, num_layers) for layer in layers],
         "frequency": frequency, "iou": iou, "top3": top3, "concentration": concentration,
         "entropy": normalized_entropy(C), "pairs": C.sum(-1),
+        "counts": {g: C[i] for i, g in enumerate(groups)},
     }
 
 

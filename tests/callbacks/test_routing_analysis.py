@@ -59,6 +59,9 @@ def test_callback_writes_report_and_images(tmp_path):
     assert module.seen_recording[:2] == [False, False]  # sanity check is not recorded
     md = (Path(trainer.log_dir) / "routing" / "step_2.md").read_text()
     assert "| image | 1.00 | 0.33 |" in md and "| text | 0.33 | 1.00 |" in md
+    counts = torch.load(Path(trainer.log_dir) / "routing" / "step_2.counts.pt", weights_only=True)
+    assert sorted(counts) == ["image", "text"] and all(v.dtype == torch.int64 and v.dim() == 2 for v in counts.values())
+    assert torch.equal(counts["text"], module.routing_counts["text"].cpu())
     assert trainer.callback_metrics["routing/iou/image__text/layer_1"] == pytest.approx(1 / 3)
     assert "routing/ne/text/layer_3" in trainer.callback_metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
