@@ -24,6 +24,11 @@ class BiographyCorpus:
     triples: list[tuple[str, str, str]]
     people: list[dict] = field(default_factory=list)
     world: dict = field(default_factory=dict)  # city -> country, universities, companies
+    renderings: int = 1  # documents per person: document i is about person i % len(people)
+
+    def person_of(self, doc: int) -> int:
+        """Index into `people` of the person document `doc` is about."""
+        return doc % len(self.people)
 
 
 # ---------------------------------------------------------------------------
@@ -386,18 +391,20 @@ def person_facts(person: dict, people: dict, world: dict) -> list[tuple[str, dic
     return facts
 
 
-def render_facts(rng: random.Random, person: dict, facts: list, templates: Optional[Sequence[int]] = None) -> list[dict]:
+def render_facts(rng: random.Random, person: dict, facts: list, templates: Optional[Sequence[int]] = None,
+                 full_names: bool = False) -> list[dict]:
     """Shuffle the facts and write one sentence each: [{'text', 'relation', 'triple', 'template', 'ref'}].
 
     templates: the template indices allowed per relation (None: all four). The first sentence names
-    the person in full; later ones use the full name, the first name or a pronoun.
+    the person in full; later ones use the full name, the first name or a pronoun, or, with
+    `full_names`, the full name too (every fact then reads as it does in a cloze probe).
     """
     pron = _PRONOUNS[person["gender"]]
     facts = list(facts)
     rng.shuffle(facts)
     out = []
     for i, (kind, slots, triple) in enumerate(facts):
-        if i == 0:
+        if i == 0 or full_names:
             ref = person["name"]  # the opening sentence must introduce the person by full name
         else:
             ref = rng.choice((person["name"], person["first_name"], None, None))
@@ -415,10 +422,10 @@ def render_facts(rng: random.Random, person: dict, facts: list, templates: Optio
 
 
 def _render(rng: random.Random, person: dict, people: list[dict], world: dict,
-            templates: Optional[Sequence[int]] = None) -> tuple[str, list]:
+            templates: Optional[Sequence[int]] = None, full_names: bool = False) -> tuple[str, list]:
     """Write one biography and return it with the person's triples."""
     facts = person_facts(person, people, world)
-    sentences = render_facts(rng, person, facts, templates)
+    sentences = render_facts(rng, person, facts, templates, full_names)
     return " ".join(s["text"] for s in sentences), [f[2] for f in facts]
 
 
@@ -434,14 +441,23 @@ def check_templates(templates: Optional[Sequence[int]], key: str = "templates") 
 
 
 def generate_biographies(num_people: int = 2000, seed: int = 0,
-                         templates: Optional[Sequence[int]] = None) -> BiographyCorpus:
+                         templates: Optional[Sequence[int]] = None, renderings: int = 1,
+                         full_names: bool = False) -> BiographyCorpus:
     """Generate `num_people` fictional biographies and their fact triples from `seed`.
 
     templates: the sentence templates (indices 0-3 of each relation's four) the biographies are
     written with; None (all four) is the historical corpus, byte for byte.
+    renderings: biographies per person (knowledge augmentation, as in "Physics of Language Models"
+    3.1): rendering r > 0 of every person follows the first `num_people` documents (document i is
+    about person i % num_people), each with its own sentence order, templates and references, drawn
+    from a generator of (seed, r), so the first rendering is the same corpus whatever `renderings` is.
+    full_names: every sentence names the person in full (no first names or pronouns).
+    The defaults (1, False) are the historical corpus, byte for byte.
     """
     if num_people < 1:
         raise ValueError(f"num_people must be >= 1, got {num_people}")
+    if isinstance(renderings, bool) or not isinstance(renderings, int) or renderings < 1:
+        raise ValueError(f"renderings must be an integer >= 1, got {renderings!r}")
     templates = check_templates(templates)
     rng = random.Random(seed)
     world = _build_world(rng)
@@ -449,9 +465,12 @@ def generate_biographies(num_people: int = 2000, seed: int = 0,
 
     documents, triples = [], []
     for person in people:
-        doc, person_triples = _render(rng, person, people, world, templates)
+        doc, person_triples = _render(rng, person, people, world, templates, full_names)
         documents.append(doc)
         triples.extend(person_triples)
+    for r in range(1, renderings):
+        extra = random.Random(f"biographies/{seed}/rendering/{r}")
+        documents.extend(_render(extra, person, people, world, templates, full_names)[0] for person in people)
 
     # Entity facts only for entities some biography mentions, in first-mention
     # order, so each one co-occurs with its object in at least one document.
@@ -469,7 +488,7 @@ def generate_biographies(num_people: int = 2000, seed: int = 0,
         p["siblings"] = [people[q]["name"] for q in p["siblings"]]
         if p["mentor"] is not None:
             p["mentor"] = people[p["mentor"]]["name"]
-    return BiographyCorpus(documents=documents, triples=triples, people=people, world=world)
+    return BiographyCorpus(documents=documents, triples=triples, people=people, world=world, renderings=renderings)
 
 
 def _cloze_text(person: dict, relation: str, slots: dict, obj: str, template: int) -> tuple[str, int]:

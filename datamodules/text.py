@@ -173,13 +173,18 @@ def build_corpus(
     corpus_seed: int = 0,
     txt_split: str = "paragraph",
     train_templates: Sequence[int] | None = None,
+    bio_renderings: int = 1,
+    bio_full_names: bool = False,
 ) -> tuple[list[str], BiographyCorpus | None]:
     """Documents for `source`, plus the BiographyCorpus (with fact triples) when source is "bios".
 
     train_templates: the biographies are written with these sentence templates only (None: all four).
+    bio_renderings / bio_full_names: biographies per person and full names in every sentence
+    (`synthetic_bios.generate_biographies`' renderings / full_names).
     """
     if source == "bios":
-        bios = generate_biographies(num_people=num_people, seed=corpus_seed, templates=train_templates)
+        bios = generate_biographies(num_people=num_people, seed=corpus_seed, templates=train_templates,
+                                    renderings=bio_renderings, full_names=bio_full_names)
         return list(bios.documents), bios
     return load_documents(source, txt_split=txt_split), None
 
@@ -193,6 +198,15 @@ def corpus_hash(documents: Sequence[str]) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def split_bios(bios: BiographyCorpus, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) document ids of a biography corpus, split by person: every rendering of a person
+    falls on the same side. With one rendering per person, exactly `split_documents`."""
+    train_people, val_people = split_documents(len(bios.people), val_fraction, split_seed)
+    n = len(bios.people)
+    expand = lambda ids: [r * n + p for r in range(bios.renderings) for p in ids]  # noqa: E731
+    return expand(train_people), expand(val_people)
 
 
 def split_documents(num_docs: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
@@ -280,6 +294,9 @@ class TextDataModule(ResumableDataModule):
     `train_templates` (bios only): the sentence templates (0-3 of each relation's four) the biographies
     are written with; the others never appear in the text, so fact probes in them test recall in an
     unseen wording (`fact_probes`). None (default): all four, the historical corpus.
+    `bio_renderings` / `bio_full_names` (bios only): knowledge augmentation, several biographies per
+    person (each its own sentence order, templates and references) and the full name in every
+    sentence; the train / validation split is then by person, every rendering on one side.
     """
 
     def __init__(
@@ -299,6 +316,8 @@ class TextDataModule(ResumableDataModule):
         pin_memory: bool = False,
         txt_split: str = "paragraph",
         train_templates: list[int] | None = None,
+        bio_renderings: int = 1,
+        bio_full_names: bool = False,
     ) -> None:
         super().__init__()
         # Stored in checkpoints (datamodule_hyper_parameters): tools that continue a run reuse the data.
@@ -316,6 +335,12 @@ class TextDataModule(ResumableDataModule):
         if train_templates is not None and str(source) != "bios":
             raise ValueError(f"data.train_templates applies to data.source=bios only, got data.source={source!r}")
         self.train_templates = check_templates(train_templates, "data.train_templates")
+        if isinstance(bio_renderings, bool) or not isinstance(bio_renderings, int) or bio_renderings < 1:
+            raise ValueError(f"data.bio_renderings must be an integer >= 1, got {bio_renderings!r}")
+        if (bio_renderings != 1 or bio_full_names) and str(source) != "bios":
+            raise ValueError(f"data.bio_renderings / data.bio_full_names apply to data.source=bios only, "
+                             f"got data.source={source!r}")
+        self.bio_renderings, self.bio_full_names = bio_renderings, bool(bio_full_names)
         self.source = str(source)
         self.num_people = num_people
         self.corpus_seed = corpus_seed
@@ -349,11 +374,19 @@ class TextDataModule(ResumableDataModule):
 
     # -- building ------------------------------------------------------------
 
+    def _corpus(self) -> tuple[list[str], BiographyCorpus | None]:
+        return build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split, self.train_templates,
+                            self.bio_renderings, self.bio_full_names)
+
+    def _split(self, docs: list[str], bios: BiographyCorpus | None) -> tuple[list[int], list[int]]:
+        if bios is not None:
+            return split_bios(bios, self.val_fraction, self.split_seed)
+        return split_documents(len(docs), self.val_fraction, self.split_seed)
+
     def _build(self) -> None:
         """Load or build tokenizer and token streams; idempotent and deterministic on every rank."""
-        docs, bios = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
-                                  self.train_templates)
-        train_ids, val_ids = split_documents(len(docs), self.val_fraction, self.split_seed)
+        docs, bios = self._corpus()
+        train_ids, val_ids = self._split(docs, bios)
         train_docs = [docs[i] for i in train_ids]
         val_docs = [docs[i] for i in val_ids]
         full_hash = corpus_hash(docs)
@@ -472,8 +505,7 @@ class TextDataModule(ResumableDataModule):
 
     def iter_train_documents(self) -> Iterator[str]:
         """Raw train documents (e.g. for probes); regenerates or rereads the corpus."""
-        docs, _ = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
-                               self.train_templates)
+        docs, _ = self._corpus()
         for i in self.train_doc_ids:
             yield docs[i]
 
@@ -494,10 +526,10 @@ class TextDataModule(ResumableDataModule):
         bios = self.bios
         train_ids, val_ids = self.train_doc_ids, self.val_doc_ids
         if bios is None:
-            docs, bios = build_corpus(self.source, self.num_people, self.corpus_seed, self.txt_split,
-                                      self.train_templates)
-            train_ids, val_ids = split_documents(len(docs), self.val_fraction, self.split_seed)
-        people = train_ids if split == "train" else val_ids
+            docs, bios = self._corpus()
+            train_ids, val_ids = self._split(docs, bios)
+        ids = train_ids if split == "train" else val_ids
+        people = ids[: len(ids) // bios.renderings]  # the first rendering's documents: one per person
         if not people:
             raise ValueError(f"the {split} split holds no biographies (data.val_fraction={self.val_fraction})")
         seen = self.train_templates or [0, 1, 2, 3]

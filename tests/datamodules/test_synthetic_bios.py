@@ -107,3 +107,31 @@ def test_name_space_extends_with_middle_initials():
 def test_invalid_num_people():
     with pytest.raises(ValueError, match="num_people"):
         generate_biographies(num_people=0)
+
+
+def test_renderings_augment_each_person_and_keep_the_first_corpus(corpus):
+    aug = generate_biographies(num_people=400, seed=0, renderings=3)
+    assert aug.documents[:400] == corpus.documents and aug.triples == corpus.triples and aug.renderings == 3
+    assert len(aug.documents) == 1200 and aug.person_of(0) == aug.person_of(400) == aug.person_of(800) == 0
+    for i in (0, 57, 399):
+        versions = [aug.documents[i + r * 400] for r in range(3)]
+        assert len(set(versions)) == 3  # another order, templates and references each time
+        name = aug.people[i]["name"]
+        assert all(name in v for v in versions)
+        # the same facts: each rendering names the person's birth city and employer
+        for v in versions:
+            assert aug.people[i]["birth_city"] in v and aug.people[i]["employer"] in v
+    assert generate_biographies(num_people=400, seed=0, renderings=3).documents == aug.documents
+    with pytest.raises(ValueError, match="renderings must be an integer >= 1"):
+        generate_biographies(num_people=10, renderings=0)
+
+
+def test_full_names_name_the_person_in_every_sentence():
+    bios = generate_biographies(num_people=30, seed=0, full_names=True)
+    for person, doc in zip(bios.people, bios.documents):
+        sentences = [s for s in re.split(r"(?<=\.) (?=[A-Z])", doc) if s]
+        # a sentence stating a kin relation may name the relative first ("X is her mother.")
+        named = [s for s in sentences if person["name"] in s]
+        assert len(named) >= len(sentences) - 3 and len(named) >= 5
+        assert not re.search(r"\b(He|She|They)\b", doc.split(person["name"], 1)[1].split(".")[0])
+    assert bios.documents != generate_biographies(num_people=30, seed=0).documents

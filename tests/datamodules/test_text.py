@@ -391,3 +391,23 @@ def test_missing_sources_raise_file_not_found(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="empty_dir"):
         load_documents(str(tmp_path / "empty_dir"))
+
+
+def test_augmented_biographies_split_by_person_and_probe_people(tmp_path, dm):
+    aug = built(make_dm(tmp_path, bio_renderings=3, bio_full_names=True))
+    n = SMALL["num_people"]
+    assert len(aug.train_doc_ids) + len(aug.val_doc_ids) == 3 * n
+    train_people = {aug.bios.person_of(i) for i in aug.train_doc_ids}
+    val_people = {aug.bios.person_of(i) for i in aug.val_doc_ids}
+    assert not train_people & val_people and len(train_people) + len(val_people) == n
+    # the same people as the one-rendering corpus puts on each side, every rendering with them
+    assert train_people == set(dm.train_doc_ids) and len(aug.train_doc_ids) == 3 * len(dm.train_doc_ids)
+    probes = aug.fact_probes("train", max_probes=40)
+    names = {aug.bios.people[p]["name"] for p in train_people}
+    assert probes and all(p["subject"] in names for p in probes)
+    assert all(p["subject"] not in names for p in aug.fact_probes("val", max_probes=40))
+    assert aug.hparams.bio_renderings == 3 and aug.hparams.bio_full_names is True
+    with pytest.raises(ValueError, match="data.bio_renderings must be an integer >= 1"):
+        make_dm(tmp_path, bio_renderings=0)
+    with pytest.raises(ValueError, match="data.bio_renderings / data.bio_full_names apply to data.source=bios"):
+        make_dm(tmp_path, source=str(tmp_path / "x.txt"), bio_full_names=True)
