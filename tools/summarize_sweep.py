@@ -4,7 +4,13 @@ when the jobs ran the fact-recall callback, the final val/fact_recall (exact mat
 val/fact_recall_top1 in the training wording and, with a held-out wording, val/fact_recall_unseen.
 
     python tools/summarize_sweep.py logs/sparse_compare [--group-by experiment]
-    python tools/summarize_sweep.py logs/token_sufficient --group-by +lm_size experiment
+    python tools/summarize_sweep.py logs/token_sufficient --group-by +lm_size experiment \
+        --compare experiment dense_lm:moe_lm moe_lm:moue_lm
+
+--compare KEY A:B ... adds a table: for every value of the other --group-by keys, the difference of
+the final val/loss seed means (B - A), its standard error (Welch: sqrt(var_A/n_A + var_B/n_B)), the
+relative difference, and a verdict: "B better" / "B worse" beyond two standard errors, else "within
+noise" (seeds are the unit of replication).
 """
 
 from __future__ import annotations
@@ -104,12 +110,54 @@ def summarize(sweep_dir: Path, group_by: list[str]) -> str:
     return "\n".join(lines)
 
 
+def compare_losses(a: list[float], b: list[float]) -> dict:
+    """B - A of the seed means of a lower-is-better metric, its Welch standard error and a verdict."""
+    diff = statistics.mean(b) - statistics.mean(a)
+    out = {"diff": diff, "rel": diff / statistics.mean(a), "se": float("nan"), "verdict": "needs 2+ seeds each"}
+    if len(a) > 1 and len(b) > 1:
+        out["se"] = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        out["verdict"] = ("B better" if diff < 0 else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+    return out
+
+
+def comparisons(sweep_dir: Path, group_by: list[str], key: str, pairs: list[tuple[str, str]]) -> str:
+    """Markdown table of `compare_losses` for each pair of `key` values, per value of the other keys."""
+    if key not in group_by:
+        raise ValueError(f"--compare key {key!r} must be one of --group-by {group_by}")
+    groups = group_runs(sweep_dir, group_by)
+    k = group_by.index(key)
+    rest = list(dict.fromkeys(g[:k] + g[k + 1:] for g in groups))  # the other keys' values, in sweep order
+    lines = ["| " + " | ".join(x for x in group_by if x != key) + " | A | B | B - A (val/loss) | relative | "
+             "standard error | verdict |",
+             "|" + " --- |" * (len(group_by) + 5)]
+    for r in rest:
+        for a, b in pairs:
+            runs_a = groups.get(r[:k] + (a,) + r[k:], [])
+            runs_b = groups.get(r[:k] + (b,) + r[k:], [])
+            va = [x["val_loss"] for x in runs_a if x["val_loss"] is not None]
+            vb = [x["val_loss"] for x in runs_b if x["val_loss"] is not None]
+            if not va or not vb:
+                continue
+            c = compare_losses(va, vb)
+            lines.append("| " + " | ".join(r) + f" | {a} | {b} | {c['diff']:+.4f} | {c['rel'] * 100:+.1f}% | "
+                         f"{c['se']:.4f} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir")
     p.add_argument("--group-by", nargs="+", default=["experiment"])
+    p.add_argument("--compare", nargs="+", metavar=("KEY", "A:B"),
+                   help="a --group-by key and pairs of its values to compare (B - A), e.g. experiment dense_lm:moe_lm")
     args = p.parse_args(argv)
     print(summarize(Path(args.sweep_dir), args.group_by))
+    if args.compare:
+        key, *pairs = args.compare
+        if not pairs or any(pair.count(":") != 1 for pair in pairs):
+            p.error("--compare needs a key and at least one A:B pair")
+        print()
+        print(comparisons(Path(args.sweep_dir), args.group_by, key, [tuple(x.split(":")) for x in pairs]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from tools.plot_sweep import main as plot_main
-from tools.summarize_sweep import summarize
+from tools.summarize_sweep import compare_losses, comparisons, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,3 +106,18 @@ def test_scaling_lines_per_series_and_summary_table(tmp_path):
     # 2 steps x batch 4 x seq 8 = 64 tokens; dense s has 100 parameters -> 0.6 tokens per parameter
     assert "| 2 | 2.1000 ± 0.1414 | 2.0000..2.2000 | 64 | 0.6 | 100 | 100 | 0.200 ± 0.141 |" in rows[("s", "dense_lm")]
     assert "| 1 | 1.2000 ± 0.0000 |" in rows[("l", "moe_lm")] and rows[("l", "moe_lm")].endswith("| 0.600 ± 0.000 |")
+
+    table = comparisons(root, ["+lm_size", "experiment"], "experiment", [("dense_lm", "moe_lm")]).splitlines()
+    assert table[0].startswith("| +lm_size | A | B |") and len(table) == 4
+    assert table[2] == "| s | dense_lm | moe_lm | -0.3000 | -14.3% | nan | needs 2+ seeds each |"
+    assert table[3].startswith("| l | dense_lm | moe_lm | -0.3000 |")
+    with pytest.raises(ValueError, match="--compare key 'seed' must be one of"):
+        comparisons(root, ["+lm_size", "experiment"], "seed", [("0", "1")])
+
+
+def test_compare_losses_verdicts():
+    better = compare_losses([1.0, 1.1, 0.9], [0.5, 0.6, 0.4])
+    assert better["diff"] == pytest.approx(-0.5) and better["se"] == pytest.approx((0.01 / 3 * 2) ** 0.5)
+    assert better["verdict"] == "B better" and better["rel"] == pytest.approx(-0.5)
+    assert compare_losses([1.0, 1.1, 0.9], [1.5, 1.6, 1.4])["verdict"] == "B worse"
+    assert compare_losses([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])["verdict"] == "within noise"
