@@ -95,19 +95,19 @@ def _save_vs_params(plt, values: dict, series_of: dict, metric: str, path: Path)
     return path
 
 
-def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_by: list[str] | None = None,
+def plot_sweep(sweep_dir, out_dir: str | Path | None = None, group_by: list[str] | None = None,
                series: str | None = None) -> dict:
-    """Write the figures of `sweep_dir` into `out_dir` (default: the sweep folder); returns what was plotted."""
+    """Write the figures of `sweep_dir` (a folder, or a list of folders: a sweep run in parts) into `out_dir`
+    (default: the (first) sweep folder); returns what was plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = Path(sweep_dir)
-    if not sweep.is_dir():
-        raise FileNotFoundError(f"sweep directory {sweep} does not exist")
+    sweeps = [Path(sweep_dir)] if isinstance(sweep_dir, (str, Path)) else [Path(d) for d in sweep_dir]
+    sweep = sweeps[0]
     group_by = list(group_by or ["experiment"])
-    groups = group_runs(sweep, group_by)
+    groups = group_runs(sweeps, group_by)
     if not groups:
         raise ValueError(f"no job with a metrics.csv and .hydra/overrides.yaml under {sweep} (train with logger=csv)")
     out = Path(out_dir) if out_dir is not None else sweep
@@ -115,7 +115,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_b
         series = "experiment" if "experiment" in group_by and len(group_by) > 1 else None
     elif series not in group_by:
         raise ValueError(f"--series {series!r} must be one of --group-by {group_by}")
-    result: dict = {"sweep": str(sweep), "group_by": group_by, "series": series, "loss": {}, "final_loss": {},
+    result: dict = {"sweep": str(sweep) if len(sweeps) == 1 else [str(d) for d in sweeps], "group_by": group_by, "series": series, "loss": {}, "final_loss": {},
                     "recall": {}, "files": []}
     series_of: dict[str, str] = {}
 
@@ -161,13 +161,14 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, group_b
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_dir")
-    p.add_argument("--out", help="folder for the PNG files (default: the sweep folder)")
+    p.add_argument("sweep_dir", nargs="+", help="the sweep folder, or several (a sweep run in parts)")
+    p.add_argument("--out", help="folder for the PNG files (default: the (first) sweep folder)")
     p.add_argument("--group-by", nargs="+", default=["experiment"])
     p.add_argument("--series", help="the --group-by key whose values become lines of the vs-parameters figures "
                    "(default: experiment when grouped by more than it)")
     args = p.parse_args(argv)
-    out = plot_sweep(args.sweep_dir, args.out, args.group_by, args.series)
+    out = plot_sweep(args.sweep_dir[0] if len(args.sweep_dir) == 1 else args.sweep_dir, args.out, args.group_by,
+                     args.series)
     print(json.dumps(out))
     return out
 

@@ -65,11 +65,20 @@ def read_run(run_dir: Path) -> dict | None:
     }
 
 
-def group_runs(sweep_dir: Path, group_by: list[str]) -> dict[tuple, list[dict]]:
-    """The sweep's jobs (its subdirectories, in name order) grouped by the values of the `group_by`
-    override keys (seeds and other unlisted overrides fall into the same group)."""
+def _job_dirs(sweep_dirs) -> list[Path]:
+    """The job folders of one sweep folder or of several (a sweep run in parts), each in name order."""
+    dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"sweep directory {d} does not exist")
+    return [p for d in dirs for p in sorted(x for x in d.iterdir() if x.is_dir())]
+
+
+def group_runs(sweep_dir, group_by: list[str]) -> dict[tuple, list[dict]]:
+    """The jobs of a sweep folder, or of several (a list: a sweep run in parts), grouped by the values of
+    the `group_by` override keys (seeds and other unlisted overrides fall into the same group)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    for run_dir in _job_dirs(sweep_dir):
         run = read_run(run_dir)
         if run is None:
             continue
@@ -85,7 +94,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(sweep_dir: Path, group_by: list[str]) -> str:
+def summarize(sweep_dir, group_by: list[str]) -> str:
     groups = group_runs(sweep_dir, group_by)
     recall = [m for m in RECALL_METRICS if any(r[m] is not None for runs in groups.values() for r in runs)]
     lines = [
@@ -120,7 +129,7 @@ def compare_losses(a: list[float], b: list[float]) -> dict:
     return out
 
 
-def comparisons(sweep_dir: Path, group_by: list[str], key: str, pairs: list[tuple[str, str]]) -> str:
+def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str, str]]) -> str:
     """Markdown table of `compare_losses` for each pair of `key` values, per value of the other keys."""
     if key not in group_by:
         raise ValueError(f"--compare key {key!r} must be one of --group-by {group_by}")
@@ -146,18 +155,18 @@ def comparisons(sweep_dir: Path, group_by: list[str], key: str, pairs: list[tupl
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_dir")
+    p.add_argument("sweep_dir", nargs="+", help="the sweep folder, or several (a sweep run in parts)")
     p.add_argument("--group-by", nargs="+", default=["experiment"])
     p.add_argument("--compare", nargs="+", metavar=("KEY", "A:B"),
                    help="a --group-by key and pairs of its values to compare (B - A), e.g. experiment dense_lm:moe_lm")
     args = p.parse_args(argv)
-    print(summarize(Path(args.sweep_dir), args.group_by))
+    print(summarize(args.sweep_dir, args.group_by))
     if args.compare:
         key, *pairs = args.compare
         if not pairs or any(pair.count(":") != 1 for pair in pairs):
             p.error("--compare needs a key and at least one A:B pair")
         print()
-        print(comparisons(Path(args.sweep_dir), args.group_by, key, [tuple(x.split(":")) for x in pairs]))
+        print(comparisons(args.sweep_dir, args.group_by, key, [tuple(x.split(":")) for x in pairs]))
 
 
 if __name__ == "__main__":

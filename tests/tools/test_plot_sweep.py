@@ -121,3 +121,15 @@ def test_compare_losses_verdicts():
     assert better["verdict"] == "B better" and better["rel"] == pytest.approx(-0.5)
     assert compare_losses([1.0, 1.1, 0.9], [1.5, 1.6, 1.4])["verdict"] == "B worse"
     assert compare_losses([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])["verdict"] == "within noise"
+
+
+def test_a_sweep_run_in_parts_is_read_as_one(tmp_path):
+    first, second = tmp_path / "part1", tmp_path / "part2"
+    _job(first, "0", "moe_lm", 0, [3.0, 1.0], {1: 1.0})
+    _job(second, "0", "moe_lm", 1, [3.0, 2.0], {1: 2.0})  # the same job number in another folder
+    table = summarize([first, second], ["experiment"])
+    assert "| moe_lm | 2 | 1.5000 ± 0.7071 |" in table
+    out = plot_main([str(first), str(second), "--out", str(tmp_path / "figs")])
+    assert out["sweep"] == [str(first), str(second)] and out["loss"]["experiment=moe_lm"]["val/loss"]["seeds"] == 2
+    with pytest.raises(FileNotFoundError, match="part3 does not exist"):
+        summarize([first, tmp_path / "part3"], ["experiment"])
