@@ -136,9 +136,8 @@ def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str,
     groups = group_runs(sweep_dir, group_by)
     k = group_by.index(key)
     rest = list(dict.fromkeys(g[:k] + g[k + 1:] for g in groups))  # the other keys' values, in sweep order
-    lines = ["| " + " | ".join(x for x in group_by if x != key) + " | A | B | B - A (val/loss) | relative | "
-             "standard error | verdict |",
-             "|" + " --- |" * (len(group_by) + 5)]
+    header = [x for x in group_by if x != key] + ["A", "B", "B - A (val/loss)", "relative", "standard error", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rest:
         for a, b in pairs:
             runs_a = groups.get(r[:k] + (a,) + r[k:], [])
@@ -148,8 +147,8 @@ def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str,
             if not va or not vb:
                 continue
             c = compare_losses(va, vb)
-            lines.append("| " + " | ".join(r) + f" | {a} | {b} | {c['diff']:+.4f} | {c['rel'] * 100:+.1f}% | "
-                         f"{c['se']:.4f} | {c['verdict']} |")
+            cells = [*r, a, b, f"{c['diff']:+.4f}", f"{c['rel'] * 100:+.2f}%", f"{c['se']:.4f}", c["verdict"]]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -109,7 +109,7 @@ def test_scaling_lines_per_series_and_summary_table(tmp_path):
 
     table = comparisons(root, ["+lm_size", "experiment"], "experiment", [("dense_lm", "moe_lm")]).splitlines()
     assert table[0].startswith("| +lm_size | A | B |") and len(table) == 4
-    assert table[2] == "| s | dense_lm | moe_lm | -0.3000 | -14.3% | nan | needs 2+ seeds each |"
+    assert table[2] == "| s | dense_lm | moe_lm | -0.3000 | -14.29% | nan | needs 2+ seeds each |"
     assert table[3].startswith("| l | dense_lm | moe_lm | -0.3000 |")
     with pytest.raises(ValueError, match="--compare key 'seed' must be one of"):
         comparisons(root, ["+lm_size", "experiment"], "seed", [("0", "1")])
@@ -131,5 +131,8 @@ def test_a_sweep_run_in_parts_is_read_as_one(tmp_path):
     assert "| moe_lm | 2 | 1.5000 ± 0.7071 |" in table
     out = plot_main([str(first), str(second), "--out", str(tmp_path / "figs")])
     assert out["sweep"] == [str(first), str(second)] and out["loss"]["experiment=moe_lm"]["val/loss"]["seeds"] == 2
+    alone = comparisons([first, second], ["experiment"], "experiment", [("moe_lm", "moe_lm")]).splitlines()
+    assert alone[0] == "| A | B | B - A (val/loss) | relative | standard error | verdict |"
+    assert alone[1] == "| --- | --- | --- | --- | --- | --- |" and alone[2].startswith("| moe_lm | moe_lm | +0.0000 |")
     with pytest.raises(FileNotFoundError, match="part3 does not exist"):
         summarize([first, tmp_path / "part3"], ["experiment"])
