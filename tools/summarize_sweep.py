@@ -66,12 +66,13 @@ def read_run(run_dir: Path) -> dict | None:
 
 
 def _job_dirs(sweep_dirs) -> list[Path]:
-    """The job folders of one sweep folder or of several (a sweep run in parts), each in name order."""
+    """The job folders of one sweep folder or of several (a sweep run in parts), each in job-number order."""
     dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"sweep directory {d} does not exist")
-    return [p for d in dirs for p in sorted(x for x in d.iterdir() if x.is_dir())]
+    order = lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)  # noqa: E731 (job 2 before 10)
+    return [p for d in dirs for p in sorted((x for x in d.iterdir() if x.is_dir()), key=order)]
 
 
 def group_runs(sweep_dir, group_by: list[str]) -> dict[tuple, list[dict]]:

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from tools.plot_sweep import main as plot_main
-from tools.summarize_sweep import compare_losses, comparisons, summarize
+from tools.summarize_sweep import compare_losses, comparisons, group_runs, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -134,5 +134,8 @@ def test_a_sweep_run_in_parts_is_read_as_one(tmp_path):
     alone = comparisons([first, second], ["experiment"], "experiment", [("moe_lm", "moe_lm")]).splitlines()
     assert alone[0] == "| A | B | B - A (val/loss) | relative | standard error | verdict |"
     assert alone[1] == "| --- | --- | --- | --- | --- | --- |" and alone[2].startswith("| moe_lm | moe_lm | +0.0000 |")
+    for i, exp in ((10, "z_lm"), (2, "a_lm")):  # job 2 ran before job 10: its group comes first
+        _job(second, str(i), exp, 0, [1.0], {0: 1.0})
+    assert list(group_runs([second], ["experiment"])) == [("moe_lm",), ("a_lm",), ("z_lm",)]
     with pytest.raises(FileNotFoundError, match="part3 does not exist"):
         summarize([first, tmp_path / "part3"], ["experiment"])
