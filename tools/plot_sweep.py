@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.io import atomic_write  # noqa: E402
-from tools.summarize_sweep import group_runs, metric_series  # noqa: E402
+from tools.summarize_sweep import group_runs, metric_series, sweep_folders  # noqa: E402
 
 __all__ = ["aggregate_curves", "aggregate_final", "main", "plot_sweep"]
 
@@ -104,7 +104,7 @@ def plot_sweep(sweep_dir, out_dir: str | Path | None = None, group_by: list[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [Path(sweep_dir)] if isinstance(sweep_dir, (str, Path)) else [Path(d) for d in sweep_dir]
+    sweeps = sweep_folders(sweep_dir)
     sweep = sweeps[0]
     group_by = list(group_by or ["experiment"])
     groups = group_runs(sweeps, group_by)

@@ -100,21 +100,20 @@ def combined_markdown(c: dict, names: list[str] | None = None) -> str:
     def cell(m, s) -> str:
         return "n/a" if m != m else f"{m:.2f} ± {s:.2f}"
 
+    from models.moe.analysis import _table
+
     groups, pct = c["groups"], f"{c['fraction'] * 100:g}%"
     out = [f"# Routing analysis over {c['runs']} runs (mean ± std)", ""]
     if names:
         out += ["Runs: " + ", ".join(names), ""]
     for layer, role, m, s in zip(c["layers"], c["roles"], c["iou_mean"], c["iou_std"]):
-        out += [f"## Top-{pct} expert-set IoU, layer {layer + 1} ({role})", "",
-                "| | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-        out += [f"| {a} | " + " | ".join(cell(float(m[i, j]), float(s[i, j])) for j in range(len(groups))) + " |"
-                for i, a in enumerate(groups)]
-        out.append("")
-    out += ["## Normalised routing entropy", "",
-            "| group | " + " | ".join(f"layer {i + 1}" for i in range(c["num_layers"])) + " |",
-            "|---|" + "---|" * c["num_layers"]]
-    out += [f"| {g} | " + " | ".join(cell(float(c["entropy_mean"][i, layer]), float(c["entropy_std"][i, layer]))
-                                     for layer in range(c["num_layers"])) + " |" for i, g in enumerate(groups)]
+        out += [f"## Top-{pct} expert-set IoU, layer {layer + 1} ({role})", ""]
+        out += _table(["", *groups], [[a, *(cell(float(m[i, j]), float(s[i, j])) for j in range(len(groups)))]
+                                      for i, a in enumerate(groups)]) + [""]
+    out += ["## Normalised routing entropy", ""]
+    out += _table(["group", *(f"layer {i + 1}" for i in range(c["num_layers"]))],
+                  [[g, *(cell(float(c["entropy_mean"][i, layer]), float(c["entropy_std"][i, layer]))
+                         for layer in range(c["num_layers"]))] for i, g in enumerate(groups)])
     return "\n".join(out) + "\n"
 
 

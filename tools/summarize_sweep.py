@@ -65,9 +65,14 @@ def read_run(run_dir: Path) -> dict | None:
     }
 
 
+def sweep_folders(sweep_dirs) -> list[Path]:
+    """One sweep folder, or several (a sweep run in parts), as a list of paths."""
+    return [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
+
+
 def _job_dirs(sweep_dirs) -> list[Path]:
     """The job folders of one sweep folder or of several (a sweep run in parts), each in job-number order."""
-    dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
+    dirs = sweep_folders(sweep_dirs)
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"sweep directory {d} does not exist")
@@ -121,7 +126,8 @@ def summarize(sweep_dir, group_by: list[str]) -> str:
 
 
 def compare_losses(a: list[float], b: list[float]) -> dict:
-    """B - A of the seed means of a lower-is-better metric, its Welch standard error and a verdict."""
+    """B - A of the seed means of a lower-is-better metric, its Welch standard error and a verdict:
+    "B better" / "B worse" beyond two standard errors, else "within noise"."""
     diff = statistics.mean(b) - statistics.mean(a)
     out = {"diff": diff, "rel": diff / statistics.mean(a), "se": float("nan"), "verdict": "needs 2+ seeds each"}
     if len(a) > 1 and len(b) > 1:

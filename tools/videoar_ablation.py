@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.io import atomic_write_text  # noqa: E402
+from tools.summarize_sweep import compare_losses  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "baseline": ["model.net.rope=1d", "model.cfec.enabled=false"],
@@ -111,20 +112,18 @@ def _half_width(runs: list[dict], metric: str, h=None) -> str:
     return f"±{statistics.mean(widths):.3f}" if widths else "-"
 
 
-METRICS = {  # name -> (value of one run, CI lookup, higher is better)
-    "FD": (lambda r: r["fd_tokenizer"], ("fd_tokenizer", None), False),
-    "PSNR h=1": (lambda r: _psnr(r, 1), ("future_psnr", 1), True),
+METRICS = {  # name -> (value of one run, higher is better)
+    "FD": (lambda r: r["fd_tokenizer"], False),
+    "PSNR h=1": (lambda r: _psnr(r, 1), True),
 }
 
 
 def compare(a: list[float], b: list[float]) -> tuple[float, float, str]:
     """Difference of seed means (b - a), its standard error (Welch) and a verdict: 'differs' when the
-    difference exceeds two standard errors, else 'within noise' (seeds are the unit of replication)."""
-    diff = statistics.mean(b) - statistics.mean(a)
-    if len(a) < 2 or len(b) < 2:
-        return diff, float("nan"), "needs 2+ seeds each"
-    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-    return diff, se, ("differs" if abs(diff) > 2 * se else "within noise")
+    difference exceeds two standard errors, else 'within noise' (seeds are the unit of replication);
+    `tools.summarize_sweep.compare_losses` does the arithmetic."""
+    c = compare_losses(a, b)
+    return c["diff"], c["se"], ("differs" if c["verdict"] in ("B better", "B worse") else c["verdict"])
 
 
 def summarize(results: dict) -> str:
@@ -156,7 +155,7 @@ def summarize(results: dict) -> str:
     if pairs:
         rows += ["| comparison | metric | difference (B - A) | standard error | verdict |", "| --- | --- | --- | --- | --- |"]
         for a, b in pairs:
-            for metric, (value, _, higher) in METRICS.items():
+            for metric, (value, higher) in METRICS.items():
                 diff, se, verdict = compare([value(r) for r in results[a]], [value(r) for r in results[b]])
                 if verdict == "differs":
                     verdict += " (B better)" if (diff > 0) == higher else " (B worse)"
