@@ -10,7 +10,10 @@ object among the relation's candidates by mean (or summed) log-probability.
 Logged (exact match unless named otherwise; over probes in training wording):
   val/fact_recall, val/fact_recall/<relation>, val/fact_recall_top1, val/fact_recall_mrr,
   val/fact_recall_chance (mean 1 / candidates), and, when data.train_templates holds templates out,
-  val/fact_recall_unseen, val/fact_recall_unseen_top1, val/fact_recall_unseen_mrr.
+  val/fact_recall_unseen, val/fact_recall_unseen_top1, val/fact_recall_unseen_mrr;
+  val/fact_count, the number of facts the split's people have (`TextDataModule.fact_count`), and
+  val/facts_known = val/fact_recall x val/fact_count, the estimated number of them recalled exactly
+  (the knowledge-capacity sweep divides it by the parameter count).
 Works for every model on the LM module (dense, MoE, MoUE): it only calls the module's forward.
 """
 
@@ -25,11 +28,15 @@ __all__ = ["FactRecall", "recall_log_dict"]
 SPLITS = ("train", "val")
 
 
-def recall_log_dict(result: dict, stage: str = "val") -> dict[str, float]:
-    """The scalars the callback logs, from a `fact_recall` result."""
+def recall_log_dict(result: dict, stage: str = "val", fact_count: int | None = None) -> dict[str, float]:
+    """The scalars the callback logs, from a `fact_recall` result (fact_count: the facts of the probed
+    people, which adds {stage}/fact_count and {stage}/facts_known)."""
     seen = result.get("seen", result)
     out = {f"{stage}/fact_recall": seen["exact"], f"{stage}/fact_recall_top1": seen["top1"],
            f"{stage}/fact_recall_mrr": seen["mrr"], f"{stage}/fact_recall_chance": seen["chance"]}
+    if fact_count is not None:
+        out[f"{stage}/fact_count"] = float(fact_count)
+        out[f"{stage}/facts_known"] = seen["exact"] * fact_count
     out.update({f"{stage}/fact_recall/{rel}": v["exact"] for rel, v in seen["per_relation"].items()})
     if "unseen" in result:
         u = result["unseen"]
@@ -66,6 +73,7 @@ class FactRecall(L.Callback):
         self.max_probes, self.max_new_tokens, self.split = max_probes, max_new_tokens, split
         self.max_candidates, self.score, self.seed, self.batch_size = max_candidates, score, seed, batch_size
         self.probes: list[dict] | None = None
+        self.fact_count: int | None = None  # facts of the split's people (set with the probes)
         self.last: dict | None = None  # the latest fact_recall result (records included)
 
     def _probes(self, trainer) -> list[dict]:
@@ -75,6 +83,7 @@ class FactRecall(L.Callback):
                 raise TypeError("callbacks.fact_recall needs the text DataModule on the biography corpus "
                                 f"(data=text, data.source=bios), got {type(dm).__name__}")
             self.probes = dm.fact_probes(self.split, self.max_probes, self.seed, self.max_candidates)
+            self.fact_count = dm.fact_count(self.split) if hasattr(dm, "fact_count") else None
         return self.probes
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -93,4 +102,4 @@ class FactRecall(L.Callback):
                                     self.batch_size, max_len)
         finally:
             pl_module.train(was_training)
-        pl_module.log_dict(recall_log_dict(self.last), sync_dist=False)  # identical on every rank
+        pl_module.log_dict(recall_log_dict(self.last, fact_count=self.fact_count), sync_dist=False)  # identical on every rank

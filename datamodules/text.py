@@ -19,7 +19,8 @@ from datamodules.batch import collate_lm
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
 from datamodules.jsonl import iter_jsonl, where
-from datamodules.synthetic_bios import BiographyCorpus, check_templates, fact_cloze_probes, generate_biographies
+from datamodules.synthetic_bios import (BiographyCorpus, check_templates, fact_cloze_probes, generate_biographies,
+                                        person_facts)
 from models.io import atomic_write
 from models.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer
 
@@ -509,15 +510,8 @@ class TextDataModule(ResumableDataModule):
         for i in self.train_doc_ids:
             yield docs[i]
 
-    def fact_probes(self, split: str = "train", max_probes: int | None = 200, seed: int = 0,
-                    max_candidates: int | None = 32) -> list[dict]:
-        """Cloze probes of the biographies' facts (`synthetic_bios.fact_cloze_probes`), each with a
-        'seen' flag: up to `max_probes` in the templates the training text uses and, when
-        `train_templates` holds some out, up to `max_probes` more in the held-out ones.
-
-        split: "train" (people whose biography is trained on) or "val" (held-out people). Needs no
-        tokenizer: the corpus and split are rebuilt from the settings when setup has not run.
-        """
+    def _split_people(self, split: str) -> tuple[BiographyCorpus, list[int]]:
+        """The corpus and the people (indices into bios.people) of `split` ('train' or 'val')."""
         if split not in ("train", "val"):
             raise ValueError(f"fact probe split must be 'train' or 'val', got {split!r}")
         if self.source != "bios":
@@ -532,6 +526,25 @@ class TextDataModule(ResumableDataModule):
         people = ids[: len(ids) // bios.renderings]  # the first rendering's documents: one per person
         if not people:
             raise ValueError(f"the {split} split holds no biographies (data.val_fraction={self.val_fraction})")
+        return bios, people
+
+    def fact_count(self, split: str = "train") -> int:
+        """How many facts the biographies of `split`'s people state (each (person, relation, object) once,
+        whatever the renderings): the number a recall rate is a fraction of."""
+        bios, people = self._split_people(split)
+        by_name = {p["name"]: p for p in bios.people}
+        return sum(len(person_facts(bios.people[i], by_name, bios.world)) for i in people)
+
+    def fact_probes(self, split: str = "train", max_probes: int | None = 200, seed: int = 0,
+                    max_candidates: int | None = 32) -> list[dict]:
+        """Cloze probes of the biographies' facts (`synthetic_bios.fact_cloze_probes`), each with a
+        'seen' flag: up to `max_probes` in the templates the training text uses and, when
+        `train_templates` holds some out, up to `max_probes` more in the held-out ones.
+
+        split: "train" (people whose biography is trained on) or "val" (held-out people). Needs no
+        tokenizer: the corpus and split are rebuilt from the settings when setup has not run.
+        """
+        bios, people = self._split_people(split)
         seen = self.train_templates or [0, 1, 2, 3]
         probes = []
         for flag, templates in ((True, seen), (False, [t for t in range(4) if t not in seen])):

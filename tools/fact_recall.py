@@ -9,7 +9,8 @@ the checkpoint's data settings (datamodule_hyper_parameters); the tokenizer come
 Probes and metrics are those of callbacks/fact_recall.py (models/fact_recall.py): exact match of the
 greedy continuation ('exact'), rank of the true object among the relation's candidates ('top1', 'mrr',
 'chance'), per relation, and under 'seen' / 'unseen' for the templates the training text used / held
-out (data.train_templates). Prints one JSON object. Checkpoints load weights only (models.io).
+out (data.train_templates); 'fact_count', the facts of the split's people, and 'facts_known', the
+exact-match rate in the training wording times that count. Prints one JSON object. Checkpoints load weights only (models.io).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def evaluate(ckpt: str | Path, split: str = "train", max_probes: int = 200, max_
     out = fact_recall(module, module.tokenizer, probes, max_new_tokens, score,
                       max_len=module.net_cfg.max_seq_len)
     kept = out.pop("records")
+    count = dm.fact_count(split)
     result = {"checkpoint": str(path), "split": split, "train_templates": dm.train_templates,
-              "max_candidates": max_candidates, "score": score, **out}
+              "max_candidates": max_candidates, "score": score, **out,
+              "fact_count": count, "facts_known": out.get("seen", out)["exact"] * count}
     if records:
         result["records"] = kept
     return result

@@ -13,6 +13,9 @@ loss_vs_params.png: the final val/loss against total and activated parameters (p
     so a sweep grouped by `+lm_size experiment` draws one scaling line per model family.
 recall_vs_params.png: the same for the final val/fact_recall (callbacks/fact_recall.py); written
     only when some job logged val/fact_recall.
+recall_vs_<key>.png (--x KEY, a numeric --group-by key such as data.num_people): the knowledge-capacity
+    figure. Final val/fact_recall, val/facts_known and facts known per 1,000 total parameters against
+    the key's value, one line per --series value (mean and min-max over seeds).
 Jobs are read with tools/summarize_sweep.py's code. Prints one JSON object: the aggregated numbers
 plotted and the files written (atomically).
 """
@@ -33,6 +36,7 @@ __all__ = ["aggregate_curves", "aggregate_final", "main", "plot_sweep"]
 
 LOSSES = ("train/loss", "val/loss")
 RECALL = "val/fact_recall"
+KNOWN = "val/facts_known"
 
 
 def _label(group_by: list[str], key: tuple) -> str:
@@ -95,8 +99,59 @@ def _save_vs_params(plt, values: dict, series_of: dict, metric: str, path: Path)
     return path
 
 
+def _save_vs_key(plt, points: dict, key: str, path: Path) -> Path:
+    """Final recall, facts known and facts known per 1k total parameters against `key`, a line per series."""
+    panels = [(RECALL, "final val/fact_recall (exact)"), (KNOWN, "final val/facts_known"),
+              ("known_per_k", "facts known per 1k total parameters")]
+    panels = [(m, t) for m, t in panels if any(m in p for pts in points.values() for p in pts)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        for name, pts in points.items():
+            pts = sorted((p for p in pts if metric in p), key=lambda p: p["x"])
+            if not pts:
+                continue
+            means = [p[metric]["mean"] for p in pts]
+            err = [[m - p[metric]["min"] for m, p in zip(means, pts)], [p[metric]["max"] - m for m, p in zip(means, pts)]]
+            ax.errorbar([p["x"] for p in pts], means, yerr=err, fmt="o-", capsize=4,
+                        label=f"{name or 'all'} (n={min(p[metric]['seeds'] for p in pts)})")
+        ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _by_key(groups: dict, group_by: list[str], key: str, series: str | None) -> dict:
+    """Per series value: one point per configuration, x = its `key` value, with the final recall,
+    facts known and facts known per 1k total parameters aggregated over seeds."""
+    k = group_by.index(key)
+    points: dict[str, list] = {}
+    for gkey, runs in groups.items():
+        try:
+            x = float(gkey[k])
+        except ValueError:
+            raise ValueError(f"--x {key!r} must take numeric values, got {gkey[k]!r}") from None
+        point = {"x": x}
+        for metric in (RECALL, KNOWN):
+            if (agg := aggregate_final(runs, metric)) is not None:
+                point[metric] = agg
+        per_k = [1000 * metric_series(r["rows"], KNOWN)[-1][1] / r["total"] for r in runs
+                 if r["total"] and metric_series(r["rows"], KNOWN)]
+        if per_k:
+            point["known_per_k"] = {"seeds": len(per_k), "mean": sum(per_k) / len(per_k), "min": min(per_k),
+                                    "max": max(per_k)}
+        name = dict(zip(group_by, gkey)).get(series, "") if series else ""
+        points.setdefault(name, []).append(point)
+    return points
+
+
 def plot_sweep(sweep_dir, out_dir: str | Path | None = None, group_by: list[str] | None = None,
-               series: str | None = None) -> dict:
+               series: str | None = None, x: str | None = None) -> dict:
     """Write the figures of `sweep_dir` (a folder, or a list of folders: a sweep run in parts) into `out_dir`
     (default: the (first) sweep folder); returns what was plotted."""
     import matplotlib
@@ -117,6 +172,8 @@ def plot_sweep(sweep_dir, out_dir: str | Path | None = None, group_by: list[str]
         raise ValueError(f"--series {series!r} must be one of --group-by {group_by}")
     result: dict = {"sweep": str(sweep) if len(sweeps) == 1 else [str(d) for d in sweeps], "group_by": group_by, "series": series, "loss": {}, "final_loss": {},
                     "recall": {}, "files": []}
+    if x is not None and x not in group_by:
+        raise ValueError(f"--x {x!r} must be one of --group-by {group_by}")
     series_of: dict[str, str] = {}
 
     for key, runs in groups.items():
@@ -156,6 +213,11 @@ def plot_sweep(sweep_dir, out_dir: str | Path | None = None, group_by: list[str]
                                  ("recall_vs_params.png", RECALL, result["recall"])):
         if values and (name != "loss_vs_params.png" or series is not None):
             result["files"].append(str(_save_vs_params(plt, values, series_of, metric, out / name)))
+    if x is not None:
+        result["by_" + x] = points = _by_key(groups, group_by, x, series)
+        if any(len(p) > 1 for p in points.values()):
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in x.lstrip("+"))
+            result["files"].append(str(_save_vs_key(plt, points, x, out / f"recall_vs_{safe}.png")))
     return result
 
 
@@ -166,9 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--group-by", nargs="+", default=["experiment"])
     p.add_argument("--series", help="the --group-by key whose values become lines of the vs-parameters figures "
                    "(default: experiment when grouped by more than it)")
+    p.add_argument("--x", help="a numeric --group-by key (e.g. data.num_people): also plot final recall and "
+                   "facts known against it (recall_vs_<key>.png)")
     args = p.parse_args(argv)
     out = plot_sweep(args.sweep_dir[0] if len(args.sweep_dir) == 1 else args.sweep_dir, args.out, args.group_by,
-                     args.series)
+                     args.series, args.x)
     print(json.dumps(out))
     return out
 

@@ -1,7 +1,8 @@
 """Summarise a Hydra multirun (logger=csv) as a markdown table: final val/loss mean and spread over
 seeds per configuration, tokens seen (and per total parameter), total and activated parameters, and,
 when the jobs ran the fact-recall callback, the final val/fact_recall (exact match) and
-val/fact_recall_top1 in the training wording and, with a held-out wording, val/fact_recall_unseen.
+val/fact_recall_top1 in the training wording, with a held-out wording val/fact_recall_unseen, and
+val/facts_known (exact recall x the trained people's facts) with facts known per 1,000 total parameters.
 
     python tools/summarize_sweep.py logs/sparse_compare [--group-by experiment]
     python tools/summarize_sweep.py logs/token_sufficient --group-by +lm_size experiment \
@@ -24,7 +25,9 @@ from pathlib import Path
 import yaml
 
 # Final values summarised when some job of the sweep logged them (callbacks/fact_recall.py).
-RECALL_METRICS = ("val/fact_recall", "val/fact_recall_top1", "val/fact_recall_unseen", "val/fact_recall_unseen_top1")
+RECALL_METRICS = ("val/fact_recall", "val/fact_recall_top1", "val/fact_recall_unseen", "val/fact_recall_unseen_top1",
+                  "val/facts_known")
+KNOWN = "val/facts_known"  # with it the table adds facts known per 1,000 total parameters
 
 
 def metric_series(rows: list[dict], name: str) -> list[tuple[int, float]]:
@@ -103,10 +106,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(sweep_dir, group_by: list[str]) -> str:
     groups = group_runs(sweep_dir, group_by)
     recall = [m for m in RECALL_METRICS if any(r[m] is not None for runs in groups.values() for r in runs)]
+    per_k = KNOWN in recall
+    extra = [*recall, *(["facts known per 1k total params"] if per_k else [])]
     lines = [
         "| " + " | ".join(group_by) + " | seeds | final val/loss (mean ± std) | min..max | tokens seen | tokens per total param"
-        " | activated params | total params |" + "".join(f" {m} |" for m in recall),
-        "| " + " | ".join("---" for _ in group_by) + " | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(recall),
+        " | activated params | total params |" + "".join(f" {m} |" for m in extra),
+        "| " + " | ".join("---" for _ in group_by) + " | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(extra),
     ]
     for key, runs in groups.items():
         vals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
@@ -120,6 +125,9 @@ def summarize(sweep_dir, group_by: list[str]) -> str:
         )
         for m in recall:
             rm, rs = mean_std([r[m] for r in runs if r[m] is not None])
+            row += f" {rm:.1f} ± {rs:.1f} |" if m == KNOWN else f" {rm:.3f} ± {rs:.3f} |"
+        if per_k:
+            rm, rs = mean_std([1000 * r[KNOWN] / r["total"] for r in runs if r[KNOWN] is not None and r["total"]])
             row += f" {rm:.3f} ± {rs:.3f} |"
         lines.append(row)
     return "\n".join(lines)
