@@ -1,7 +1,8 @@
 """The sweep configs of issue 16 compose into the runs they promise: conf/hparams_search/token_sufficient.yaml
 with each conf/lm_size preset gives dense / MoE / MoUE of equal activated parameters (MoE and MoUE of equal
 totals), all three trained on the same tokens, at least 20 per total parameter, from a corpus that does not
-repeat within a run."""
+repeat within a run; conf/hparams_search/knowledge_capacity.yaml reads every fact as often whatever the
+number of people."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def test_token_sufficient_sizes_are_matched_and_token_sufficient(tmp_path, size)
     assert tokens["moe_lm"] < 0.9 * 190 * cfg.data.num_people * (1 - cfg.data.val_fraction)
     assert cfg.model.optim.warmup_steps < cfg.trainer.max_steps // 10
     assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
+
+
+@pytest.mark.parametrize("people", [100, 800])
+def test_knowledge_capacity_reads_every_fact_as_often_at_every_size(tmp_path, people):
+    cfg = compose_train_cfg(["hparams_search=knowledge_capacity", f"data.num_people={people}"], tmp_path)
+    params = cfg.hydra.sweeper.params
+    assert params["data.num_people"] == "100,200,400,800" and params.experiment == "dense_lm,moe_lm,moue_lm"
+    assert cfg.data.bio_renderings == 5 and cfg.data.bio_full_names and list(cfg.data.train_templates) == [0, 1, 2]
+    assert cfg.callbacks.fact_recall.max_probes == 256
+    counts = {}
+    for exp in ("dense_lm", "moe_lm", "moue_lm"):
+        c = compose_train_cfg(["hparams_search=knowledge_capacity", f"experiment={exp}", f"data.num_people={people}"],
+                              tmp_path)
+        counts[exp] = _counts(c)
+        assert c.model.net.d_model == 80 and c.trainer.max_steps == 5 * people  # the `l` shape, steps per person
+        assert c.trainer.max_steps // c.trainer.val_check_interval == 5
+    assert counts["moe_lm"]["activated"] == pytest.approx(counts["dense_lm"]["activated"], rel=0.04)
+    assert counts["moue_lm"]["total"] == pytest.approx(counts["moe_lm"]["total"], rel=0.02)
+    # ~100 readings of each fact: 5 biographies per person of ~217 BPE-512 tokens (measured at 100 people:
+    # 25 windows of 32 x 129 tokens per epoch from 95 trained people), 95% of the people trained on
+    tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len
+    readings = tokens / (0.95 * people * cfg.data.bio_renderings * 217) * cfg.data.bio_renderings
+    assert 90 < readings < 110

@@ -407,6 +407,12 @@ def test_augmented_biographies_split_by_person_and_probe_people(tmp_path, dm):
     assert probes and all(p["subject"] in names for p in probes)
     assert all(p["subject"] not in names for p in aug.fact_probes("val", max_probes=40))
     assert aug.hparams.bio_renderings == 3 and aug.hparams.bio_full_names is True
+    # the facts a recall rate is a fraction of: the knowledge graph's triples about the split's people,
+    # counted once however many biographies state them
+    for split, people in (("train", train_people), ("val", val_people)):
+        names = {aug.bios.people[p]["name"] for p in people}
+        assert aug.fact_count(split) == sum(s in names for s, _, _ in aug.bios.triples) == dm.fact_count(split)
+    assert aug.fact_count("train") > 5 * len(train_people)  # every person has at least six facts
     with pytest.raises(ValueError, match="data.bio_renderings must be an integer >= 1"):
         make_dm(tmp_path, bio_renderings=0)
     with pytest.raises(ValueError, match="data.bio_renderings / data.bio_full_names apply to data.source=bios"):

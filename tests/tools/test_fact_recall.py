@@ -166,6 +166,10 @@ def test_callback_logs_recall_and_the_tool_reproduces_it_from_the_checkpoint(mak
         assert len(values) == 1, name  # once, at the one validation (not in the sanity check)
         assert 0.0 <= list(values.values())[0] <= 1.0
     assert list(logged["val/fact_recall_chance"].values())[0] == pytest.approx(0.25)
+    count = objects["datamodule"].fact_count("train")
+    assert list(read_metric(csv, "val/fact_count").values()) == [count]
+    assert list(read_metric(csv, "val/facts_known").values())[0] == pytest.approx(
+        list(logged["val/fact_recall"].values())[0] * count)
     assert any(k.startswith("val/fact_recall/") for k in metrics)
     callback = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "FactRecall")
     assert len(callback.probes) == 6 and callback.last["seen"]["probes"] == 3
@@ -179,6 +183,7 @@ def test_callback_logs_recall_and_the_tool_reproduces_it_from_the_checkpoint(mak
     # the same probes and weights as the callback's validation at the last step: the same numbers
     assert out["seen"]["mrr"] == pytest.approx(list(logged["val/fact_recall_mrr"].values())[0], abs=1e-6)
     assert out["unseen"]["exact"] == pytest.approx(list(logged["val/fact_recall_unseen"].values())[0])
+    assert out["fact_count"] == count and out["facts_known"] == pytest.approx(out["seen"]["exact"] * count)
     val = tool_main([str(ckpt), "--split", "val", "--max-probes", "2", "--max-candidates", "4",
                      "--max-new-tokens", "2"])
     assert val["split"] == "val" and val["probes"] == 4 and math.isclose(val["chance"], 0.25)

@@ -15,7 +15,8 @@ from tools.summarize_sweep import compare_losses, comparisons, group_runs, summa
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=1000, activated=None, extra=()):
+def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=1000, activated=None, extra=(),
+         known=None):
     """A job folder as Hydra + the CSV logger leave it: .hydra/{overrides,config}.yaml, csv/version_0/metrics.csv."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
@@ -24,7 +25,7 @@ def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 4, "seq_len": 8}}))
     metrics = job / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
-    fields = ["step", "train/loss", "val/loss", "val/fact_recall", "params/total", "params/activated"]
+    fields = ["step", "train/loss", "val/loss", "val/fact_recall", "val/facts_known", "params/total", "params/activated"]
     with open(metrics, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -32,7 +33,8 @@ def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=
         for step, loss in enumerate(train_loss):
             w.writerow({"step": step, "train/loss": loss})
         for step, loss in val_loss.items():
-            w.writerow({"step": step, "val/loss": loss, "val/fact_recall": "" if recall is None else recall[step]})
+            w.writerow({"step": step, "val/loss": loss, "val/fact_recall": "" if recall is None else recall[step],
+                        "val/facts_known": "" if known is None else known[step]})
     return job
 
 
@@ -139,3 +141,37 @@ def test_a_sweep_run_in_parts_is_read_as_one(tmp_path):
     assert list(group_runs([second], ["experiment"])) == [("moe_lm",), ("a_lm",), ("z_lm",)]
     with pytest.raises(FileNotFoundError, match="part3 does not exist"):
         summarize([first, tmp_path / "part3"], ["experiment"])
+
+
+def test_knowledge_capacity_table_and_recall_against_people(tmp_path):
+    """A capacity sweep grouped by people and family: facts known per 1k total parameters in the table,
+    and recall_vs_data.num_people.png with one line per family over the number of people."""
+    root = tmp_path / "multirun"
+    jobs = [(100, "dense_lm", 0, 0.5, 400.0, 1000), (100, "dense_lm", 1, 0.3, 240.0, 1000),
+            (400, "dense_lm", 0, 0.2, 640.0, 1000), (100, "moe_lm", 0, 0.6, 480.0, 2000),
+            (400, "moe_lm", 0, 0.4, 1280.0, 2000)]
+    for i, (people, exp, seed, rec, known, total) in enumerate(jobs):
+        _job(root, str(i), exp, seed, [3.0, 2.0], {1: 2.0}, {1: rec}, total=total, known={1: known},
+             extra=[f"data.num_people={people}"])
+    table = summarize(root, ["data.num_people", "experiment"]).splitlines()
+    assert table[0].endswith("| val/fact_recall | val/facts_known | facts known per 1k total params |")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:]}
+    # dense, 100 people: 400 and 240 facts known by 1,000 parameters -> 0.4 and 0.24 per 1k
+    assert rows[("100", "dense_lm")].endswith("| 0.400 ± 0.141 | 320.0 ± 113.1 | 320.000 ± 113.137 |")
+    assert rows[("400", "moe_lm")].endswith("| 0.400 ± 0.000 | 1280.0 ± 0.0 | 640.000 ± 0.000 |")
+
+    out = plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "data.num_people"])
+    assert str(root / "recall_vs_data.num_people.png") in out["files"]
+    with open(root / "recall_vs_data.num_people.png", "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    points = {p["x"]: p for p in out["by_data.num_people"]["moe_lm"]}
+    assert sorted(points) == [100.0, 400.0]
+    assert points[400.0]["val/facts_known"]["mean"] == 1280.0 and points[400.0]["known_per_k"]["mean"] == 640.0
+    dense = {p["x"]: p for p in out["by_data.num_people"]["dense_lm"]}
+    assert dense[100.0]["val/fact_recall"] == {"seeds": 2, "mean": pytest.approx(0.4), "min": 0.3, "max": 0.5,
+                                               "total": 1000.0, "activated": 1000.0}
+    assert dense[100.0]["known_per_k"]["min"] == 240.0
+    with pytest.raises(ValueError, match="--x 'seed' must be one of"):
+        plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "seed"])
+    with pytest.raises(ValueError, match="--x 'experiment' must take numeric values"):
+        plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "experiment"])
