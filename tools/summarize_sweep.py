@@ -11,7 +11,8 @@ val/facts_known (exact recall x the trained people's facts) with facts known per
 --compare KEY A:B ... adds a table: for every value of the other --group-by keys, the difference of
 the final val/loss seed means (B - A), its standard error (Welch: sqrt(var_A/n_A + var_B/n_B)), the
 relative difference, and a verdict: "B better" / "B worse" beyond two standard errors, else "within
-noise" (seeds are the unit of replication).
+noise" (seeds are the unit of replication). --metric compares another final metric instead (a recall
+metric such as val/facts_known, where higher is better).
 """
 
 from __future__ import annotations
@@ -133,35 +134,43 @@ def summarize(sweep_dir, group_by: list[str]) -> str:
     return "\n".join(lines)
 
 
-def compare_losses(a: list[float], b: list[float]) -> dict:
-    """B - A of the seed means of a lower-is-better metric, its Welch standard error and a verdict:
-    "B better" / "B worse" beyond two standard errors, else "within noise"."""
+def compare_losses(a: list[float], b: list[float], higher_is_better: bool = False) -> dict:
+    """B - A of the seed means of a metric (lower is better unless `higher_is_better`), its Welch
+    standard error and a verdict: "B better" / "B worse" beyond two standard errors, else "within noise"."""
     diff = statistics.mean(b) - statistics.mean(a)
-    out = {"diff": diff, "rel": diff / statistics.mean(a), "se": float("nan"), "verdict": "needs 2+ seeds each"}
+    mean_a = statistics.mean(a)
+    out = {"diff": diff, "rel": diff / mean_a if mean_a else float("nan"), "se": float("nan"),
+           "verdict": "needs 2+ seeds each"}
     if len(a) > 1 and len(b) > 1:
         out["se"] = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        out["verdict"] = ("B better" if diff < 0 else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+        better = diff > 0 if higher_is_better else diff < 0
+        out["verdict"] = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
     return out
 
 
-def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str, str]]) -> str:
-    """Markdown table of `compare_losses` for each pair of `key` values, per value of the other keys."""
+def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str, str]],
+                metric: str = "val/loss") -> str:
+    """Markdown table of `compare_losses` on the final `metric` (val/loss, or one of RECALL_METRICS, where
+    higher is better) for each pair of `key` values, per value of the other keys."""
     if key not in group_by:
         raise ValueError(f"--compare key {key!r} must be one of --group-by {group_by}")
+    if metric not in ("val/loss", *RECALL_METRICS):
+        raise ValueError(f"--metric must be val/loss or one of {list(RECALL_METRICS)}, got {metric!r}")
+    field = "val_loss" if metric == "val/loss" else metric
     groups = group_runs(sweep_dir, group_by)
     k = group_by.index(key)
     rest = list(dict.fromkeys(g[:k] + g[k + 1:] for g in groups))  # the other keys' values, in sweep order
-    header = [x for x in group_by if x != key] + ["A", "B", "B - A (val/loss)", "relative", "standard error", "verdict"]
+    header = [x for x in group_by if x != key] + ["A", "B", f"B - A ({metric})", "relative", "standard error", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rest:
         for a, b in pairs:
             runs_a = groups.get(r[:k] + (a,) + r[k:], [])
             runs_b = groups.get(r[:k] + (b,) + r[k:], [])
-            va = [x["val_loss"] for x in runs_a if x["val_loss"] is not None]
-            vb = [x["val_loss"] for x in runs_b if x["val_loss"] is not None]
+            va = [x[field] for x in runs_a if x[field] is not None]
+            vb = [x[field] for x in runs_b if x[field] is not None]
             if not va or not vb:
                 continue
-            c = compare_losses(va, vb)
+            c = compare_losses(va, vb, higher_is_better=metric != "val/loss")
             cells = [*r, a, b, f"{c['diff']:+.4f}", f"{c['rel'] * 100:+.2f}%", f"{c['se']:.4f}", c["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -173,6 +182,9 @@ def main(argv=None) -> None:
     p.add_argument("--group-by", nargs="+", default=["experiment"])
     p.add_argument("--compare", nargs="+", metavar=("KEY", "A:B"),
                    help="a --group-by key and pairs of its values to compare (B - A), e.g. experiment dense_lm:moe_lm")
+    p.add_argument("--metric", default="val/loss",
+                   help="the final metric --compare compares: val/loss (lower is better) or a recall metric, e.g. "
+                        "val/facts_known (higher is better)")
     args = p.parse_args(argv)
     print(summarize(args.sweep_dir, args.group_by))
     if args.compare:
@@ -180,7 +192,7 @@ def main(argv=None) -> None:
         if not pairs or any(pair.count(":") != 1 for pair in pairs):
             p.error("--compare needs a key and at least one A:B pair")
         print()
-        print(comparisons(args.sweep_dir, args.group_by, key, [tuple(x.split(":")) for x in pairs]))
+        print(comparisons(args.sweep_dir, args.group_by, key, [tuple(x.split(":")) for x in pairs], args.metric))
 
 
 if __name__ == "__main__":

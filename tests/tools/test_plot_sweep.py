@@ -171,6 +171,14 @@ def test_knowledge_capacity_table_and_recall_against_people(tmp_path):
     assert dense[100.0]["val/fact_recall"] == {"seeds": 2, "mean": pytest.approx(0.4), "min": 0.3, "max": 0.5,
                                                "total": 1000.0, "activated": 1000.0}
     assert dense[100.0]["known_per_k"]["min"] == 240.0
+    table = comparisons(root, ["data.num_people", "experiment"], "experiment", [("moe_lm", "dense_lm")],
+                        metric="val/facts_known").splitlines()
+    assert table[0] == "| data.num_people | A | B | B - A (val/facts_known) | relative | standard error | verdict |"
+    assert table[2] == "| 100 | moe_lm | dense_lm | -160.0000 | -33.33% | nan | needs 2+ seeds each |"
+    assert compare_losses([0.5, 0.6], [0.8, 0.9], higher_is_better=True)["verdict"] == "B better"
+    assert compare_losses([0.5, 0.6], [0.8, 0.9])["verdict"] == "B worse"
+    with pytest.raises(ValueError, match="--metric must be val/loss or one of"):
+        comparisons(root, ["data.num_people", "experiment"], "experiment", [("moe_lm", "dense_lm")], metric="x")
     with pytest.raises(ValueError, match="--x 'seed' must be one of"):
         plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "seed"])
     with pytest.raises(ValueError, match="--x 'experiment' must take numeric values"):
