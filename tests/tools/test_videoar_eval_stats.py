@@ -70,4 +70,6 @@ def test_ablation_table_has_noise_columns_and_verdicts():
     assert "| baseline -> mst | FD | -1.000 | 0.082 | differs (B better) |" in verdicts
     assert "| mst -> tdc | FD | +2.000 | 1.156 | within noise |" in verdicts
     assert "| mst -> tdc | PSNR h=1 | +1.000 | 0.082 | differs (B better) |" in verdicts
+    # the longest horizon (here h=2), where drift shows, is compared too
+    assert "| mst -> tdc | PSNR last h | +0.000 | 0.082 | within noise |" in verdicts
     assert any(v.startswith("| baseline -> tdc |") for v in verdicts)  # every configuration against the baseline too
