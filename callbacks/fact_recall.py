@@ -9,7 +9,8 @@ object among the relation's candidates by mean (or summed) log-probability.
 
 Logged (exact match unless named otherwise; over probes in training wording):
   val/fact_recall, val/fact_recall/<relation>, val/fact_recall_top1, val/fact_recall_mrr,
-  val/fact_recall_chance (mean 1 / candidates), and, when data.train_templates holds templates out,
+  val/fact_recall_chance (mean 1 / candidates), val/fact_recall_probes (how many probes the rates
+  are over: their binomial error), and, when data.train_templates holds templates out,
   val/fact_recall_unseen, val/fact_recall_unseen_top1, val/fact_recall_unseen_mrr;
   val/fact_count, the number of facts the split's people have (`TextDataModule.fact_count`), and
   val/facts_known = val/fact_recall x val/fact_count, the estimated number of them recalled exactly
@@ -33,7 +34,8 @@ def recall_log_dict(result: dict, stage: str = "val", fact_count: int | None = N
     people, which adds {stage}/fact_count and {stage}/facts_known)."""
     seen = result.get("seen", result)
     out = {f"{stage}/fact_recall": seen["exact"], f"{stage}/fact_recall_top1": seen["top1"],
-           f"{stage}/fact_recall_mrr": seen["mrr"], f"{stage}/fact_recall_chance": seen["chance"]}
+           f"{stage}/fact_recall_mrr": seen["mrr"], f"{stage}/fact_recall_chance": seen["chance"],
+           f"{stage}/fact_recall_probes": float(seen["probes"])}  # the rates' binomial error (summarize_sweep)
     if fact_count is not None:
         out[f"{stage}/fact_count"] = float(fact_count)
         out[f"{stage}/facts_known"] = seen["exact"] * fact_count

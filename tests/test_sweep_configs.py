@@ -49,11 +49,11 @@ def test_token_sufficient_sizes_are_matched_and_token_sufficient(tmp_path, size)
     assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
 
 
-@pytest.mark.parametrize("people", [100, 800])
+@pytest.mark.parametrize("people", [100, 1600])
 def test_knowledge_capacity_reads_every_fact_as_often_at_every_size(tmp_path, people):
     cfg = compose_train_cfg(["hparams_search=knowledge_capacity", f"data.num_people={people}"], tmp_path)
     params = cfg.hydra.sweeper.params
-    assert params["data.num_people"] == "100,200,400,800" and params.experiment == "dense_lm,moe_lm,moue_lm"
+    assert params["data.num_people"] == "100,200,400,800,1600" and params.experiment == "dense_lm,moe_lm,moue_lm"
     assert cfg.data.bio_renderings == 5 and cfg.data.bio_full_names and list(cfg.data.train_templates) == [0, 1, 2]
     assert cfg.callbacks.fact_recall.max_probes == 256
     counts = {}

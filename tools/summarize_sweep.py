@@ -12,7 +12,10 @@ val/facts_known (exact recall x the trained people's facts) with facts known per
 the final val/loss seed means (B - A), its standard error (Welch: sqrt(var_A/n_A + var_B/n_B)), the
 relative difference, and a verdict: "B better" / "B worse" beyond two standard errors, else "within
 noise" (seeds are the unit of replication). --metric compares another final metric instead (a recall
-metric such as val/facts_known, where higher is better).
+metric such as val/facts_known, where higher is better). A recall comparison with a single seed on a
+side cannot measure the seed spread; it falls back to the probes' binomial error (p(1 - p) / probes
+per run, val/fact_recall_probes, or callbacks.fact_recall.max_probes for runs that predate it), and
+its verdict says "probe noise only": the seed-to-seed spread comes on top of it.
 """
 
 from __future__ import annotations
@@ -54,12 +57,19 @@ def read_run(run_dir: Path) -> dict | None:
 
     cfg = yaml.safe_load(config.read_text())
     steps = max((int(r["step"]) for r in rows if r.get("train/loss")), default=-1) + 1
+    probes = last("val/fact_recall_probes")
+    if probes is None and last("val/fact_recall") is not None:  # logged before the count was: the cap
+        cap = ((cfg.get("callbacks") or {}).get("fact_recall") or {}).get("max_probes")
+        count = last("val/fact_count")
+        probes = None if cap is None else float(min(cap, count) if count else cap)
     per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
     return {
         "dir": run_dir,
         "overrides": yaml.safe_load(overrides.read_text()),
         "val_loss": last("val/loss"),
         **{name: last(name) for name in RECALL_METRICS},
+        "probes": probes,
+        "fact_count": last("val/fact_count"),
         "train_loss": last("train/loss"),
         "total": last("params/total"),
         "activated": last("params/activated"),
@@ -134,18 +144,42 @@ def summarize(sweep_dir, group_by: list[str]) -> str:
     return "\n".join(lines)
 
 
-def compare_losses(a: list[float], b: list[float], higher_is_better: bool = False) -> dict:
+def compare_losses(a: list[float], b: list[float], higher_is_better: bool = False,
+                   probe_var: tuple[list[float], list[float]] | None = None) -> dict:
     """B - A of the seed means of a metric (lower is better unless `higher_is_better`), its Welch
-    standard error and a verdict: "B better" / "B worse" beyond two standard errors, else "within noise"."""
+    standard error and a verdict: "B better" / "B worse" beyond two standard errors, else "within noise".
+
+    probe_var: the measurement variance of each run's value (A's list, B's list; see `probe_variance`),
+    used when a side has a single seed: the standard error is then that of the measurement alone and
+    the verdict says "(probe noise only)"."""
     diff = statistics.mean(b) - statistics.mean(a)
     mean_a = statistics.mean(a)
     out = {"diff": diff, "rel": diff / mean_a if mean_a else float("nan"), "se": float("nan"),
            "verdict": "needs 2+ seeds each"}
+    better = diff > 0 if higher_is_better else diff < 0
     if len(a) > 1 and len(b) > 1:
         out["se"] = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        better = diff > 0 if higher_is_better else diff < 0
         out["verdict"] = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+    elif probe_var is not None:
+        va, vb = probe_var
+        out["se"] = (sum(va) / len(va) ** 2 + sum(vb) / len(vb) ** 2) ** 0.5  # variance of each side's mean
+        verdict = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+        out["verdict"] = f"{verdict} (probe noise only)"
     return out
+
+
+def probe_variance(run: dict, metric: str) -> float | None:
+    """Binomial variance of a run's final recall `metric` over its probes (None when unknown): p(1 - p) / n
+    for a rate, times val/fact_count squared for val/facts_known (= rate x facts)."""
+    value, n = run[metric], run["probes"]
+    if value is None or not n:
+        return None
+    if metric == KNOWN:
+        if not run["fact_count"]:
+            return None
+        p = value / run["fact_count"]
+        return run["fact_count"] ** 2 * p * (1 - p) / n
+    return value * (1 - value) / n
 
 
 def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str, str]],
@@ -170,7 +204,13 @@ def comparisons(sweep_dir, group_by: list[str], key: str, pairs: list[tuple[str,
             vb = [x[field] for x in runs_b if x[field] is not None]
             if not va or not vb:
                 continue
-            c = compare_losses(va, vb, higher_is_better=metric != "val/loss")
+            probe_var = None
+            if metric != "val/loss":
+                pa = [probe_variance(x, field) for x in runs_a if x[field] is not None]
+                pb = [probe_variance(x, field) for x in runs_b if x[field] is not None]
+                if None not in pa and None not in pb:
+                    probe_var = (pa, pb)
+            c = compare_losses(va, vb, higher_is_better=metric != "val/loss", probe_var=probe_var)
             cells = [*r, a, b, f"{c['diff']:+.4f}", f"{c['rel'] * 100:+.2f}%", f"{c['se']:.4f}", c["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

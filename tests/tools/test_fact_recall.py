@@ -166,6 +166,7 @@ def test_callback_logs_recall_and_the_tool_reproduces_it_from_the_checkpoint(mak
         assert len(values) == 1, name  # once, at the one validation (not in the sanity check)
         assert 0.0 <= list(values.values())[0] <= 1.0
     assert list(logged["val/fact_recall_chance"].values())[0] == pytest.approx(0.25)
+    assert list(read_metric(csv, "val/fact_recall_probes").values()) == [3]  # max_probes per wording group
     count = objects["datamodule"].fact_count("train")
     assert list(read_metric(csv, "val/fact_count").values()) == [count]
     assert list(read_metric(csv, "val/facts_known").values())[0] == pytest.approx(

@@ -16,16 +16,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=1000, activated=None, extra=(),
-         known=None):
+         known=None, probes=None, count=None, config=None):
     """A job folder as Hydra + the CSV logger leave it: .hydra/{overrides,config}.yaml, csv/version_0/metrics.csv."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     overrides = [*extra, f"experiment={experiment}", f"seed={seed}"]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 4, "seq_len": 8}}))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 4, "seq_len": 8},
+                                                                **(config or {})}))
     metrics = job / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
-    fields = ["step", "train/loss", "val/loss", "val/fact_recall", "val/facts_known", "params/total", "params/activated"]
+    fields = ["step", "train/loss", "val/loss", "val/fact_recall", "val/facts_known", "val/fact_recall_probes",
+              "val/fact_count", "params/total", "params/activated"]
     with open(metrics, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -34,7 +36,9 @@ def _job(root, name, experiment, seed, train_loss, val_loss, recall=None, total=
             w.writerow({"step": step, "train/loss": loss})
         for step, loss in val_loss.items():
             w.writerow({"step": step, "val/loss": loss, "val/fact_recall": "" if recall is None else recall[step],
-                        "val/facts_known": "" if known is None else known[step]})
+                        "val/facts_known": "" if known is None else known[step],
+                        "val/fact_recall_probes": "" if probes is None else probes,
+                        "val/fact_count": "" if count is None else count})
     return job
 
 
@@ -183,3 +187,27 @@ def test_knowledge_capacity_table_and_recall_against_people(tmp_path):
         plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "seed"])
     with pytest.raises(ValueError, match="--x 'experiment' must take numeric values"):
         plot_main([str(root), "--group-by", "data.num_people", "experiment", "--x", "experiment"])
+
+
+def test_single_seed_recall_comparison_falls_back_to_the_probes_binomial_error(tmp_path):
+    """One seed per side: no seed spread to measure, so the standard error is the probes' own
+    (p(1 - p) / probes; for facts known, times the fact count squared), and the verdict says so."""
+    root = tmp_path / "multirun"
+    # 400 probes each; dense 0.2 and MoE 0.3 of 1,000 facts -> facts known 200 / 300
+    _job(root, "0", "dense_lm", 0, [2.0], {0: 2.0}, {0: 0.2}, known={0: 200.0}, probes=400, count=1000)
+    _job(root, "1", "moe_lm", 0, [2.0], {0: 2.0}, {0: 0.3}, known={0: 300.0}, probes=400, count=1000)
+    # an older run without the probe count: the configured cap (here under the fact count) stands in for it
+    _job(root, "2", "moue_lm", 0, [2.0], {0: 2.0}, {0: 0.31}, known={0: 310.0}, count=1000,
+         config={"callbacks": {"fact_recall": {"max_probes": 100}}})
+    pairs = [("dense_lm", "moe_lm"), ("moe_lm", "moue_lm")]
+    rate = comparisons(root, ["experiment"], "experiment", pairs, metric="val/fact_recall").splitlines()
+    se = (0.2 * 0.8 / 400 + 0.3 * 0.7 / 400) ** 0.5  # 0.0304: a 0.1 difference is 3.3 of them
+    assert rate[2] == f"| dense_lm | moe_lm | +0.1000 | +50.00% | {se:.4f} | B better (probe noise only) |"
+    se2 = (0.3 * 0.7 / 400 + 0.31 * 0.69 / 100) ** 0.5
+    assert rate[3] == f"| moe_lm | moue_lm | +0.0100 | +3.33% | {se2:.4f} | within noise (probe noise only) |"
+    known = comparisons(root, ["experiment"], "experiment", pairs[:1], metric="val/facts_known").splitlines()
+    assert known[2] == f"| dense_lm | moe_lm | +100.0000 | +50.00% | {1000 * se:.4f} | B better (probe noise only) |"
+    # val/loss has no probe error: one seed each still cannot be compared
+    assert comparisons(root, ["experiment"], "experiment", pairs[:1]).splitlines()[2].endswith("| nan | needs 2+ seeds each |")
+    # with 2+ seeds on both sides the seed spread is used, as before
+    assert compare_losses([0.2, 0.3], [0.5, 0.6], True, probe_var=([1.0, 1.0], [1.0, 1.0]))["verdict"] == "B better"
