@@ -156,15 +156,17 @@ def compare_losses(a: list[float], b: list[float], higher_is_better: bool = Fals
     mean_a = statistics.mean(a)
     out = {"diff": diff, "rel": diff / mean_a if mean_a else float("nan"), "se": float("nan"),
            "verdict": "needs 2+ seeds each"}
-    better = diff > 0 if higher_is_better else diff < 0
     if len(a) > 1 and len(b) > 1:
-        out["se"] = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        out["verdict"] = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+        out["se"], suffix = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5, ""
     elif probe_var is not None:
         va, vb = probe_var
         out["se"] = (sum(va) / len(va) ** 2 + sum(vb) / len(vb) ** 2) ** 0.5  # variance of each side's mean
-        verdict = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
-        out["verdict"] = f"{verdict} (probe noise only)"
+        suffix = " (probe noise only)"
+    else:
+        return out
+    better = diff > 0 if higher_is_better else diff < 0
+    verdict = ("B better" if better else "B worse") if abs(diff) > 2 * out["se"] else "within noise"
+    out["verdict"] = verdict + suffix
     return out
 
 
