@@ -161,7 +161,32 @@ def summarize(results: dict) -> str:
                 if verdict == "differs":
                     verdict += " (B better)" if (diff > 0) == higher else " (B worse)"
                 rows.append(f"| {a} -> {b} | {metric} | {diff:+.3f} | {se:.3f} | {verdict} |")
+    rows += _by_horizon(results, pairs)
     return "\n".join(rows) + "\n"
+
+
+def _by_horizon(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
+    """Future PSNR at every horizon (longer clips have more than two): drift shows as a gap that grows
+    with the horizon. One table of seed means ± spread, then each comparison's difference at each
+    horizon with its standard error ('*' marks more than two)."""
+    horizons = sorted({int(h) for runs in results.values() for r in runs for h in r["future_psnr"]})
+    if len(horizons) <= 2:
+        return []
+    head = "| " + " | ".join(f"h={h}" for h in horizons) + " |"
+    sep = " --- |" * len(horizons)
+    rows = ["\nFuture PSNR by horizon (mean ± spread over seeds):\n", "| config " + head, "| --- |" + sep]
+    for name, runs in results.items():
+        rows.append(f"| {name} | " + " | ".join(_ms([_psnr(r, h) for r in runs]) for h in horizons) + " |")
+    if pairs:
+        rows += ["\nDifference of future PSNR (B - A) by horizon, ± its standard error; '*': beyond two:\n",
+                 "| comparison " + head, "| --- |" + sep]
+        for a, b in pairs:
+            cells = []
+            for h in horizons:
+                diff, se, verdict = compare([_psnr(r, h) for r in results[a]], [_psnr(r, h) for r in results[b]])
+                cells.append(f"{diff:+.3f} ± {se:.3f}" + (" *" if verdict == "differs" else ""))
+            rows.append(f"| {a} -> {b} | " + " | ".join(cells) + " |")
+    return rows
 
 
 if __name__ == "__main__":

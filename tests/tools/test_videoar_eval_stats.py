@@ -73,3 +73,25 @@ def test_ablation_table_has_noise_columns_and_verdicts():
     # the longest horizon (here h=2), where drift shows, is compared too
     assert "| mst -> tdc | PSNR last h | +0.000 | 0.082 | within noise |" in verdicts
     assert any(v.startswith("| baseline -> tdc |") for v in verdicts)  # every configuration against the baseline too
+
+
+def _long_run(psnrs: list[float]) -> dict:
+    run = _run(1.0, psnrs[0], psnrs[1])
+    run["future_psnr"] = {str(h + 1): v for h, v in enumerate(psnrs)}
+    return run
+
+
+def test_long_clips_get_a_table_by_horizon():
+    """With more than two predicted latent frames the summary lists every horizon and each comparison's
+    difference at each one, so a gap that grows with the horizon (drift) is visible."""
+    results = {
+        "mst": [_long_run([15.0, 14.0, 13.0, 12.0]), _long_run([15.1, 14.1, 13.1, 12.1])],
+        "full": [_long_run([15.0, 14.1, 13.5, 13.0]), _long_run([15.1, 14.2, 13.6, 13.1])],
+    }
+    table = summarize(results)
+    assert "| config | h=1 | h=2 | h=3 | h=4 |" in table
+    assert "| mst | 15.050 ± 0.071 | 14.050 ± 0.071 | 13.050 ± 0.071 | 12.050 ± 0.071 |" in table
+    assert ("| mst -> full | +0.000 ± 0.071 | +0.100 ± 0.071 | +0.500 ± 0.071 * | +1.000 ± 0.071 * |"
+            in table)
+    # two horizons (9-frame clips): the main table already shows both, no extra section
+    assert "by horizon" not in summarize({"a": [_run(1.0, 15.0, 14.0)] * 2, "b": [_run(1.0, 15.0, 14.0)] * 2})
