@@ -19,6 +19,11 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
     track_routing: bool          while True, validation accumulates `routing_counts`: {task: [L, E]}
                                  routed (token, expert) pairs of that task's tokens
                                  (callbacks/routing_analysis.py sets it)
+    elastic_layers / elastic_experts / elastic_top_k / elastic_distill
+                                 elastic (once-for-all) pre-training, set per micro-batch by
+                                 callbacks/elastic.py (`experiment=ernie5_elastic`): the step trains that
+                                 sub-model of the trunk (lit_modules/trunk.py); the audio levels read the
+                                 last Q layers it runs; distillation is KL(full || sub) over every output
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from models.ernie5 import SPAN_TOKENS, TASKS, Ernie5, Ernie5Config, UnifiedBatch
 from models.layers.elastic import RoutingLimit
 from models.moe.replay import RouteReplay
 from models.tokenizers.checkpoint import load_media_tokenizer
+from models.transformer import distill_loss
 from models.videoar import bitwise_loss, scale_token_weights, teacher_forcing_sequence
 
 __all__ = ["Ernie5Module", "LOSS_TERMS"]
@@ -53,6 +59,12 @@ class Ernie5Module(TrunkModule):
     """
 
     network_attr = "net"
+    supports_elastic = True  # callbacks.elastic: depth / expert width / top-k sub-models per micro-batch
+
+    @property
+    def elastic_min_depth(self) -> int:
+        """The fewest layers a sub-model may run: the audio code levels read the last Q layers run."""
+        return 1 if self.net is None else max(1, self.net.cfg.audio_levels)
 
     def __init__(self, net: dict, optim: Optional[dict] = None, visual_tokenizer: Optional[str] = None,
                  audio_tokenizer: Optional[str] = None, mtp_weight: float = 0.3, posterior_weighting: bool = False,
@@ -249,7 +261,26 @@ class Ernie5Module(TrunkModule):
             terms["audio"] = audio_sum / audio_n
             counts["audio"] = audio_n
         return {"terms": terms, "counts": counts, "balance": out.balance_loss, "routing": out.routing,
-                "bit_acc": bit_acc}
+                "bit_acc": bit_acc, "out": out}
+
+    @staticmethod
+    def _distill(student, teacher) -> torch.Tensor:
+        """In-place distillation of an elastic sub-model: KL(full || sub) per predicted token, averaged
+        within each output the batch has (text, MTP, each visual task's bits, each audio level), then
+        over those outputs, as the modality losses are summed over modalities."""
+        pairs = []
+        if student.text_logits.numel():
+            pairs.append((student.text_logits, teacher.text_logits))
+        if student.mtp_logits is not None and student.mtp_logits.numel():
+            pairs.append((student.mtp_logits, teacher.mtp_logits))
+        for task, logits in student.vis.items():
+            pairs.append((logits.flatten(0, -2), teacher.vis[task].flatten(0, -2)))
+        for task, (levels, _) in student.audio.items():
+            for j, logits in enumerate(levels):
+                pairs.append((logits.flatten(0, -2), teacher.audio[task][0][j].flatten(0, -2)))
+        if not pairs:
+            return student.hidden.new_zeros(())
+        return torch.stack([distill_loss(s, t) for s, t in pairs]).mean()
 
     def _total(self, terms: dict, train: bool) -> torch.Tensor:
         total = terms["text"].new_zeros(()) if "text" in terms else next(iter(terms.values())).new_zeros(())
@@ -277,12 +308,25 @@ class Ernie5Module(TrunkModule):
         self.log_dict(logs, **kw)
 
     def training_step(self, batch: UnifiedBatch, batch_idx: int) -> torch.Tensor:
-        res = self._losses(batch, corrupt=True)
+        layers, routing = self.elastic_choice()  # the full model unless a callback set the elastic knobs
+        res = self._losses(batch, corrupt=True, layers=layers, routing=routing)
         loss = self._total(res["terms"], train=True)
         if self.sparse:
             loss = loss + res["balance"]
-            self.record_routing(res["routing"])
+            # a width-reduced step routes nothing to its masked experts: kept out of the bias balance
+            self.record_routing(res["routing"], balance=routing is None or routing.kept is None)
             self.log_routing_losses(loss.detach() - res["balance"].detach(), res["balance"])
+        self.last_elastic = {"layers": layers or list(range(self.net_cfg.n_layers)),
+                             "kept": None if routing is None else routing.kept,
+                             "top_k": (routing.top_k if routing is not None else None) or self.net_cfg.moe.top_k}
+        if self.elastic_distill > 0:
+            distill = loss.new_zeros(())  # logged on full steps too (0): no stale values
+            if layers is not None or routing is not None:
+                with torch.no_grad():  # the same corrupted inputs: the corruption seed is the step's
+                    teacher = self._losses(batch, corrupt=True)["out"]
+                distill = self._distill(res["out"], teacher)
+                loss = loss + self.elastic_distill * distill
+            self.log("train/distill", distill.detach(), on_step=True, on_epoch=False)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite ERNIE 5.0 loss at step {self.global_step}: "
                                      f"{ {k: float(v) for k, v in res['terms'].items()} }")

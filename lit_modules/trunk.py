@@ -23,6 +23,8 @@ The surface callbacks use (documented, stable):
       elastic_distill      weight of the in-place distillation term (sub-model vs the detached full
                            model on the same batch); 0 = off
     last_elastic         the sub-model the last training step ran: {'layers', 'kept', 'top_k'}
+    elastic_min_depth    the fewest layers a sub-model of this family may run (1; ERNIE 5.0: the audio
+                         code levels, which read the last Q layers run)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class TrunkModule(ExperimentModule):
     _pending_counts: Optional[torch.Tensor] = None
     expert_usage: Optional[torch.Tensor] = None
     supports_elastic: bool = False  # True where training_step applies the elastic knobs
+    elastic_min_depth: int = 1
     elastic_layers: Optional[list] = None
     elastic_experts = None  # int | list[list[int]] | None
     elastic_expert_rule: str = "usage"

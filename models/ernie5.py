@@ -462,8 +462,17 @@ class Ernie5(nn.Module):
     @property
     def audio_layers(self) -> list[int]:
         """The trunk layer (0-based) whose output each audio code level is read from: L - Q + j."""
-        L, Q = self.cfg.n_layers, self.cfg.audio_levels
-        return [L - Q + j for j in range(Q)]
+        return self.audio_layers_of(range(self.cfg.n_layers))
+
+    def audio_layers_of(self, run: Sequence[int]) -> list[int]:
+        """The layers audio level j reads in a model that runs `run` (ascending): the last Q of them.
+        For the full model that is L - Q + j; an elastic sub-model of fewer layers reads its own last Q,
+        as the same sub-model exported on its own would."""
+        run, Q = list(run), self.cfg.audio_levels
+        if len(run) < Q:
+            raise ValueError(f"the {Q} audio code levels read the last {Q} layers run; the layer subset {run} "
+                             f"has {len(run)}")
+        return run[len(run) - Q:]
 
     # -- embedding ---------------------------------------------------------------------------------
 
@@ -517,16 +526,14 @@ class Ernie5(nn.Module):
                 mtp: bool = True) -> Ernie5Output:
         """Teacher-forced predictions of every target in the batch (see `Ernie5Output`).
 
-        layers / routing: an elastic sub-model (layer subset, RoutingLimit); the audio levels read
-        the layers L - Q + j, so a layer subset must keep them.
+        layers / routing: an elastic sub-model (layer subset, RoutingLimit); audio level j reads the
+        j-th of the last Q layers it runs (L - Q + j for the full model), so it needs at least Q layers.
         """
         x = self.embed(batch, vis_inputs)
         B, S, C = x.shape
-        need = set(self.audio_layers) if batch.audio else set()
-        run = list(range(self.cfg.n_layers)) if layers is None else [int(i) for i in layers]
-        if need - set(run):
-            raise ValueError(f"the audio heads read layers {sorted(need)}; the layer subset {run} drops some")
-        want = sorted(need | ({run[-1]} if self.mtp is not None and mtp else set()))
+        run = list(range(self.cfg.n_layers)) if layers is None else sorted(int(i) for i in layers)
+        audio_layers = self.audio_layers_of(run) if batch.audio else []
+        want = sorted(set(audio_layers) | ({run[-1]} if self.mtp is not None and mtp else set()))
         mask = batch.mask()
         out = self.trunk(x, batch.positions, mask, layers=layers, return_hidden=want, routing=routing)
         hidden = out.hidden
@@ -561,7 +568,7 @@ class Ernie5(nn.Module):
             src = (spans.dest - 1).reshape(-1)
             codes = spans.codes.reshape(-1, self.cfg.audio_levels)
             logits = []
-            for j, layer in enumerate(self.audio_layers):
+            for j, layer in enumerate(audio_layers):
                 h = out.hidden_states[layer].reshape(B * S, C)[src]
                 if j:
                     h = h + self.audio_embed(codes, j)

@@ -11,6 +11,11 @@ the background and the video's direction from the quantized latent; audio: the s
 codes); each probe's own accuracy on the real held-out items is reported beside it (the ceiling).
 Text: the model's next-token loss on held-out biography rows; with --text-baseline, the same for a
 text-only model (the "seesaw" question).
+Elastic sub-models (`--grid`, e.g. after `experiment=ernie5_elastic`): for every (depth, routed experts
+kept per layer, top-k) of --depths x --experts x --top-k, the teacher-forced held-out loss of each
+modality and the sub-model's total / activated parameters. The sub-model is the one the module's elastic
+knobs select (lit_modules/trunk.py): the first and last layer with a centred span dropped, each layer's
+most used experts. With --grid only the grid is evaluated (no generation).
 Prints one JSON object (and writes it atomically with --out).
 """
 
@@ -227,6 +232,65 @@ def text_loss(module, dm, rows: int) -> float:
     return total / max(1, count)
 
 
+@torch.no_grad()
+def submodel_grid(module, dm, depths=None, experts=None, top_ks=None, max_batches: int = 8) -> list[dict]:
+    """Held-out teacher-forced losses of elastic sub-models (see the module docstring). A None axis
+    takes its default: depths from the family's minimum (`elastic_min_depth`, at least half) to L;
+    experts E/2 and E; top-k 1..k. Every point sees the same validation batches."""
+    from models.layers.elastic import depth_layers
+
+    cfg = module.net.cfg
+    L, E, k = cfg.n_layers, module.trunk.num_experts, cfg.moe.top_k
+    lo = max(module.elastic_min_depth, math.ceil(L / 2))
+    depths = list(range(lo, L + 1)) if depths is None else [int(d) for d in depths]
+    bad = [d for d in depths if not module.elastic_min_depth <= d <= L]
+    if bad:
+        raise ValueError(f"--depths must be in [{module.elastic_min_depth}, {L}] (the audio levels read the last "
+                         f"{module.elastic_min_depth} layers run), got {bad}")
+    sparse = module.sparse
+    if not sparse and (experts or top_ks):
+        raise ValueError("--experts / --top-k need a sparse checkpoint (model.net.ffn=moe|moue)")
+    experts = ([max(k, E // 2), E] if sparse else [None]) if experts is None else [int(e) for e in experts]
+    top_ks = (list(range(1, k + 1)) if sparse else [None]) if top_ks is None else [int(t) for t in top_ks]
+    batches = []
+    for i, batch in enumerate(dm.val_dataloader()):
+        if i >= max_batches:
+            break
+        batches.append(batch.to(module.device))
+    out = []
+    for d in depths:
+        for e in experts:
+            for t in top_ks:
+                if e is not None and t is not None and t > e:
+                    continue  # a layer cannot pick more experts than it keeps
+                module.elastic_layers = depth_layers(L, d)
+                module.elastic_experts = None if e is None or e == E else e
+                module.elastic_top_k = None if t is None or t == k else t
+                try:
+                    layers, routing = module.elastic_choice()
+                finally:
+                    module.elastic_layers = module.elastic_experts = module.elastic_top_k = None
+                sums: dict[str, float] = {}
+                counts: dict[str, int] = {}
+                for batch in batches:
+                    res = module._losses(batch, corrupt=False, layers=layers, routing=routing)
+                    for key, value in res["terms"].items():
+                        n = res["counts"].get(key, 1)
+                        sums[key] = sums.get(key, 0.0) + float(value) * n
+                        counts[key] = counts.get(key, 0) + n
+                params = module.net.num_params()
+                trunk_full = module.trunk.num_params()
+                trunk_sub = module.trunk.num_params(layers, routing)
+                point = {"depth": d, "layers": layers or list(range(L)), "experts": e if e is not None else E,
+                         "top_k": t if t is not None else k,
+                         "params_total": params["total"] - trunk_full["total"] + trunk_sub["total"],
+                         "params_activated": params["total"] - trunk_full["total"] + trunk_sub["activated"]}
+                point.update({f"loss_{key}": sums[key] / counts[key] for key in sums})
+                point["loss"] = sum(point.get(f"loss_{m}", 0.0) for m in ("text", "image", "video", "audio"))
+                out.append(point)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
@@ -237,8 +301,21 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--grid", action="store_true", help="evaluate elastic sub-models only (see above)")
+    p.add_argument("--depths", type=int, nargs="+", default=None)
+    p.add_argument("--experts", type=int, nargs="+", default=None, help="routed experts kept per layer")
+    p.add_argument("--top-k", type=int, nargs="+", default=None)
+    p.add_argument("--max-batches", type=int, default=8, help="validation batches per sub-model (--grid)")
     args = p.parse_args(argv)
     module, dm = load(args.ckpt, args.device)
+    if args.grid:
+        res = {"ckpt": str(args.ckpt), "step": module.checkpoint_step,
+               "submodels": submodel_grid(module, dm, args.depths, args.experts, args.top_k, args.max_batches)}
+        text = json.dumps(res, indent=1, sort_keys=True, default=float)
+        print(text)
+        if args.out:
+            atomic_write_text(args.out, text + "\n")
+        return res
     baseline = None
     if args.text_baseline:
         from lit_modules.ernie5 import Ernie5Module

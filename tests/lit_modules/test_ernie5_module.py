@@ -4,8 +4,10 @@ from a checkpoint, FSDP2 on 2 CPU processes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -158,6 +160,94 @@ def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tok
     L, E = module.net_cfg.n_layers, module.trunk.num_experts
     assert all(c.shape == (L, E) for c in module.routing_counts.values())
     assert list(Path(cfg.paths.output_dir).rglob("routing/step_4.md"))
+
+
+ELASTIC_SEEN: list = []
+
+
+class ElasticCheck(L.Callback):
+    """Before backward: the training loss equals the loss of the sub-model the step applied, recomputed
+    directly from the network (plus the distillation term against the full model)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        from models.layers.elastic import RoutingLimit
+
+        applied = pl_module.last_elastic
+        L, k = pl_module.net_cfg.n_layers, pl_module.net_cfg.moe.top_k
+        layers = None if applied["layers"] == list(range(L)) else applied["layers"]
+        top_k = None if applied["top_k"] == k else applied["top_k"]
+        routing = None if applied["kept"] is None and top_k is None else RoutingLimit(applied["kept"], top_k)
+        with torch.no_grad():
+            res = pl_module._losses(self.batch, corrupt=True, layers=layers, routing=routing)
+            want = pl_module._total(res["terms"], train=False) + res["balance"]
+            if layers is not None or routing is not None:
+                teacher = pl_module._losses(self.batch, corrupt=True)["out"]
+                want = want + pl_module.elastic_distill * pl_module._distill(res["out"], teacher)
+        ELASTIC_SEEN.append((float(loss.detach()), float(want), applied))
+
+
+def test_elastic_training_runs_the_drawn_sub_model_and_the_grid_scores_sub_models(tmp_path, tiny_tokenizer,
+                                                                                     audio_tokenizer, cache):
+    """experiment=ernie5_elastic's callback on a 4-layer tiny ERNIE 5.0: every step trains the sub-model
+    it drew (depth >= the audio levels, half the experts, top-1), with distillation; validation runs the
+    full model; tools/eval_ernie5.py --grid reproduces the validation loss at the full point and scores
+    the sub-models."""
+    import importlib
+
+    from tools import eval_ernie5
+
+    seen = importlib.import_module("tests.lit_modules.test_ernie5_module").ELASTIC_SEEN
+    seen.clear()
+    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "model.net.n_layers=4", "+callbacks/elastic=default",
+                  "callbacks.elastic.depth_full_prob=0", "callbacks.elastic.width_full_prob=0",
+                  "callbacks.elastic.sparsity_full_prob=0", "callbacks.elastic.distill_weight=0.5",
+                  "+callbacks.check._target_=tests.lit_modules.test_ernie5_module.ElasticCheck",
+                  "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "test=false")
+    _, objs = train.run(cfg)
+    module = objs["model"]
+    assert module.elastic_min_depth == module.net.cfg.audio_levels == 2
+    assert len(seen) == 4
+    for got, want, applied in seen:
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+        assert 2 <= len(applied["layers"]) <= 3 and applied["layers"][0] == 0 and applied["layers"][-1] == 3
+        assert all(len(kept) == 8 for kept in applied["kept"])  # 16 experts -> each layer's 8 most used
+        assert applied["top_k"] == 1  # top-2 of 8 kept; a reduced draw is top-1
+    m = find_metrics(Path(cfg.paths.output_dir))
+    assert all(v > 0 for v in read_metric(m, "train/distill").values())
+    assert set(read_metric(m, "elastic/depth").values()) <= {2.0, 3.0}
+    assert all(knob is None for knob in (module.elastic_layers, module.elastic_experts, module.elastic_top_k))
+    val_text = read_metric(m, "val/loss_text")[3]
+
+    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    res = eval_ernie5.main([ckpt, "--grid", "--depths", "2", "4", "--experts", "8", "16", "--top-k", "1", "2",
+                            "--out", str(tmp_path / "grid.json")])
+    points = {(p["depth"], p["experts"], p["top_k"]): p for p in res["submodels"]}
+    assert set(points) == {(d, e, t) for d in (2, 4) for e in (8, 16) for t in (1, 2)}
+    full = points[(4, 16, 2)]
+    assert full["loss_text"] == pytest.approx(val_text, rel=1e-5)  # the full point is the trainer's validation
+    assert full["params_total"] == module.net.num_params()["total"]
+    assert points[(2, 8, 1)]["params_activated"] < points[(4, 8, 1)]["params_activated"] < full["params_activated"]
+    assert points[(4, 8, 2)]["params_total"] < full["params_total"]
+    assert all(math.isfinite(p["loss"]) and set(p) >= {"loss_text", "loss_audio", "layers"} for p in points.values())
+    assert points[(2, 16, 2)]["layers"] == [0, 3]
+    with pytest.raises(ValueError, match="--depths must be in \\[2, 4\\]"):
+        eval_ernie5.main([ckpt, "--grid", "--depths", "1"])
+
+
+def test_elastic_depth_never_goes_below_the_family_minimum():
+    from tests.lit_modules.test_elastic_training import fake_module
+    from callbacks.elastic import ElasticSampler
+
+    module = fake_module(n_layers=6)
+    module.elastic_min_depth = 4
+    sampler = ElasticSampler(depth_full_prob=0.0)
+    depths = {len(sampler.choice_at(module, step, 0)["layers"] or range(6)) for step in range(40)}
+    assert depths == {4, 5}  # the default range [ceil(6/2), 5] raised to the family's floor
+    with pytest.raises(ValueError, match="callbacks.elastic.min_depth .* at least 4 layers"):
+        ElasticSampler(min_depth=3).choice_at(module, 0, 0)
 
 
 def test_posterior_weighting_divides_each_modality_by_its_ema(tmp_path, tiny_tokenizer, audio_tokenizer, cache, dm):

@@ -189,6 +189,38 @@ def test_forward_selects_targets_and_ncp_heads_read_layers_L_minus_Q_plus_j(quan
     assert int(a.dest[0, 0] - 1) == 40 + 2 and int(batch.ids[1, 2]) == 92
 
 
+def test_depth_sub_model_equals_the_same_layers_exported_and_reads_audio_from_its_last_layers(quantizer):
+    """Elastic depth: running layers [0, 2, 3] of a 4-layer net gives every output of a 3-layer net
+    holding copies of exactly those layers (the exported sub-model): text, MTP, visual bits and the
+    audio levels, which read the sub-model's own last Q layers (2 and 3 of the parent)."""
+    torch.manual_seed(0)
+    parent = Ernie5(tiny_cfg(n_layers=4)).eval()
+    child = Ernie5(tiny_cfg(n_layers=3)).eval()
+    keep = [0, 2, 3]
+    state = {}
+    for key, value in parent.state_dict().items():
+        if key.startswith("trunk.layers."):
+            i = int(key.split(".")[2])
+            if i not in keep:
+                continue
+            key = key.replace(f"trunk.layers.{i}.", f"trunk.layers.{keep.index(i)}.", 1)
+        state[key] = value
+    child.load_state_dict(state)
+    assert parent.audio_layers_of(keep) == [2, 3] and child.audio_layers == [1, 2]
+    batch = tiny_batch()
+    vin = vis_inputs(batch, quantizer)
+    sub, ref = parent(batch, vin, layers=keep), child(batch, vin)
+    assert torch.allclose(sub.text_logits, ref.text_logits, atol=1e-5)
+    assert torch.allclose(sub.mtp_logits, ref.mtp_logits, atol=1e-5)
+    assert torch.allclose(sub.vis["image_gen"], ref.vis["image_gen"], atol=1e-5)
+    for a, b in zip(sub.audio["audio_gen"][0], ref.audio["audio_gen"][0]):
+        assert torch.allclose(a, b, atol=1e-5)
+    # the full parent reads 2 and 3 as well, but through layer 1: a different prediction
+    assert not torch.allclose(parent(batch, vin).audio["audio_gen"][0][0], ref.audio["audio_gen"][0][0], atol=1e-3)
+    with pytest.raises(ValueError, match="audio code levels read the last 2 layers"):
+        parent(batch, vin, layers=[3])
+
+
 def test_mtp_targets_are_two_ahead_and_never_cross_documents():
     batch = tiny_batch()
     ids, doc, kind = batch.ids, batch.doc_ids, batch.kind
