@@ -103,11 +103,11 @@ class ElasticSampler(L.Callback):
             return self._ranges
         cfg = pl_module.trunk.cfg
         n = cfg.n_layers
-        floor = int(getattr(pl_module, "elastic_min_depth", 1))  # the family's fewest layers (ERNIE 5.0: audio levels)
+        floor = max(1, int(getattr(pl_module, "elastic_min_depth", 1)))  # the family's fewest layers (ERNIE 5.0: audio levels)
         lo = max(math.ceil(n / 2), floor) if self.min_depth is None else int(self.min_depth)
         hi = max(lo, n - 1) if self.max_depth is None else int(self.max_depth)
-        if not max(1, floor) <= lo <= hi <= n:
-            raise ValueError(f"callbacks.elastic.min_depth / max_depth must satisfy {max(1, floor)} <= min <= max <= "
+        if not floor <= lo <= hi <= n:
+            raise ValueError(f"callbacks.elastic.min_depth / max_depth must satisfy {floor} <= min <= max <= "
                              f"n_layers={n} (the model needs at least {floor} layers), got [{lo}, {hi}]")
         sparse = cfg.ffn != "dense"
         k = cfg.moe.top_k

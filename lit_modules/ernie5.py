@@ -316,9 +316,7 @@ class Ernie5Module(TrunkModule):
             # a width-reduced step routes nothing to its masked experts: kept out of the bias balance
             self.record_routing(res["routing"], balance=routing is None or routing.kept is None)
             self.log_routing_losses(loss.detach() - res["balance"].detach(), res["balance"])
-        self.last_elastic = {"layers": layers or list(range(self.net_cfg.n_layers)),
-                             "kept": None if routing is None else routing.kept,
-                             "top_k": (routing.top_k if routing is not None else None) or self.net_cfg.moe.top_k}
+        self.note_elastic(layers, routing)
         if self.elastic_distill > 0:
             distill = loss.new_zeros(())  # logged on full steps too (0): no stale values
             if layers is not None or routing is not None:

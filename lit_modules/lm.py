@@ -141,9 +141,7 @@ class LanguageModelModule(TrunkModule):
         else:
             logits = self.model(batch.tokens, **sub)
             loss = ce = lm_loss(logits, batch.targets)
-        self.last_elastic = {"layers": layers or list(range(self.net_cfg.n_layers)),
-                             "kept": None if routing is None else routing.kept,
-                             "top_k": (routing.top_k if routing is not None else None) or self.net_cfg.moe.top_k}
+        self.note_elastic(layers, routing)
         if self.elastic_distill > 0:
             distill = torch.zeros((), device=loss.device)  # logged on full steps too (0): no stale values
             if sub:

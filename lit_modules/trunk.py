@@ -112,6 +112,13 @@ class TrunkModule(ExperimentModule):
     def routing_topology(self) -> Optional[dict]:
         return None if self.trunk is None else self.trunk.routing_topology()
 
+    def note_elastic(self, layers: Optional[list[int]], routing: Optional[RoutingLimit]) -> None:
+        """Set `last_elastic` to the sub-model a training step ran (from `elastic_choice()`'s result)."""
+        cfg = self.trunk.cfg
+        self.last_elastic = {"layers": layers or list(range(cfg.n_layers)),
+                             "kept": None if routing is None else routing.kept,
+                             "top_k": (routing.top_k if routing is not None else None) or cfg.moe.top_k}
+
     def elastic_choice(self) -> tuple[Optional[list[int]], Optional[RoutingLimit]]:
         """The knobs as (layers to run or None, RoutingLimit or None), checked against the trunk."""
         trunk, L = self.trunk, self.trunk.cfg.n_layers

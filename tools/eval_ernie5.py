@@ -257,6 +257,10 @@ def submodel_grid(module, dm, depths=None, experts=None, top_ks=None, max_batche
         if i >= max_batches:
             break
         batches.append(batch.to(module.device))
+    from lit_modules.ernie5 import LOSS_TERMS
+
+    params, trunk_full = module.net.num_params(), module.trunk.num_params()
+    outside_trunk = params["total"] - trunk_full["total"]  # embeddings, merger, heads, MTP: every sub-model has them
     out = []
     for d in depths:
         for e in experts:
@@ -278,15 +282,13 @@ def submodel_grid(module, dm, depths=None, experts=None, top_ks=None, max_batche
                         n = res["counts"].get(key, 1)
                         sums[key] = sums.get(key, 0.0) + float(value) * n
                         counts[key] = counts.get(key, 0) + n
-                params = module.net.num_params()
-                trunk_full = module.trunk.num_params()
                 trunk_sub = module.trunk.num_params(layers, routing)
                 point = {"depth": d, "layers": layers or list(range(L)), "experts": e if e is not None else E,
                          "top_k": t if t is not None else k,
-                         "params_total": params["total"] - trunk_full["total"] + trunk_sub["total"],
-                         "params_activated": params["total"] - trunk_full["total"] + trunk_sub["activated"]}
+                         "params_total": outside_trunk + trunk_sub["total"],
+                         "params_activated": outside_trunk + trunk_sub["activated"]}
                 point.update({f"loss_{key}": sums[key] / counts[key] for key in sums})
-                point["loss"] = sum(point.get(f"loss_{m}", 0.0) for m in ("text", "image", "video", "audio"))
+                point["loss"] = sum(point.get(f"loss_{m}", 0.0) for m in LOSS_TERMS)
                 out.append(point)
     return out
 
@@ -309,13 +311,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     module, dm = load(args.ckpt, args.device)
     if args.grid:
-        res = {"ckpt": str(args.ckpt), "step": module.checkpoint_step,
-               "submodels": submodel_grid(module, dm, args.depths, args.experts, args.top_k, args.max_batches)}
-        text = json.dumps(res, indent=1, sort_keys=True, default=float)
-        print(text)
-        if args.out:
-            atomic_write_text(args.out, text + "\n")
-        return res
+        return _emit({"ckpt": str(args.ckpt), "step": module.checkpoint_step,
+                      "submodels": submodel_grid(module, dm, args.depths, args.experts, args.top_k, args.max_batches)},
+                     args.out)
     baseline = None
     if args.text_baseline:
         from lit_modules.ernie5 import Ernie5Module
@@ -326,10 +324,15 @@ def main(argv=None) -> dict:
             raise ValueError("--text-baseline must share the model's text vocabulary (the same corpus config)")
     res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows)
     res["ckpt"] = str(args.ckpt)
+    return _emit(res, args.out)
+
+
+def _emit(res: dict, out: str | None) -> dict:
+    """Print the result as JSON and, with --out, write it atomically."""
     text = json.dumps(res, indent=1, sort_keys=True, default=float)
     print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
+    if out:
+        atomic_write_text(out, text + "\n")
     return res
 
 
