@@ -189,25 +189,33 @@ class ElasticCheck(L.Callback):
         ELASTIC_SEEN.append((float(loss.detach()), float(want), applied))
 
 
-def test_elastic_training_runs_the_drawn_sub_model_and_the_grid_scores_sub_models(tmp_path, tiny_tokenizer,
-                                                                                     audio_tokenizer, cache):
-    """experiment=ernie5_elastic's callback on a 4-layer tiny ERNIE 5.0: every step trains the sub-model
-    it drew (depth >= the audio levels, half the experts, top-1), with distillation; validation runs the
-    full model; tools/eval_ernie5.py --grid reproduces the validation loss at the full point and scores
-    the sub-models."""
+@pytest.fixture(scope="module")
+def elastic_run(tmp_path_factory, tiny_tokenizer, audio_tokenizer, cache):
+    """experiment=ernie5_elastic's callback on a 4-layer tiny ERNIE 5.0, 4 steps: (cfg, module, last.ckpt)."""
     import importlib
-
-    from tools import eval_ernie5
 
     seen = importlib.import_module("tests.lit_modules.test_ernie5_module").ELASTIC_SEEN
     seen.clear()
-    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "model.net.n_layers=4", "+callbacks/elastic=default",
-                  "callbacks.elastic.depth_full_prob=0", "callbacks.elastic.width_full_prob=0",
+    cfg = cfg_for(tmp_path_factory.mktemp("elastic"), tiny_tokenizer, audio_tokenizer, cache, "model.net.n_layers=4",
+                  "+callbacks/elastic=default", "callbacks.elastic.depth_full_prob=0", "callbacks.elastic.width_full_prob=0",
                   "callbacks.elastic.sparsity_full_prob=0", "callbacks.elastic.distill_weight=0.5",
                   "+callbacks.check._target_=tests.lit_modules.test_ernie5_module.ElasticCheck",
                   "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "test=false")
     _, objs = train.run(cfg)
-    module = objs["model"]
+    return cfg, objs["model"], Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_elastic_training_runs_the_drawn_sub_model_and_the_grid_scores_sub_models(elastic_run, tmp_path):
+    """Every step trains the sub-model it drew (depth >= the audio levels, half the experts, top-1),
+    with distillation; validation runs the full model; tools/eval_ernie5.py --grid reproduces the
+    validation loss at the full point and scores the sub-models."""
+    import importlib
+
+    from tools import eval_ernie5
+
+    seen = importlib.import_module("tests.lit_modules.test_ernie5_module").ELASTIC_SEEN  # the list the callback filled
+    cfg, module, ckpt = elastic_run
+    ckpt = str(ckpt)
     assert module.elastic_min_depth == module.net.cfg.audio_levels == 2
     assert len(seen) == 4
     for got, want, applied in seen:
@@ -221,7 +229,6 @@ def test_elastic_training_runs_the_drawn_sub_model_and_the_grid_scores_sub_model
     assert all(knob is None for knob in (module.elastic_layers, module.elastic_experts, module.elastic_top_k))
     val_text = read_metric(m, "val/loss_text")[3]
 
-    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     res = eval_ernie5.main([ckpt, "--grid", "--depths", "2", "4", "--experts", "8", "16", "--top-k", "1", "2",
                             "--out", str(tmp_path / "grid.json")])
     points = {(p["depth"], p["experts"], p["top_k"]): p for p in res["submodels"]}
@@ -235,6 +242,69 @@ def test_elastic_training_runs_the_drawn_sub_model_and_the_grid_scores_sub_model
     assert points[(2, 16, 2)]["layers"] == [0, 3]
     with pytest.raises(ValueError, match="--depths must be in \\[2, 4\\]"):
         eval_ernie5.main([ckpt, "--grid", "--depths", "1"])
+
+
+def test_exported_sub_model_equals_the_parent_under_that_choice_and_generates(elastic_run, dm, tmp_path, capsys):
+    """tools/export_submodel.py on an ERNIE 5.0 checkpoint: the standalone sub-model's losses on every
+    modality equal the parent's run under the same elastic choice; it generates text, images, video
+    and audio on its own (KV cache equal to no cache, generate.py's CLI), and continues training."""
+    import generate
+    from lit_modules.ernie5 import Ernie5Module
+    from models.layers.elastic import RoutingLimit, keep_experts
+    from tools.export_submodel import export_submodel, main as export_main
+
+    _, module, ckpt = elastic_run
+    out = tmp_path / "sub" / "sub.ckpt"
+    res = export_main([str(ckpt), str(out), "--depth", "2", "--experts", "8", "--top-k", "1"])
+    assert "family: ernie5" in capsys.readouterr().out
+    parent = Ernie5Module.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    sub = Ernie5Module.load_from_checkpoint(out, map_location="cpu", weights_only=True).eval()  # no parent needed
+    kept = keep_experts(8, 16, 4, "usage", parent.expert_usage)
+    assert res["layers"] == [0, 3] and res["kept"] == kept and res["family"] == "ernie5"
+    assert sub.net.cfg.n_layers == 2 and sub.net.cfg.moe.num_experts == 8 and sub.net.cfg.moe.top_k == 1
+    assert sub.net.audio_layers == [0, 1]  # the audio levels read the sub-model's own last Q layers
+    routing = RoutingLimit(kept, 1)
+    batches = [b for _, b in zip(range(2), dm.val_dataloader())]
+    with torch.no_grad():
+        for batch in batches:
+            want = parent._losses(batch, corrupt=False, layers=[0, 3], routing=routing)["terms"]
+            got = sub._losses(batch, corrupt=False)["terms"]
+            assert set(got) == set(want) >= {"text", "mtp", "image", "video", "audio"}
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    assert sub.net.num_params()["total"] == res["params"]["total"] < parent.net.num_params()["total"]
+    assert res["params"]["total"] == (parent.net.num_params()["total"] - parent.trunk.num_params()["total"]
+                                      + parent.trunk.num_params([0, 3], routing)["total"])
+    assert torch.equal(sub.loss_ema, parent.loss_ema) and sub.vocab.encode("a red circle") == parent.vocab.encode("a red circle")
+
+    # KV-cached generation of the sub-model equals the uncached one, for text and audio
+    v, g = sub.vocab, lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    prompt = [("text", v.encode("a red circle") + [v["<boa>"]])]
+    cached = sub.net.generate_audio(prompt, 4, generator=g(), use_cache=True)
+    assert torch.equal(cached, sub.net.generate_audio(prompt, 4, generator=g(), use_cache=False))
+    text = [("text", v.encode("a red"))]
+    assert sub.net.generate_text(text, 5, generator=g()) == sub.net.generate_text(text, 5, generator=g(), use_cache=False)
+    (png,) = generate.main([str(out), "--task", "image", "--prompt", "a red circle", "--device", "cpu",
+                            "--out", str(tmp_path / "samples")])
+    assert png.suffix == ".png"
+
+    # the experiment written beside it continues training the sub-model
+    exp = (out.parent / "experiment" / "sub.yaml").read_text()
+    assert "override /model: ernie5" in exp and "init_ckpt" in exp
+    from tests.conftest import compose_train_cfg
+
+    cont = compose_train_cfg([f"hydra.searchpath=[file://{out.parent}]", "experiment=sub", *QUIET,
+                              "model.sample.num=0", "trainer.max_steps=1", "trainer.limit_val_batches=0", "test=false"],
+                             tmp_path / "cont")
+    _, objs = train.run(cont)
+    assert objs["model"].net.cfg.n_layers == 2
+    torch.testing.assert_close(objs["model"].net.lm_head.weight, sub.net.lm_head.weight, rtol=1e-2, atol=1e-2)
+
+    with pytest.raises(ValueError, match=r"--depth must be in \[2, 4\] .*audio code levels read the last 2 layers"):
+        export_submodel(ckpt, tmp_path / "x" / "bad.ckpt", depth=1)
+    with pytest.raises(ValueError, match="--layers must keep at least 2 layers"):
+        export_submodel(ckpt, tmp_path / "x" / "bad.ckpt", layers=[3])
+    assert not (tmp_path / "x").exists()
 
 
 def test_elastic_depth_never_goes_below_the_family_minimum():
