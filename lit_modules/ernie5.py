@@ -15,6 +15,11 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
     mtp_weight: float            weight of the MTP loss (0.3 in the 8K stage, 0.1 later)
     posterior_weighting: bool    divide each modality's loss by its EMA (decay `posterior_decay`)
     cfec: CFECConfig             cross-frame error correction of the generation spans' history
+    frame_mask_prob: float       VideoAR's Random Frame Mask over generated video frames: P(an earlier
+                                 frame of the same video is hidden from a query frame); 0 = off
+    frame_mask_window: int|None  windowed temporal attention: frames a query frame may look back
+                                 (None = all). Both apply in training steps only, as in VideoAR
+                                 (callbacks/videoar.py's RandomFrameMask sets them)
     bias_update_rate: float      aux-loss-free balancing speed of every router (1e-4 -> 1e-5)
     track_routing: bool          while True, validation accumulates `routing_counts`: {task: [L, E]}
                                  routed (token, expert) pairs of that task's tokens
@@ -40,6 +45,7 @@ from lit_modules.trunk import TrunkModule
 from lit_modules.videoar import _cfec_from
 from models.ernie5 import SPAN_TOKENS, TASKS, Ernie5, Ernie5Config, UnifiedBatch
 from models.layers.elastic import RoutingLimit
+from models.layers.mask import frame_mask_keep
 from models.moe.replay import RouteReplay
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.transformer import distill_loss
@@ -69,7 +75,8 @@ class Ernie5Module(TrunkModule):
     def __init__(self, net: dict, optim: Optional[dict] = None, visual_tokenizer: Optional[str] = None,
                  audio_tokenizer: Optional[str] = None, mtp_weight: float = 0.3, posterior_weighting: bool = False,
                  posterior_decay: float = 0.99, scale_weighting: str = "infinity", cfec: Optional[dict] = None,
-                 bias_update_rate: Optional[float] = None, seed: int = 0, init_ckpt: Optional[str] = None,
+                 bias_update_rate: Optional[float] = None, frame_mask_prob: float = 0.0,
+                 frame_mask_window: Optional[int] = None, seed: int = 0, init_ckpt: Optional[str] = None,
                  compile: bool = False, compile_backend: str = "inductor", fsdp: Optional[dict] = None,
                  sample: Optional[dict] = None) -> None:
         super().__init__()
@@ -87,6 +94,11 @@ class Ernie5Module(TrunkModule):
             raise ValueError(f"model.scale_weighting must be 'uniform' or 'infinity', got {scale_weighting!r}")
         if bias_update_rate is not None and bias_update_rate < 0:
             raise ValueError(f"model.bias_update_rate must be >= 0, got {bias_update_rate}")
+        if not 0.0 <= frame_mask_prob < 1.0:
+            raise ValueError(f"model.frame_mask_prob must be in [0, 1), got {frame_mask_prob}")
+        if frame_mask_window is not None and frame_mask_window < 1:
+            raise ValueError(f"model.frame_mask_window must be >= 1 or null, got {frame_mask_window}")
+        self.frame_mask_prob, self.frame_mask_window = float(frame_mask_prob), frame_mask_window
         self.mtp_weight = float(mtp_weight)
         self.posterior_weighting, self.posterior_decay = bool(posterior_weighting), float(posterior_decay)
         self.scale_weighting = scale_weighting
@@ -98,7 +110,7 @@ class Ernie5Module(TrunkModule):
         self.compile_trunk, self.compile_backend = compile, compile_backend
         self.fsdp_cfg = dict(fsdp or {})
         self.sample_cfg = {"num": 2, "guidance": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0,
-                           "max_new_tokens": 48, **(sample or {})}
+                           "max_new_tokens": 48, "frame_window": None, **(sample or {})}
         self.net: Optional[Ernie5] = None
         self.vocab = None  # the unified text vocabulary (datamodules.multimodal.Vocabulary), from the data or checkpoint
         self.track_routing = False
@@ -226,7 +238,13 @@ class Ernie5Module(TrunkModule):
             gen = torch.Generator(device=batch.ids.device).manual_seed(
                 step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
         tf = self._vis_inputs(batch, corrupt, gen)
-        out = self.net(batch, [t["inputs"] for t in tf], layers=layers, routing=routing)
+        keep = window = None
+        if corrupt and batch.vis_gen:
+            if self.frame_mask_prob > 0:  # drawn after CFEC's flips, from the step's generator
+                keep = frame_mask_keep(len(batch), batch.frame_ids()[1], self.frame_mask_prob, gen, batch.ids.device)
+            window = self.frame_mask_window
+        out = self.net(batch, [t["inputs"] for t in tf], layers=layers, routing=routing, frame_keep=keep,
+                       frame_window=window)
         zero = out.hidden.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -419,13 +437,15 @@ class Ernie5Module(TrunkModule):
     def render(self, caption: str, medium: str = "image", frames: int = 1,
                generator: Optional[torch.Generator] = None, **overrides) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Caption -> (tokens per scale, pixels [1, 3, T, H, W] in [-1, 1]); frames = latent frames
-        (1 for an image); classifier-free guidance against the caption-less prompt."""
+        (1 for an image); classifier-free guidance against the caption-less prompt; `frame_window`
+        (model.sample.frame_window or an override) limits how many earlier frames a frame attends to."""
         v, o = self.vocab, self._opts(overrides)
         open_ = v[SPAN_TOKENS[medium][0]]
         tokens = self.net.generate_visual(self._vtok.quantizer, [("text", v.encode(caption) + [open_])], frames,
                                           uncond_prompt=[("text", [open_])], guidance=o["guidance"],
                                           temperature=o["temperature"], top_k=int(o["top_k"] or 0),
-                                          top_p=float(o["top_p"] or 0.0), generator=generator)
+                                          top_p=float(o["top_p"] or 0.0), generator=generator,
+                                          frame_window=o.get("frame_window"))
         video = self._vtok.decode(tokens).clamp(-1, 1)
         return tokens, video if video.dim() == 5 else video.unsqueeze(2)
 
@@ -505,7 +525,8 @@ class Ernie5Module(TrunkModule):
         if self.vocab is not None:
             checkpoint["text_tokenizer"] = self.vocab.bpe.hf_tokenizer.to_str()
         checkpoint["knobs"] = {"mtp_weight": self.mtp_weight, "cfec": asdict(self.cfec),
-                               "bias_update_rate": self.bias_update_rate}
+                               "bias_update_rate": self.bias_update_rate, "frame_mask_prob": self.frame_mask_prob,
+                               "frame_mask_window": self.frame_mask_window}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -523,3 +544,5 @@ class Ernie5Module(TrunkModule):
             self.mtp_weight = float(knobs["mtp_weight"])
         if knobs.get("bias_update_rate") is not None:
             self.bias_update_rate = float(knobs["bias_update_rate"])
+        if "frame_mask_prob" in knobs:
+            self.frame_mask_prob, self.frame_mask_window = float(knobs["frame_mask_prob"]), knobs["frame_mask_window"]

@@ -188,6 +188,7 @@ class Ernie5SampleConfig:
     top_k: int = 0
     top_p: float = 0.0
     max_new_tokens: int = 48
+    frame_window: Optional[int] = None  # caption -> video: earlier frames a frame attends to (None = all)
 
 
 @dataclass
@@ -203,6 +204,8 @@ class Ernie5ModuleSchema:
     scale_weighting: str = "infinity"
     cfec: CFECSchema = field(default_factory=CFECSchema)
     bias_update_rate: Optional[float] = None
+    frame_mask_prob: float = 0.0
+    frame_mask_window: Optional[int] = None
     seed: int = 0
     init_ckpt: Optional[str] = None
     compile: bool = False

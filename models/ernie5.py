@@ -144,8 +144,32 @@ class UnifiedBatch:
         return UnifiedBatch(**t, vis_und=[s.to(device) for s in self.vis_und],
                             vis_gen=[s.to(device) for s in self.vis_gen], audio=[s.to(device) for s in self.audio])
 
-    def mask(self) -> AttentionMask:
-        return AttentionMask.blocks(self.block_ids, doc_ids=self.doc_ids)
+    def frame_ids(self) -> tuple[torch.Tensor, int]:
+        """([B, S] frame id of every visual-generation token, -1 elsewhere; F the number of frames).
+
+        Ids count the batch's generated frames in span order (a span's tokens are in layout order:
+        frame-major), so the frames of different documents in one row never share an id and
+        `frame_keep` [B, F, F] addresses every (query frame, key frame) pair of a document."""
+        B, S = self.ids.shape
+        out = torch.full((B * S,), -1, dtype=torch.long, device=self.ids.device)
+        count = 0
+        for spans in self.vis_gen:
+            n, T = spans.latents.shape[:2]
+            N = spans.dest.shape[1]
+            local = torch.arange(N, device=out.device) // (N // T)  # [N] frame within the span
+            base = count + T * torch.arange(n, device=out.device)[:, None]
+            out[spans.dest.reshape(-1)] = (base + local).reshape(-1)
+            count += n * T
+        return out.view(B, S), count
+
+    def mask(self, frame_keep: Optional[torch.Tensor] = None, frame_window: Optional[int] = None) -> AttentionMask:
+        """Block-causal within documents; with `frame_keep` [B, F, F] (F from `frame_ids()`) and/or
+        `frame_window`, VideoAR's Random Frame Mask / windowed temporal attention over generated frames."""
+        if frame_keep is None and frame_window is None:
+            return AttentionMask.blocks(self.block_ids, doc_ids=self.doc_ids)
+        frames, _ = self.frame_ids()
+        return AttentionMask.blocks(self.block_ids, doc_ids=self.doc_ids, frame_ids=frames, frame_keep=frame_keep,
+                                    frame_window=frame_window)
 
 
 def und_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -523,18 +547,21 @@ class Ernie5(nn.Module):
 
     def forward(self, batch: UnifiedBatch, vis_inputs: Sequence[torch.Tensor] = (),
                 layers: Optional[Sequence[int]] = None, routing: Optional[RoutingLimit] = None,
-                mtp: bool = True) -> Ernie5Output:
+                mtp: bool = True, frame_keep: Optional[torch.Tensor] = None,
+                frame_window: Optional[int] = None) -> Ernie5Output:
         """Teacher-forced predictions of every target in the batch (see `Ernie5Output`).
 
         layers / routing: an elastic sub-model (layer subset, RoutingLimit); audio level j reads the
         j-th of the last Q layers it runs (L - Q + j for the full model), so it needs at least Q layers.
+        frame_keep [B, F, F] / frame_window: the Random Frame Mask and temporal window over the batch's
+        generated video frames (`UnifiedBatch.mask`).
         """
         x = self.embed(batch, vis_inputs)
         B, S, C = x.shape
         run = list(range(self.cfg.n_layers)) if layers is None else sorted(int(i) for i in layers)
         audio_layers = self.audio_layers_of(run) if batch.audio else []
         want = sorted(set(audio_layers) | ({run[-1]} if self.mtp is not None and mtp else set()))
-        mask = batch.mask()
+        mask = batch.mask(frame_keep, frame_window)
         out = self.trunk(x, batch.positions, mask, layers=layers, return_hidden=want, routing=routing)
         hidden = out.hidden
         flat = hidden.reshape(B * S, C)
@@ -645,10 +672,15 @@ class Ernie5(nn.Module):
     def generate_visual(self, quantizer, prompt: Sequence[tuple[str, Any]], frames: int,
                         uncond_prompt: Optional[Sequence[tuple[str, Any]]] = None, guidance=None,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                        generator: Optional[torch.Generator] = None, use_cache: bool = True) -> list[torch.Tensor]:
+                        generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                        frame_window: Optional[int] = None) -> list[torch.Tensor]:
         """Caption -> image (frames=1) / video: bits per scale [1, frames, h_k, w_k, d], one forward per
         (frame, scale) block. prompt ends with BOI / BOV. guidance: classifier-free guidance, a number
-        or a `models.videoar.GuidanceSchedule`, applied with `uncond_prompt` (e.g. BOI alone)."""
+        or a `models.videoar.GuidanceSchedule`, applied with `uncond_prompt` (e.g. BOI alone).
+        frame_window: a frame attends to at most this many earlier frames (the prompt always), as a
+        model trained with the Random Frame Mask's window saw; None = every earlier frame."""
+        if frame_window is not None and frame_window < 1:
+            raise ValueError(f"frame_window must be >= 1 or None, got {frame_window}")
         from models.videoar import GuidanceSchedule, sample_bits
 
         sched = guidance if isinstance(guidance, GuidanceSchedule) else GuidanceSchedule.constant(float(guidance or 1.0))
@@ -660,6 +692,7 @@ class Ernie5(nn.Module):
         for p in ([prompt, uncond_prompt] if cfg_on else [prompt]):
             x, s = self.embed_document(p)
             s.open(x.shape[1] + n_vis, use_cache)
+            s.window = frame_window
             s.feed(x, s.prompt_pos, s.prompt_blocks)
             streams.append(s)
         pos = sequence_positions(0, self.scales, frames, "center").to(self.sos.device)
@@ -681,7 +714,8 @@ class Ernie5(nn.Module):
                     x = self.word_embed(feat.to(self.sos.dtype)) + self.scale_emb.weight[k]
                 logits = []
                 for s in streams:
-                    hid = s.feed(x, pos[off:off + L] + s.p, torch.full((L,), s.b, device=dev)).hidden
+                    hid = s.feed(x, pos[off:off + L] + s.p, torch.full((L,), s.b, device=dev),
+                                 frames=torch.full((L,), t, device=dev)).hidden
                     logits.append(self.vis_head(hid).view(1, L, d, 2).float())
                 lg = logits[0]
                 if cfg_on:
@@ -725,13 +759,16 @@ class Ernie5(nn.Module):
 
 class _Stream:
     """One sequence being generated: its KV cache (or, uncached, everything fed so far, re-run each
-    time under the block mask: the slow reference), next Uni-RoPE index `p` and next block id `b`."""
+    time under the block mask: the slow reference), next Uni-RoPE index `p` and next block id `b`.
+    `window`: the temporal window over generated frames (None = none)."""
 
     def __init__(self, net: Ernie5, prompt_pos: torch.Tensor, prompt_blocks: torch.Tensor, p: float, b: int) -> None:
         self.net, self.prompt_pos, self.prompt_blocks, self.p, self.b = net, prompt_pos, prompt_blocks, p, b
         self.cache = None
         self.use_cache = True
+        self.window: Optional[int] = None
         self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.ids: list[tuple[torch.Tensor, torch.Tensor]] = []  # (block ids, frame ids) of every token fed
 
     def open(self, max_len: int, use_cache: bool = True) -> None:
         self.use_cache = use_cache
@@ -747,16 +784,24 @@ class _Stream:
         self.b += n
         return idx[:, None].expand(n, 3), blocks
 
-    def feed(self, x: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, return_hidden: Sequence[int] = ()):
-        """Run x [1, T, C] (positions [T, 3], block ids [T]) after everything fed before."""
+    def feed(self, x: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, return_hidden: Sequence[int] = (),
+             frames: Optional[torch.Tensor] = None):
+        """Run x [1, T, C] (positions [T, 3], block ids [T], generated-frame ids [T] or None) after
+        everything fed before."""
         trunk = self.net.trunk
+        self.ids.append((blocks, torch.full_like(blocks, -1) if frames is None else frames))
+        windowed = None
+        if self.window is not None and frames is not None and int(frames.max()) > self.window:
+            # a frame past the window: the mask over every token fed (cached keys included)
+            bs, fs = (torch.cat([i[j] for i in self.ids]) for j in range(2))
+            windowed = AttentionMask.blocks(bs[None], frame_ids=fs[None], frame_window=self.window)
         if self.use_cache:
             first = self.cache[0].length == 0
-            mask = AttentionMask.blocks(blocks[None]) if first else AttentionMask.full()
+            mask = windowed or (AttentionMask.blocks(blocks[None]) if first else AttentionMask.full())
             return trunk(x, pos, mask, self.cache, return_hidden=return_hidden)
         self.seen.append((x, pos, blocks))
         xs, ps, bs = (torch.cat([s[i] for s in self.seen], dim=1 if i == 0 else 0) for i in range(3))
-        out = trunk(xs, ps, AttentionMask.blocks(bs[None]), return_hidden=return_hidden)
+        out = trunk(xs, ps, windowed or AttentionMask.blocks(bs[None]), return_hidden=return_hidden)
         T = x.shape[1]
         out.hidden = out.hidden[:, -T:]
         out.hidden_states = {k: v[:, -T:] for k, v in out.hidden_states.items()}

@@ -104,7 +104,9 @@ class AttentionMask:
     causal: the order rule when `block_ids` is None (False = full attention).
     block_ids: [B|1, S] int; the order is block[k] <= block[q] (`causal` is then ignored).
     doc_ids: [B|1, S] int; keys of another document are hidden.
-    frame_ids: [S] int, -1 for tokens outside any frame; frame_keep: [B, F, F] bool; frame_window: int.
+    frame_ids: [B|1, S] int (a 1-D [S] is one layout shared by the batch), -1 for tokens outside any
+        frame; ids index frame_keep, so packed rows number their documents' frames apart
+    frame_keep: [B, F, F] bool; frame_window: int.
     explicit: [B|1, 1|H, T, M + S] bool, used as given (the reference).
     """
 
@@ -135,7 +137,7 @@ class AttentionMask:
         """Block-causal: bidirectional inside a block, causal across blocks (+ the Random Frame Mask)."""
         if (frame_keep is not None or frame_window is not None) and frame_ids is None:
             raise ValueError("frame_keep / frame_window need frame_ids")
-        return cls(block_ids=_as_2d(block_ids), doc_ids=_as_2d(doc_ids), frame_ids=frame_ids,
+        return cls(block_ids=_as_2d(block_ids), doc_ids=_as_2d(doc_ids), frame_ids=_as_2d(frame_ids),
                    frame_keep=frame_keep, frame_window=frame_window)
 
     @classmethod
@@ -247,17 +249,20 @@ class AttentionMask:
 
     def _frame_hidden(self, q_len: int, seq_len: int, device) -> torch.Tensor:
         """[B|1, T, S] True where the Random Frame Mask hides key k from query q."""
-        fk = self.frame_ids.to(device)[:seq_len]
-        fq = fk[seq_len - q_len:]
-        earlier = (fk[None, :] >= 0) & (fq[:, None] >= 0) & (fk[None, :] < fq[:, None])
+        fk = _as_2d(self.frame_ids).to(device)[:, :seq_len]  # [B|1, S]
+        fq = fk[:, seq_len - q_len:]
+        earlier = (fk[:, None, :] >= 0) & (fq[:, :, None] >= 0) & (fk[:, None, :] < fq[:, :, None])
         hidden = torch.zeros_like(earlier)
         if self.frame_window is not None:
-            hidden = hidden | (earlier & (fk[None, :] < fq[:, None] - self.frame_window))
+            hidden = hidden | (earlier & (fk[:, None, :] < fq[:, :, None] - self.frame_window))
         if self.frame_keep is None:
-            return hidden[None]
+            return hidden
         keep = self.frame_keep.to(device)
-        kept = keep[:, fq.clamp_min(0)][:, :, fk.clamp_min(0)]  # [B, T, S]
-        return hidden[None] | (earlier[None] & ~kept)
+        B = max(keep.shape[0], fk.shape[0])
+        rows = torch.arange(B, device=device)[:, None, None] % keep.shape[0]
+        fq, fk = fq.clamp_min(0).expand(B, -1), fk.clamp_min(0).expand(B, -1)
+        kept = keep[rows, fq[:, :, None], fk[:, None, :]]  # [B, T, S]
+        return hidden | (earlier & ~kept)
 
     # -- FlexAttention ----------------------------------------------------------------------------
 
@@ -265,14 +270,15 @@ class AttentionMask:
         """FlexAttention mask_mod(b, h, q_idx, kv_idx) over kv = [memory; sequence] (q_idx counts queries)."""
         qb, kb, qd, kd = self._ids(q_len, seq_len, device)
         off = seq_len - q_len
-        batched = kb.shape[0] > 1 or (kd is not None and kd.shape[0] > 1)
+        fk = _as_2d(self.frame_ids).to(device)[:, :seq_len].long() if self.has_frames else None
+        batched = kb.shape[0] > 1 or (kd is not None and kd.shape[0] > 1) or (fk is not None and fk.shape[0] > 1)
         if batched:
-            B = max(kb.shape[0], 1 if kd is None else kd.shape[0])
+            B = max(kb.shape[0], 1 if kd is None else kd.shape[0], 1 if fk is None else fk.shape[0])
             kb = kb.expand(B, -1).contiguous()
             kd = None if kd is None else kd.expand(B, -1).contiguous()
+            fk = None if fk is None else fk.expand(B, -1).contiguous()
         frames = None
         if self.has_frames:
-            fk = self.frame_ids.to(device)[:seq_len].long()
             keep = None if self.frame_keep is None else self.frame_keep.to(device)
             frames = (fk, keep, self.frame_window)
 
@@ -286,7 +292,7 @@ class AttentionMask:
                 ok = ok & (kd[bi, k] == kd[bi, q])
             if frames is not None:
                 fk_, keep_, window = frames
-                tk, tq = fk_[k], fk_[q]
+                tk, tq = fk_[bi, k], fk_[bi, q]
                 earlier = (tk >= 0) & (tq >= 0) & (tk < tq)
                 if window is not None:
                     ok = ok & ~(earlier & (tk < tq - window))
@@ -330,7 +336,8 @@ class AttentionMask:
         full = full | all_mem
         if kv_len % block:
             full[:, :, -1] = False  # ragged last key block: the kernel's bounds + mask_mod handle it
-        B = max(full.shape[0], 1 if self.frame_keep is None else self.frame_keep.shape[0])
+        B = max(full.shape[0], 1 if self.frame_keep is None else self.frame_keep.shape[0],
+                1 if not self.has_frames else _as_2d(self.frame_ids).shape[0])
         full, empty = full.expand(B, nq, nk), empty.expand(B, nq, nk)
         kv_num, kv_idx = _indices(~full & ~empty)
         full_num, full_idx = _indices(full)

@@ -142,7 +142,8 @@ def cfg_for(tmp_path: Path, vt: Path, at: Path, cache: Path, *extra: str, subdir
 def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tokenizer, audio_tokenizer, cache):
     cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "trainer.max_steps=4", "trainer.val_check_interval=4",
                   "trainer.limit_val_batches=1", "test=false", "callbacks.ernie5_schedule.switch_at=0.5",
-                  "+callbacks/cfec=default")
+                  "+callbacks/cfec=default", "+callbacks/frame_mask=default", "callbacks.frame_mask.p_mask=0.5",
+                  "callbacks.frame_mask.window=1")
     _, objs = train.run(cfg)
     m = find_metrics(Path(cfg.paths.output_dir))
     for key in ("train/loss_text", "train/loss_mtp", "train/loss_image", "train/loss_video", "train/loss_audio",
@@ -154,6 +155,18 @@ def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tok
     assert read_metric(m, "cfec/p_max")  # VideoAR's cross-frame error correction schedule drives this module too
     module = objs["model"]
     assert module.cfec.enabled
+    # ... and its Random Frame Mask callback: the knobs reach training steps (video loss changes with them,
+    # the other modalities do not), and the checkpoint keeps them
+    assert set(read_metric(m, "frame_mask/p_mask").values()) == {0.5} and module.frame_mask_window == 1
+    batch = next(b for b in objs["datamodule"].train_dataloader() if any(s.latents.shape[1] > 1 for s in b.vis_gen))
+    with torch.no_grad():
+        masked = module._losses(batch, corrupt=True)["terms"]
+        module.frame_mask_prob, module.frame_mask_window = 0.0, None
+        plain = module._losses(batch, corrupt=True)["terms"]
+    assert masked["video"] != pytest.approx(float(plain["video"]), abs=1e-7)
+    assert masked["audio"] == pytest.approx(float(plain["audio"]), abs=1e-5)
+    knobs = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["knobs"]
+    assert knobs["frame_mask_prob"] == 0.5 and knobs["frame_mask_window"] == 1
     assert module.bias_update_rate == pytest.approx(1e-5) and module.mtp_weight == pytest.approx(0.1)
     # routing analysis ran at validation: counts per task, every layer, and the knob is off again
     assert not module.track_routing and set(module.routing_counts) >= {"text", "image_gen", "audio_und"}

@@ -308,3 +308,119 @@ def test_audio_generation_kv_cache_equals_uncached():
     a = net.generate_audio([("text", [7, 8, 92])], 6, generator=gen())
     b = net.generate_audio([("text", [7, 8, 92])], 6, generator=gen(), use_cache=False)
     assert a.shape == (1, 6, 2) and torch.equal(a, b)
+
+
+# ------------------------------------------------------------- Random Frame Mask / temporal window
+
+FRAME_SCALES = [[1, 1], [2, 2], [4, 4]]
+PER_FRAME = 1 + 4 + 16
+
+
+def video_batch(seed=0, frames=3, S=160):
+    """Two packed rows with three 3-frame video-generation documents (two in row 0, after one another,
+    one in row 1 after a text document). Returns (batch, {global frame id: (row, first token)})."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [[("video", [5, 6, 92]), ("video", [7, 92])], [("text", [11, 12, 13, EOS]), ("video", [8, 9, 10, 92])]]
+    fields = {k: [] for k in ("ids", "kind", "modality", "task", "positions", "block_ids", "doc_ids", "text_targets",
+                              "mtp_targets")}
+    dests, where, fid = [], {}, 0
+    for r, docs in enumerate(rows):
+        parts = {k: [] for k in fields}
+        used = block = 0
+        for i, (kind, prefix) in enumerate(docs):
+            b = DocumentBuilder(2, 4, FRAME_SCALES).text(prefix)
+            if kind == "video":
+                b.generation(frames).text([93, EOS])
+            d = b.finish()
+            n = len(d["ids"])
+            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task", "modality"):
+                parts[k].append(d[k])
+            parts["block_ids"].append(d["block_ids"] + block)
+            parts["doc_ids"].append(torch.full((n,), i))
+            for _, first, count in d["spans"]:
+                dests.append(r * S + used + first + torch.arange(count))
+                for t in range(frames):
+                    where[fid] = (r, used + first + t * PER_FRAME)
+                    fid += 1
+            block += int(d["block_ids"].max()) + 1
+            used += n
+        pad = S - used
+        for k, fill in (("ids", 0), ("kind", -1), ("text_targets", IGNORE), ("mtp_targets", IGNORE), ("task", -1),
+                        ("modality", -1)):
+            parts[k].append(torch.full((pad,), fill))
+        parts["positions"].append(torch.zeros(pad, 3))
+        parts["block_ids"].append(block + torch.arange(pad))
+        parts["doc_ids"].append(torch.full((pad,), len(docs)))
+        for k in fields:
+            fields[k].append(torch.cat(parts[k]).to(torch.float if k == "positions" else torch.long))
+    spans = VisualSpans("video_gen", torch.randn(len(dests), frames, 8, 4, 4, generator=g), torch.stack(dests))
+    return UnifiedBatch(**{k: torch.stack(v) for k, v in fields.items()}, vis_gen=[spans]), where
+
+
+def test_frame_ids_number_every_videos_frames_apart_and_the_frame_mask_matches_a_loop_reference():
+    batch, where = video_batch()
+    fids, F = batch.frame_ids()
+    assert F == 9 and fids.shape == (2, 160)
+    for f, (r, first) in where.items():
+        assert (fids[r, first:first + PER_FRAME] == f).all()
+    assert int((fids >= 0).sum()) == 9 * PER_FRAME and (fids[batch.kind != VG] == -1).all()
+    keep = torch.rand(2, F, F, generator=gen(0)) >= 0.5
+    S, w = 160, 1
+    mask = batch.mask(keep, w)
+    got = mask.dense(S, S)[:, 0]
+    # the obviously correct rule, pair by pair, from the layout's own arrays
+    ref = torch.zeros(2, S, S, dtype=torch.bool)
+    blk, doc, fr = batch.block_ids.tolist(), batch.doc_ids.tolist(), fids.tolist()
+    for b in range(2):
+        for q in range(S):
+            for k in range(S):
+                ok = blk[b][k] <= blk[b][q] and doc[b][k] == doc[b][q]
+                tq, tk = fr[b][q], fr[b][k]
+                if ok and tq >= 0 and 0 <= tk < tq:
+                    ok = tk >= tq - w and bool(keep[b, tq, tk])
+                ref[b, q, k] = ok
+    assert torch.equal(got, ref)
+    assert (got != batch.mask().dense(S, S)[:, 0]).any()  # the rule hides something here
+    # FlexAttention's mask_mod (the CUDA path) agrees, evaluated on the whole grid
+    mod = mask.mask_mod(S, S, 0, "cpu")
+    for b in range(2):
+        grid = mod(torch.tensor(b), torch.tensor(0), torch.arange(S)[:, None], torch.arange(S)[None, :])
+        assert torch.equal(grid, ref[b])
+
+
+def test_random_frame_mask_hides_only_earlier_frames_of_the_same_video(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg(scales=FRAME_SCALES)).eval()
+    batch, where = video_batch()
+    vin = vis_inputs(batch, quantizer)
+    _, F = batch.frame_ids()
+    with torch.no_grad():
+        base = net(batch, vin)
+        same = net(batch, vin, frame_keep=torch.ones(2, F, F, dtype=torch.bool), frame_window=2)
+        hidden = net(batch, vin, frame_keep=torch.zeros(2, F, F, dtype=torch.bool))
+    v0, v1, v2 = (o.vis["video_gen"] for o in (base, same, hidden))
+    # every earlier frame kept, window wide enough: nothing hidden (a dense mask instead of unmasked runs)
+    assert torch.allclose(v0, v1, atol=1e-5)
+    # text before a video (and a text document) is untouched; text after a video reads changed frames
+    for r, n in ((0, 3), (1, 4 + 4)):
+        assert torch.allclose(base.hidden[r, :n], hidden.hidden[r, :n], atol=1e-5)
+    first = slice(0, PER_FRAME)
+    assert torch.allclose(v2[:, first], v0[:, first], atol=1e-6)  # frame 0 has no earlier frame
+    assert not torch.allclose(v2[:, PER_FRAME:], v0[:, PER_FRAME:])  # later frames lost their history
+
+
+def test_windowed_video_generation_kv_cache_equals_uncached(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg()).eval()
+    prompt = [("text", [4, 5, BOI])]
+    kw = dict(uncond_prompt=[("text", [BOI])], guidance=2.0)
+    a = net.generate_visual(quantizer, prompt, 3, generator=gen(), frame_window=1, **kw)
+    b = net.generate_visual(quantizer, prompt, 3, generator=gen(), frame_window=1, use_cache=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    full = net.generate_visual(quantizer, prompt, 3, generator=gen(), **kw)
+    wide = net.generate_visual(quantizer, prompt, 3, generator=gen(), frame_window=2, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(full, wide))  # a window of 2 hides nothing in 3 frames
+    assert all(torch.equal(x[:, :2], y[:, :2]) for x, y in zip(a, full))  # frames 0-1 are within the window
+    assert not all(torch.equal(x, y) for x, y in zip(a, full))  # frame 2 no longer sees frame 0
+    with pytest.raises(ValueError, match="frame_window must be >= 1"):
+        net.generate_visual(quantizer, prompt, 2, frame_window=0)
