@@ -589,3 +589,41 @@ def caption_fields(caption: str) -> dict:
         raise TypeError(f"caption must be a str, got {type(caption).__name__}")
     scene = _parse_scene(caption)
     return scene if scene is not None else _parse_audio(caption)
+
+
+# ----------------------------------------------------------------------------- verifiable scoring
+
+VISUAL_FIELDS = ("colour", "shape", "background", "direction")
+
+
+def visual_labels(caption: str) -> dict:
+    """The scored fields of an image / video caption: the main (large, else first) object's colour,
+    shape and direction, and the background (None where the caption does not say)."""
+    f = caption_fields(caption)
+    objs = f.get("objects") or []
+    o = next((x for x in objs if x.get("size") == "large"), objs[0] if objs else {})
+    return {"colour": o.get("colour"), "shape": o.get("shape"), "background": f.get("background"),
+            "direction": o.get("direction")}
+
+
+def caption_hits(medium: str, caption: str, truth: str) -> dict[str, bool]:
+    """Per field, whether a generated caption states what the true caption of the same item states.
+
+    image / video: `VISUAL_FIELDS` the truth states; audio: the sound's kind and its duration (within
+    0.1 s). A caption that cannot be parsed gets every field wrong. This is the verifier of the
+    captioning evaluation (tools/eval_ernie5.py) and of multimodal RL (lit_modules/ernie5_rl.py)."""
+    if medium == "audio":
+        t, g = caption_fields(truth), caption_fields(caption)
+        dur = g.get("duration") is not None and t.get("duration") is not None \
+            and abs(g["duration"] - t["duration"]) <= 0.1 + 1e-9
+        return {"kind": g.get("sound") is not None and g.get("sound") == t.get("sound"), "duration": bool(dur)}
+    if medium not in ("image", "video"):
+        raise ValueError(f"medium must be image, video or audio, got {medium!r}")
+    t, g = visual_labels(truth), visual_labels(caption)
+    return {k: g[k] == t[k] for k in VISUAL_FIELDS if t[k] is not None}
+
+
+def caption_reward(medium: str, caption: str, truth: str) -> float:
+    """The fraction of the true caption's fields the generated caption gets right (0 to 1)."""
+    hits = caption_hits(medium, caption, truth)
+    return sum(hits.values()) / len(hits) if hits else 0.0

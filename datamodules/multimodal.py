@@ -41,7 +41,8 @@ from models.io import atomic_torch_save, load_checkpoint
 from models.random import multinomial
 from models.tokenizers.checkpoint import load_media_tokenizer
 
-__all__ = ["MultimodalCorpus", "MultimodalDataModule", "Vocabulary", "collate_rows"]
+__all__ = ["CaptionPrompts", "MultimodalCorpus", "MultimodalDataModule", "Vocabulary", "caption_document",
+           "collate_rows", "pack_documents"]
 
 log = logging.getLogger(__name__)
 
@@ -361,24 +362,20 @@ class RowDataset(Dataset):
             medium, role = task.split("_")
             j = self._pick(len(self.data[medium]), g)
             item = self.data[medium][j]
-            open_, close = SPAN_TOKENS[medium]
             caption = self._caption(f"{medium}_captions", j, g)
-            if role == "gen":
-                if float(torch.rand((), generator=g)) < self.caption_dropout:
-                    caption = []
-                b.text(caption + [v[open_]])
-            else:
-                b.text([v[open_]])
+            if role == "und":
+                return caption_document(v, self.scales, medium, item, caption + [v.eos])
+            open_, close = SPAN_TOKENS[medium]
+            if float(torch.rand((), generator=g)) < self.caption_dropout:
+                caption = []
+            b.text(caption + [v[open_]])
             if medium == "audio":
                 b.audio(item.shape[0])
                 media.append(("audio", task, item))
-            elif role == "und":
-                b.understanding(item.shape[0])
-                media.append(("vis_und", task, item))
             else:
                 b.generation(item.shape[0])
                 media.append(("vis_gen", task, item))
-            b.text([v[close]] + ([v["<sep>"]] + caption if role == "und" else []) + [v.eos])
+            b.text([v[close], v.eos])
         return b.finish(), media
 
     def __getitem__(self, index: int) -> dict:
@@ -403,36 +400,80 @@ class RowDataset(Dataset):
         return self._pack(docs)
 
     def _pack(self, docs: list) -> dict:
-        S = self.S
-        row = {"ids": torch.zeros(S, dtype=torch.long), "kind": torch.full((S,), KINDS["pad"], dtype=torch.long),
-               "modality": torch.full((S,), -1, dtype=torch.long), "task": torch.full((S,), -1, dtype=torch.long),
-               "positions": torch.zeros(S, 3), "block_ids": torch.zeros(S, dtype=torch.long),
-               "doc_ids": torch.full((S,), -1, dtype=torch.long),
-               "text_targets": torch.full((S,), IGNORE, dtype=torch.long),
-               "mtp_targets": torch.full((S,), IGNORE, dtype=torch.long)}
-        spans, block = [], 0
-        for d, (doc, media, start) in enumerate(docs):
-            n = len(doc["ids"])
-            sl = slice(start, start + n)
-            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task"):
-                row[k][sl] = doc[k]
-            kind = doc["kind"]
-            mod = torch.zeros_like(kind)  # text / boundary tokens: text
-            medium = TASK_MODALITY[TASKS[int(doc["task"][0])]]
-            mod[kind != KINDS["text"]] = medium
-            row["modality"][sl] = mod
-            row["block_ids"][sl] = doc["block_ids"] + block
-            block += int(doc["block_ids"].max()) + 1 if n else 0
-            row["doc_ids"][sl] = d
-            for (kind_name, first, count), (mkind, task, tensor) in zip(doc["spans"], media):
-                assert kind_name == mkind
-                spans.append((mkind, task, start + first, count, tensor))
-        pad = S - (docs[-1][2] + len(docs[-1][0]["ids"]) if docs else 0)
-        if pad:
-            row["block_ids"][S - pad:] = block + torch.arange(pad)
-            row["doc_ids"][S - pad:] = len(docs)
-        row["spans"] = spans
-        return row
+        return pack_documents(docs, self.S)
+
+
+def caption_document(vocab: "Vocabulary", scales, medium: str, item: torch.Tensor, response: Sequence[int]) -> tuple[dict, list]:
+    """An understanding document `<boX> item <eoX> <sep> response` of an image / video (latents
+    [T', D, H, W]) or a sound (codes [F, Q]); `response` is the caption's ids (ending with EOS when it
+    ended). Returns (the builder's arrays, its media) as `RowDataset.document` does."""
+    open_, close = SPAN_TOKENS[medium]
+    task = f"{medium}_und"
+    b = DocumentBuilder(0, TASKS.index(task), scales).text([vocab[open_]])
+    if medium == "audio":
+        b.audio(item.shape[0])
+        media = [("audio", task, item)]
+    else:
+        b.understanding(item.shape[0])
+        media = [("vis_und", task, item)]
+    b.text([vocab[close], vocab["<sep>"]] + list(response))
+    return b.finish(), media
+
+
+def pack_documents(docs: list, S: int) -> dict:
+    """One packed row of `S` tokens from [(document arrays, media, first token)] (see `RowDataset`)."""
+    row = {"ids": torch.zeros(S, dtype=torch.long), "kind": torch.full((S,), KINDS["pad"], dtype=torch.long),
+           "modality": torch.full((S,), -1, dtype=torch.long), "task": torch.full((S,), -1, dtype=torch.long),
+           "positions": torch.zeros(S, 3), "block_ids": torch.zeros(S, dtype=torch.long),
+           "doc_ids": torch.full((S,), -1, dtype=torch.long),
+           "text_targets": torch.full((S,), IGNORE, dtype=torch.long),
+           "mtp_targets": torch.full((S,), IGNORE, dtype=torch.long)}
+    spans, block = [], 0
+    for d, (doc, media, start) in enumerate(docs):
+        n = len(doc["ids"])
+        sl = slice(start, start + n)
+        for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task"):
+            row[k][sl] = doc[k]
+        kind = doc["kind"]
+        mod = torch.zeros_like(kind)  # text / boundary tokens: text
+        medium = TASK_MODALITY[TASKS[int(doc["task"][0])]]
+        mod[kind != KINDS["text"]] = medium
+        row["modality"][sl] = mod
+        row["block_ids"][sl] = doc["block_ids"] + block
+        block += int(doc["block_ids"].max()) + 1 if n else 0
+        row["doc_ids"][sl] = d
+        for (kind_name, first, count), (mkind, task, tensor) in zip(doc["spans"], media):
+            assert kind_name == mkind
+            spans.append((mkind, task, start + first, count, tensor))
+    pad = S - (docs[-1][2] + len(docs[-1][0]["ids"]) if docs else 0)
+    if pad:
+        row["block_ids"][S - pad:] = block + torch.arange(pad)
+        row["doc_ids"][S - pad:] = len(docs)
+    row["spans"] = spans
+    return row
+
+
+class CaptionPrompts(Dataset):
+    """Captioning prompts of one split for RL (`data.mode=captions`): item i is {'medium', 'index'} of the
+    i-th item over `media` in order (the train sampler shuffles them, resumably); `per_medium` caps
+    each medium's count (None = all)."""
+
+    def __init__(self, corpus: MultimodalCorpus, split: str, media: Sequence[str], per_medium: Optional[int] = None) -> None:
+        data = corpus.splits[split]
+        self.items = [{"medium": m, "index": j} for m in media
+                      for j in range(len(data[m]) if per_medium is None else min(per_medium, len(data[m])))]
+        if not self.items:
+            raise ValueError(f"the {split} split has no items of data.caption_media {list(media)}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.items[i])
+
+
+def collate_prompts(items: Sequence[dict]) -> list[dict]:
+    return list(items)
 
 
 def collate_rows(rows: Sequence[dict]) -> UnifiedBatch:
@@ -468,6 +509,9 @@ class MultimodalDataModule(ResumableDataModule):
         builds them); the visual one must be the 3D video tokenizer.
     task_weights: {task: weight} over `models.ernie5.TASKS` (0 leaves a task out).
     seq_len: tokens per packed row; train_rows / val_rows: rows per epoch / in validation.
+    mode: 'rows' (packed unified rows) or 'captions' (RL: batches of `batch_size` captioning prompts
+        {'medium', 'index'} over `caption_media` of the train split; validation: the first `val_prompts`
+        held-out items of each medium).
     """
 
     def __init__(self, visual_tokenizer: Optional[str] = None, audio_tokenizer: Optional[str] = None,
@@ -479,9 +523,19 @@ class MultimodalDataModule(ResumableDataModule):
                  val_images: int = 64, val_audio: int = 64, num_people: int = 1000, val_fraction: float = 0.1,
                  vocab_size: int = 2048, data_seed: int = 100, eval_seed: int = 200, text_seed: int = 0,
                  seed: int = 0, num_workers: int = 0, text_source: Optional[str] = None,
-                 on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None) -> None:
+                 on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None,
+                 mode: str = "rows", caption_media: Optional[list] = None, val_prompts: int = 32) -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
+        if mode not in ("rows", "captions"):
+            raise ValueError(f"data.mode must be 'rows' or 'captions', got {mode!r}")
+        caption_media = ["image", "video", "audio"] if caption_media is None else list(caption_media)
+        bad_media = sorted(set(caption_media) - {"image", "video", "audio"})
+        if bad_media or not caption_media:
+            raise ValueError(f"data.caption_media must list image / video / audio, got {list(caption_media)}")
+        if val_prompts < 1:
+            raise ValueError(f"data.val_prompts must be >= 1, got {val_prompts}")
+        self.mode, self.caption_media, self.val_prompts = mode, list(caption_media), int(val_prompts)
         if source != "synthetic" and not (str(source).endswith(".jsonl") and Path(source).is_file()):
             raise ValueError(f"data.source must be 'synthetic' or an existing .jsonl manifest, got {source!r}")
         if clips_per_video < 0 or (clip_stride is not None and clip_stride < 1):
@@ -557,6 +611,10 @@ class MultimodalDataModule(ResumableDataModule):
         if longest > self.seq_len:
             raise ValueError(f"data.seq_len={self.seq_len} is shorter than the longest document ({longest} tokens: "
                              "a video generation document); raise it or give that task weight 0")
+        if self.mode == "captions":
+            self.datasets = {"train": CaptionPrompts(self.corpus, "train", self.caption_media),
+                             "val": CaptionPrompts(self.corpus, "val", self.caption_media, self.val_prompts)}
+            return
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
             self.datasets[split] = RowDataset(self.corpus, split, rows, self.seq_len, self.task_weights,
                                               self.caption_dropout if split == "train" else 0.0, self.text_len,
@@ -585,13 +643,17 @@ class MultimodalDataModule(ResumableDataModule):
         ds = self.datasets["train"]
         sampler = self._make_train_sampler(len(ds), f"data.train_rows={len(ds)} gives this rank less than one batch")
         return DataLoader(ds, batch_size=self.per_rank_batch_size(), sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate_rows)
+                          num_workers=self.num_workers, collate_fn=self._collate)
+
+    @property
+    def _collate(self):
+        return collate_prompts if self.mode == "captions" else collate_rows
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         ds = self.datasets["val"]
         return DataLoader(ds, batch_size=self.per_rank_batch_size(), sampler=self._make_eval_sampler(len(ds)),
-                          num_workers=self.num_workers, collate_fn=collate_rows)
+                          num_workers=self.num_workers, collate_fn=self._collate)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -411,14 +411,19 @@ class Ernie5Module(TrunkModule):
     def _opts(self, overrides: dict) -> dict:
         return {**self.sample_cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
+    def caption_prompt(self, medium: str, item: torch.Tensor) -> list:
+        """The captioning prompt `<boX> item <eoX> <sep>` as `Ernie5.generate_text` pieces."""
+        v = self.vocab
+        open_, close = SPAN_TOKENS[medium]
+        kind = "audio" if medium == "audio" else "vis_und"
+        return [("text", [v[open_]]), (kind, item.to(self.device)), ("text", [v[close], v["<sep>"]])]
+
     @torch.no_grad()
     def caption(self, medium: str, item: torch.Tensor, generator: Optional[torch.Generator] = None,
                 **overrides) -> str:
         """Image / video (latents [T', d, H, W]) or audio (codes [F, Q]) -> its generated caption."""
         v, o = self.vocab, self._opts(overrides)
-        open_, close = SPAN_TOKENS[medium]
-        kind = "audio" if medium == "audio" else "vis_und"
-        prompt = [("text", [v[open_]]), (kind, item.to(self.device)), ("text", [v[close], v["<sep>"]])]
+        prompt = self.caption_prompt(medium, item)
         ids = self.net.generate_text(prompt, int(o["max_new_tokens"]), [v.eos], o["temperature"], o["top_k"] or None,
                                      o["top_p"] or None, generator)
         return v.decode(ids)

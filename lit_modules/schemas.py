@@ -215,6 +215,31 @@ class Ernie5ModuleSchema:
 
 
 @dataclass
+class Ernie5RLSchema:
+    """lit_modules/ernie5_rl.py Ernie5RLConfig."""
+
+    group_size: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    objective: str = "grpo"
+    aggregation: str = "token_mean"
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    icepop_alpha: float = 0.5
+    icepop_beta: float = 2.0
+    kl_coef: float = 0.0
+
+
+@dataclass
+class Ernie5RLModuleSchema(Ernie5ModuleSchema):
+    """RL post-training of ERNIE 5.0 (captioning): the policy's `net` comes from `init_ckpt`."""
+
+    _target_: str = "lit_modules.ernie5_rl.Ernie5RLModule"
+    rl: Ernie5RLSchema = field(default_factory=Ernie5RLSchema)
+
+
+@dataclass
 class EvalSchema:
     max_new_tokens: int = 16
     batch: int = 256
@@ -281,3 +306,4 @@ def register_schemas() -> None:
     cs.store(group="model", name="sft_schema", node=SFTModuleSchema)
     cs.store(group="model", name="rl_schema", node=RLModuleSchema)
     cs.store(group="model", name="ernie5_schema", node=Ernie5ModuleSchema)
+    cs.store(group="model", name="ernie5_rl_schema", node=Ernie5RLModuleSchema)

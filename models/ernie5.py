@@ -651,21 +651,30 @@ class Ernie5(nn.Module):
     @torch.no_grad()
     def generate_text(self, prompt: Sequence[tuple[str, Any]], max_new_tokens: int, stop_ids: Sequence[int] = (),
                       temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                      generator: Optional[torch.Generator] = None, use_cache: bool = True) -> list[int]:
+                      generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                      return_logprobs: bool = False):
         """Text continuation of a prompt document (text, or media then SEP: captioning); stops after
-        a token of `stop_ids` (included) or max_new_tokens."""
+        a token of `stop_ids` (included) or max_new_tokens. return_logprobs: (ids, [n] log-probs of
+        each sampled token under softmax(logits / temperature), the full softmax at temperature 0):
+        the rollout's log-probs of RL."""
         from models.transformer import sample_next
 
         x, stream = self.embed_document(prompt)
         stream.open(x.shape[1] + max_new_tokens, use_cache)
         h = stream.feed(x, stream.prompt_pos, stream.prompt_blocks).hidden[:, -1]
         out: list[int] = []
+        logps: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
-            tok = sample_next(self._text_logits(h), temperature, top_k, top_p, generator)
+            logits = self._text_logits(h)
+            tok = sample_next(logits, temperature, top_k, top_p, generator)
             out.append(int(tok))
+            if return_logprobs:
+                logps.append(torch.log_softmax(logits / (temperature or 1.0), -1).reshape(-1)[int(tok)])
             if int(tok) in stop_ids:
                 break
             h = stream.feed(self.tok_emb(tok)[:, None], *stream.next_text(1)).hidden[:, -1]
+        if return_logprobs:
+            return out, (torch.stack(logps) if logps else x.new_zeros(0))
         return out
 
     @torch.no_grad()

@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datamodules.captions import caption_fields  # noqa: E402
+from datamodules.captions import VISUAL_FIELDS, caption_fields, caption_hits, visual_labels  # noqa: E402
 from models.io import atomic_write_text, load_checkpoint  # noqa: E402
 
-VISUAL_FIELDS = ("colour", "shape", "background", "direction")
 AUDIO_KINDS = ("tone", "chord", "chirp", "clicks", "noise_burst")
 
 
@@ -56,18 +55,6 @@ def load(ckpt: str, device: str = "cpu"):
     module._tokenizers_to(device)
     module.checkpoint_step = int(raw.get("global_step", 0))
     return module, dm
-
-
-def main_object(fields: dict) -> dict:
-    objs = [o for o in fields.get("objects") or [] if o.get("size") == "large"] or (fields.get("objects") or [{}])
-    return objs[0]
-
-
-def visual_labels(caption: str) -> dict:
-    f = caption_fields(caption)
-    o = main_object(f)
-    return {"colour": o.get("colour"), "shape": o.get("shape"), "background": f.get("background"),
-            "direction": o.get("direction")}
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -157,18 +144,10 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
         hits: dict[str, list] = {}
         for i in range(n):
             text = module.caption(medium, va[medium][i], gen, **greedy)
-            truth = caption_fields(va[f"{medium}_captions"][i][0])
-            got = caption_fields(text)
-            if medium == "audio":
-                hits.setdefault("kind", []).append(got.get("sound") == truth.get("sound"))
-                ok_dur = got.get("duration") is not None and abs(got["duration"] - truth["duration"]) <= 0.1 + 1e-9
-                hits.setdefault("duration", []).append(ok_dur)
-            else:
-                t, g = visual_labels(va[f"{medium}_captions"][i][0]), visual_labels(text)
-                for k in VISUAL_FIELDS:
-                    if t[k] is not None:
-                        hits.setdefault(k, []).append(g[k] == t[k])
-                hits.setdefault("parsed", []).append(bool(got.get("objects")))
+            for k, ok in caption_hits(medium, text, va[f"{medium}_captions"][i][0]).items():
+                hits.setdefault(k, []).append(ok)
+            if medium != "audio":
+                hits.setdefault("parsed", []).append(bool(caption_fields(text).get("objects")))
         und[medium] = {k: sum(v) / len(v) for k, v in hits.items()}
         if medium == "audio":
             kinds_tr = [{"kind": caption_fields(c[0]).get("sound")} for c in tr["audio_captions"]]

@@ -320,6 +320,61 @@ def test_exported_sub_model_equals_the_parent_under_that_choice_and_generates(el
     assert not (tmp_path / "x").exists()
 
 
+def test_rl_captioning_rewards_the_verifier_and_writes_an_ernie5_checkpoint(elastic_run, tiny_tokenizer,
+                                                                           audio_tokenizer, cache, tmp_path):
+    """experiment=ernie5_rl_caption from an ERNIE 5.0 checkpoint, 2 steps: rollouts are deterministic and
+    scored by the caption verifier; the teacher-forced log-probs of the sampled captions equal the
+    KV-cached sampler's (ratio 1); the KL to the initial policy starts at 0; the checkpoint loads as a
+    plain ERNIE 5.0 checkpoint."""
+    from datamodules.captions import caption_reward
+    from lit_modules.ernie5 import Ernie5Module
+
+    _, _, ckpt = elastic_run
+    data = [f"data.{k}={v}" for k, v in SMALL_DATA.items() if k not in ("batch_size",)]
+    cfg = compose_train_cfg(["experiment=ernie5_rl_caption", f"model.init_ckpt={ckpt}", f"data.visual_tokenizer={tiny_tokenizer}",
+                             f"data.audio_tokenizer={audio_tokenizer}", f"data.cache_dir={cache}", *data, *QUIET,
+                             "data.batch_size=3", "data.val_prompts=2", "model.rl.group_size=2", "model.rl.max_new_tokens=6",
+                             "model.rl.kl_coef=0.1", "model.optim.lr=1e-3", "trainer.max_steps=2",
+                             "trainer.val_check_interval=2", "test=false"], tmp_path / "rl")
+    _, objs = train.run(cfg)
+    module, dm = objs["model"], objs["datamodule"]
+    m = find_metrics(Path(cfg.paths.output_dir))
+    for key in ("train/reward", "train/loss", "train/kl", "train/response_len", "val/reward", "val/loss"):
+        assert read_metric(m, key), key
+    assert read_metric(m, "train/kl")[0] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert module.net.cfg.n_layers == 4  # the init checkpoint's architecture
+
+    # the rollout: deterministic under a generator, every reward the verifier's, log-probs = teacher forcing
+    prompts = [{"medium": "image", "index": 0}, {"medium": "audio", "index": 1}]
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    ro = module.rollout(prompts, g())
+    again = module.rollout(prompts, g())
+    assert ro["responses"] == again["responses"] and len(ro["responses"]) == 4
+    train_split = dm.corpus.splits["train"]
+    for i, (med, ids) in enumerate(zip(ro["media"], ro["responses"])):
+        j = prompts[i // 2]["index"]
+        assert med == prompts[i // 2]["medium"]
+        assert float(ro["rewards"][i]) == caption_reward(med, module.vocab.decode(ids), train_split[f"{med}_captions"][j][0])
+    with torch.no_grad():
+        logp, mask, _, _ = module.response_logprobs(module.net.eval(), ro["media"], ro["items"], ro["responses"])
+    for i, lp in enumerate(ro["logp"]):
+        torch.testing.assert_close(logp[i, :len(lp)], lp, rtol=1e-4, atol=1e-4)
+        assert int(mask[i].sum()) == len(lp)
+
+    # an ordinary ERNIE 5.0 checkpoint (RL knobs beside the hyper-parameters)
+    raw = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert raw["rl"]["group_size"] == 2 and "rl" not in raw["hyper_parameters"]
+    plain = Ernie5Module.load_from_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+                                              map_location="cpu", weights_only=True)
+    torch.testing.assert_close(plain.net.lm_head.weight, module.net.lm_head.weight)
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="model.rl.group_size must be >= 2"):
+        train.run(compose_train_cfg(["experiment=ernie5_rl_caption", f"model.init_ckpt={ckpt}", "model.rl.group_size=1",
+                                     f"data.visual_tokenizer={tiny_tokenizer}", f"data.audio_tokenizer={audio_tokenizer}",
+                                     f"data.cache_dir={cache}", *data, *QUIET], tmp_path / "bad"))
+
+
 def test_elastic_depth_never_goes_below_the_family_minimum():
     from tests.lit_modules.test_elastic_training import fake_module
     from callbacks.elastic import ElasticSampler
