@@ -109,6 +109,7 @@ class Ernie5RLModule(Ernie5Module):
         self.hparams["net"] = dict(hp["net"])  # what builds this network (save_hyperparameters saw model.net)
         self.hparams["rl"] = asdict(self.rl)
         self._ref = None  # frozen initial policy (kl_coef > 0), kept out of the module tree
+        self.last_rollout: Optional[dict] = None  # the last step's {'media', 'responses', 'rewards'}
         from torchmetrics import MeanMetric
 
         self.reward_means = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "loss") + MEDIA})
