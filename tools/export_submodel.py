@@ -235,7 +235,7 @@ def export_submodel(src: str | Path, out: str | Path, depth: Optional[int] = Non
         "hyper_parameters": {**hp, "net": net, "init_ckpt": None},
         "elastic_export": meta,
     }
-    for key in ("tokenizer", "tokenizers", "text_tokenizer", "knobs", "pytorch-lightning_version",
+    for key in ("tokenizer", "tokenizers", "text_tokenizer", "knobs", "global_step", "pytorch-lightning_version",
                 "datamodule_hyper_parameters", "hparams_name"):
         if key in ckpt:
             new[key] = ckpt[key]
