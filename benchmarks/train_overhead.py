@@ -28,7 +28,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.text import TextDataModule  # noqa: E402
-from lit_modules.base import OptimConfig, param_groups, seed_step, warmup_cosine  # noqa: E402
+from lit_modules.base import OptimConfig, param_groups, seed_step  # noqa: E402
 from lit_modules.lm import LanguageModelModule  # noqa: E402
 from models.transformer import Transformer, TransformerConfig, lm_loss  # noqa: E402
 
@@ -55,7 +55,7 @@ def plain_run(net_cfg: dict, optim: OptimConfig, init_state: dict, dm: TextDataM
     model.train()
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     total = optim.total_steps or steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, optim.warmup_steps, total, optim.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.lr_lambda(total))
     losses, t0 = [], 0.0
     loader = dm.train_dataloader()
     step = 0

@@ -55,8 +55,11 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`.
+    """AdamW with a learning-rate schedule over `total_steps`, after a linear warm-up:
 
+    schedule: 'cosine' (cosine decay to `min_lr_ratio * lr` over the rest of the run) or 'wsd'
+        (warmup-stable-decay, ERNIE 5.0's pre-training recipe: constant at `lr`, then a cosine decay to
+        `min_lr_ratio * lr` over the last `decay_fraction` of the run, e.g. 1e-4 -> 1e-5 in mid-training).
     total_steps: None takes the trainer's estimate (max_steps, or epochs x batches).
     grad_clip: max global gradient norm; 0 disables clipping.
     """
@@ -69,8 +72,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     total_steps: Optional[int] = None
     grad_clip: float = 1.0
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"model.optim.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"model.optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.lr <= 0:
             raise ValueError(f"model.optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
@@ -84,12 +93,30 @@ class OptimConfig:
     def from_dict(cls, d: dict) -> "OptimConfig":
         return config_from_dict(cls, d, "model.optim")
 
+    def lr_lambda(self, total: int):
+        """The LR multiplier as a function of the optimiser step, for a run of `total` steps."""
+        if self.schedule == "wsd":
+            return lambda s: warmup_stable_decay(s, self.warmup_steps, total, self.decay_fraction, self.min_lr_ratio)
+        return lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
+
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier at `step`: linear 0->1 over `warmup`, cosine 1->min_ratio until `total`."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_stable_decay(step: int, warmup: int, total: int, decay_fraction: float, min_ratio: float) -> float:
+    """LR multiplier at `step`: linear 0->1 over `warmup`, 1 until the last `decay_fraction` of `total`,
+    then cosine 1->min_ratio until `total` (warmup-stable-decay)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    start = max(warmup, total - int(round(decay_fraction * total)))
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, total - start))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -143,9 +170,7 @@ class ExperimentModule(L.LightningModule):
             # foreach over DTensors is supported; fused is not available on every backend.
         )
         total = cfg.total_steps or int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_lambda(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from lit_modules.base import ExperimentModule, OptimConfig, param_groups, warmup_cosine
+from lit_modules.base import ExperimentModule, OptimConfig, param_groups
 from models.config import config_from_dict
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.metrics import colour_metrics
@@ -177,7 +177,7 @@ class VisualTokenizerModule(ExperimentModule):
             opt = torch.optim.AdamW(g, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
             opts.append(opt)
             scheds.append(torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total, cfg.min_lr_ratio)))
+                opt, cfg.lr_lambda(total)))
         return opts, scheds
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from lit_modules.base import warmup_cosine
+from lit_modules.base import OptimConfig, warmup_cosine
 from lit_modules.lm import LanguageModelModule
 from tests.helpers import find_metrics, read_metric
 
@@ -20,6 +20,23 @@ def test_warmup_cosine_shape():
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_over_the_last_fraction():
+    """ERNIE 5.0's recipe: warm-up, constant, cosine decay to min_lr_ratio over the last half (1e-4 -> 1e-5)."""
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.5)
+    f = cfg.lr_lambda(200)
+    lrs = [f(s) for s in range(210)]
+    assert lrs[0] < lrs[9] < 1.0 and lrs[:10] == [warmup_cosine(s, 10, 200, 0.1) for s in range(10)]
+    assert all(v == 1.0 for v in lrs[10:101])  # stable until the decay starts at 200 - 100
+    assert all(a >= b for a, b in zip(lrs[100:200], lrs[101:201]))
+    assert lrs[150] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[200] == pytest.approx(0.1) and lrs[209] == pytest.approx(0.1)
+    assert OptimConfig().lr_lambda(200)(150) == warmup_cosine(150, 100, 200, 0.1)  # cosine stays the default
+    with pytest.raises(ValueError, match="model.optim.schedule must be"):
+        OptimConfig(schedule="linear")
+    with pytest.raises(ValueError, match="model.optim.decay_fraction"):
+        OptimConfig(schedule="wsd", decay_fraction=1.5)
 
 
 class _PoisonAt:
