@@ -454,21 +454,33 @@ def pack_documents(docs: list, S: int) -> dict:
 
 
 class CaptionPrompts(Dataset):
-    """Captioning prompts of one split for RL (`data.mode=captions`): item i is {'medium', 'index'} of the
-    i-th item over `media` in order (the train sampler shuffles them, resumably); `per_medium` caps
-    each medium's count (None = all)."""
+    """Captioning prompts of one split for RL (`data.mode=captions`): {'medium', 'index'} items.
 
-    def __init__(self, corpus: MultimodalCorpus, split: str, media: Sequence[str], per_medium: Optional[int] = None) -> None:
+    balanced (train): the media take turns (item i is medium i mod M), each cycling through its own
+        items, over M x (the largest medium's count) items, so every medium is prompted equally often
+        however many items it has (the corpus holds 8x more sounds than images); the train sampler
+        shuffles them, resumably. Otherwise (validation): each medium's first `per_medium` items in order.
+    """
+
+    def __init__(self, corpus: MultimodalCorpus, split: str, media: Sequence[str], per_medium: Optional[int] = None,
+                 balanced: bool = False) -> None:
         data = corpus.splits[split]
-        self.items = [{"medium": m, "index": j} for m in media
-                      for j in range(len(data[m]) if per_medium is None else min(per_medium, len(data[m])))]
-        if not self.items:
+        counts = {m: len(data[m]) if per_medium is None else min(per_medium, len(data[m])) for m in media}
+        self.media = [m for m in media if counts[m] > 0]
+        if not self.media:
             raise ValueError(f"the {split} split has no items of data.caption_media {list(media)}")
+        self.counts, self.balanced = counts, balanced
+        self.items = None if balanced else [{"medium": m, "index": j} for m in self.media for j in range(counts[m])]
 
     def __len__(self) -> int:
+        if self.balanced:
+            return len(self.media) * max(self.counts[m] for m in self.media)
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        if self.balanced:
+            m = self.media[i % len(self.media)]
+            return {"medium": m, "index": (i // len(self.media)) % self.counts[m]}
         return dict(self.items[i])
 
 
@@ -510,8 +522,8 @@ class MultimodalDataModule(ResumableDataModule):
     task_weights: {task: weight} over `models.ernie5.TASKS` (0 leaves a task out).
     seq_len: tokens per packed row; train_rows / val_rows: rows per epoch / in validation.
     mode: 'rows' (packed unified rows) or 'captions' (RL: batches of `batch_size` captioning prompts
-        {'medium', 'index'} over `caption_media` of the train split; validation: the first `val_prompts`
-        held-out items of each medium).
+        {'medium', 'index'} over `caption_media` of the train split, every medium equally often;
+        validation: the first `val_prompts` held-out items of each medium).
     """
 
     def __init__(self, visual_tokenizer: Optional[str] = None, audio_tokenizer: Optional[str] = None,
@@ -612,7 +624,7 @@ class MultimodalDataModule(ResumableDataModule):
             raise ValueError(f"data.seq_len={self.seq_len} is shorter than the longest document ({longest} tokens: "
                              "a video generation document); raise it or give that task weight 0")
         if self.mode == "captions":
-            self.datasets = {"train": CaptionPrompts(self.corpus, "train", self.caption_media),
+            self.datasets = {"train": CaptionPrompts(self.corpus, "train", self.caption_media, balanced=True),
                              "val": CaptionPrompts(self.corpus, "val", self.caption_media, self.val_prompts)}
             return
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
