@@ -23,6 +23,7 @@ from models.transformer import TransformerConfig
 from models.ernie3 import Ernie3Config
 from models.ernie5 import Ernie5Config
 from lit_modules.rl import RLConfig
+from lit_modules.ernie5_rl import Ernie5RLConfig
 
 
 def schema_of(cls: type) -> type:
@@ -214,21 +215,7 @@ class Ernie5ModuleSchema:
     sample: Ernie5SampleConfig = field(default_factory=lambda: Ernie5SampleConfig())
 
 
-@dataclass
-class Ernie5RLSchema:
-    """lit_modules/ernie5_rl.py Ernie5RLConfig."""
-
-    group_size: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    objective: str = "grpo"
-    aggregation: str = "token_mean"
-    clip_eps: float = 0.2
-    clip_eps_high: Optional[float] = None
-    icepop_alpha: float = 0.5
-    icepop_beta: float = 2.0
-    kl_coef: float = 0.0
+Ernie5RLSchema = schema_of(Ernie5RLConfig)
 
 
 @dataclass

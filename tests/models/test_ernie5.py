@@ -94,6 +94,37 @@ def tiny_cfg(**kw):
     return Ernie5Config(**{**base, **kw})
 
 
+def pack_rows(rows, S, on_span):
+    """Stack rows of DocumentBuilders into UnifiedBatch fields (documents back to back, then padding);
+    on_span(row, doc start, kind, first, count) is called for every media span."""
+    fields = {k: [] for k in ("ids", "kind", "modality", "task", "positions", "block_ids", "doc_ids", "text_targets",
+                              "mtp_targets")}
+    for r, docs in enumerate(rows):
+        parts = {k: [] for k in fields}
+        used = block = 0
+        for i, b in enumerate(docs):
+            d = b.finish()
+            n = len(d["ids"])
+            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task", "modality"):
+                parts[k].append(d[k])
+            parts["block_ids"].append(d["block_ids"] + block)
+            parts["doc_ids"].append(torch.full((n,), i))
+            for kind, first, count in d["spans"]:
+                on_span(r, used, kind, first, count)
+            block += int(d["block_ids"].max()) + 1
+            used += n
+        pad = S - used
+        for k, fill in (("ids", 0), ("kind", -1), ("text_targets", IGNORE), ("mtp_targets", IGNORE), ("task", -1),
+                        ("modality", -1)):
+            parts[k].append(torch.full((pad,), fill))
+        parts["positions"].append(torch.zeros(pad, 3))
+        parts["block_ids"].append(block + torch.arange(pad))
+        parts["doc_ids"].append(torch.full((pad,), len(docs)))
+        for k in fields:
+            fields[k].append(torch.cat(parts[k]).to(torch.float if k == "positions" else torch.long))
+    return {k: torch.stack(v) for k, v in fields.items()}
+
+
 def tiny_batch(seed=0):
     """Two packed rows: row 0 = image generation doc + text doc; row 1 = audio generation doc + image
     understanding doc (hand-built with DocumentBuilder, spans at known places)."""
@@ -104,42 +135,19 @@ def tiny_batch(seed=0):
              DocumentBuilder(0, 0, scales).text([11, 12, 13, 14, EOS])],
             [DocumentBuilder(3, 6, scales).text([7, 8, 92]).audio(5).text([93, EOS]),
              DocumentBuilder(1, 1, scales).text([BOI]).understanding(1).text([EOI, SEP, 9, 10, EOS])]]
-    fields = {k: [] for k in ("ids", "kind", "modality", "task", "positions", "block_ids", "doc_ids", "text_targets",
-                              "mtp_targets")}
     vis_gen, vis_und, audio = [], [], []
-    for r, docs in enumerate(rows):
-        parts = {k: [] for k in fields}
-        used, block = 0, 0
-        for i, b in enumerate(docs):
-            d = b.finish()
-            n = len(d["ids"])
-            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task", "modality"):
-                parts[k].append(d[k])
-            parts["block_ids"].append(d["block_ids"] + block)
-            parts["doc_ids"].append(torch.full((n,), i))
-            for kind, first, count in d["spans"]:
-                dest = r * S + used + first + torch.arange(count)
-                if kind == "vis_gen":
-                    vis_gen.append(VisualSpans("image_gen", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
-                elif kind == "vis_und":
-                    vis_und.append(VisualSpans("image_und", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
-                else:
-                    audio.append(AudioSpans("audio_gen", torch.randint(16, (1, count, 2), generator=g), dest[None]))
-            block += int(d["block_ids"].max()) + 1
-            used += n
-        pad = S - used
-        parts["ids"].append(torch.zeros(pad, dtype=torch.long))
-        parts["kind"].append(torch.full((pad,), -1))
-        parts["positions"].append(torch.zeros(pad, 3))
-        parts["text_targets"].append(torch.full((pad,), IGNORE))
-        parts["mtp_targets"].append(torch.full((pad,), IGNORE))
-        parts["task"].append(torch.full((pad,), -1))
-        parts["modality"].append(torch.full((pad,), -1))
-        parts["block_ids"].append(block + torch.arange(pad))
-        parts["doc_ids"].append(torch.full((pad,), len(docs)))
-        for k in fields:
-            fields[k].append(torch.cat(parts[k]).to(torch.float if k == "positions" else torch.long))
-    return UnifiedBatch(**{k: torch.stack(v) for k, v in fields.items()}, vis_und=vis_und, vis_gen=vis_gen, audio=audio)
+
+    def on_span(r, start, kind, first, count):
+        dest = r * S + start + first + torch.arange(count)
+        if kind == "vis_gen":
+            vis_gen.append(VisualSpans("image_gen", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
+        elif kind == "vis_und":
+            vis_und.append(VisualSpans("image_und", torch.randn(1, 1, 8, 4, 4, generator=g), dest[None]))
+        else:
+            audio.append(AudioSpans("audio_gen", torch.randint(16, (1, count, 2), generator=g), dest[None]))
+
+    fields = pack_rows(rows, S, on_span)
+    return UnifiedBatch(**fields, vis_und=vis_und, vis_gen=vis_gen, audio=audio)
 
 
 @pytest.fixture(scope="module")
@@ -320,41 +328,19 @@ def video_batch(seed=0, frames=3, S=160):
     """Two packed rows with three 3-frame video-generation documents (two in row 0, after one another,
     one in row 1 after a text document). Returns (batch, {global frame id: (row, first token)})."""
     g = torch.Generator().manual_seed(seed)
-    rows = [[("video", [5, 6, 92]), ("video", [7, 92])], [("text", [11, 12, 13, EOS]), ("video", [8, 9, 10, 92])]]
-    fields = {k: [] for k in ("ids", "kind", "modality", "task", "positions", "block_ids", "doc_ids", "text_targets",
-                              "mtp_targets")}
-    dests, where, fid = [], {}, 0
-    for r, docs in enumerate(rows):
-        parts = {k: [] for k in fields}
-        used = block = 0
-        for i, (kind, prefix) in enumerate(docs):
-            b = DocumentBuilder(2, 4, FRAME_SCALES).text(prefix)
-            if kind == "video":
-                b.generation(frames).text([93, EOS])
-            d = b.finish()
-            n = len(d["ids"])
-            for k in ("ids", "kind", "positions", "text_targets", "mtp_targets", "task", "modality"):
-                parts[k].append(d[k])
-            parts["block_ids"].append(d["block_ids"] + block)
-            parts["doc_ids"].append(torch.full((n,), i))
-            for _, first, count in d["spans"]:
-                dests.append(r * S + used + first + torch.arange(count))
-                for t in range(frames):
-                    where[fid] = (r, used + first + t * PER_FRAME)
-                    fid += 1
-            block += int(d["block_ids"].max()) + 1
-            used += n
-        pad = S - used
-        for k, fill in (("ids", 0), ("kind", -1), ("text_targets", IGNORE), ("mtp_targets", IGNORE), ("task", -1),
-                        ("modality", -1)):
-            parts[k].append(torch.full((pad,), fill))
-        parts["positions"].append(torch.zeros(pad, 3))
-        parts["block_ids"].append(block + torch.arange(pad))
-        parts["doc_ids"].append(torch.full((pad,), len(docs)))
-        for k in fields:
-            fields[k].append(torch.cat(parts[k]).to(torch.float if k == "positions" else torch.long))
+    spec = [[("video", [5, 6, 92]), ("video", [7, 92])], [("text", [11, 12, 13, EOS]), ("video", [8, 9, 10, 92])]]
+    rows = [[DocumentBuilder(2, 4, FRAME_SCALES).text(prefix).generation(frames).text([93, EOS]) if kind == "video"
+             else DocumentBuilder(0, 0, FRAME_SCALES).text(prefix) for kind, prefix in docs] for docs in spec]
+    dests, where = [], {}
+
+    def on_span(r, start, kind, first, count):
+        dests.append(r * S + start + first + torch.arange(count))
+        for t in range(frames):
+            where[len(where)] = (r, start + first + t * PER_FRAME)
+
+    fields = pack_rows(rows, S, on_span)
     spans = VisualSpans("video_gen", torch.randn(len(dests), frames, 8, 4, 4, generator=g), torch.stack(dests))
-    return UnifiedBatch(**{k: torch.stack(v) for k, v in fields.items()}, vis_gen=[spans]), where
+    return UnifiedBatch(**fields, vis_gen=[spans]), where
 
 
 def test_frame_ids_number_every_videos_frames_apart_and_the_frame_mask_matches_a_loop_reference():
