@@ -144,8 +144,9 @@ class Ernie5RLModule(Ernie5Module):
             with torch.no_grad():
                 for prompt in prompts:
                     m, item, truth = self._item("train", prompt)
+                    pieces = self.caption_prompt(m, item)  # built (and moved to the device) once per item
                     for _ in range(rl.group_size):
-                        ids, lp = self.net.generate_text(self.caption_prompt(m, item), rl.max_new_tokens, [v.eos],
+                        ids, lp = self.net.generate_text(pieces, rl.max_new_tokens, [v.eos],
                                                          rl.temperature, rl.top_k, None, generator, return_logprobs=True)
                         media.append(m)
                         items.append(item)
