@@ -9,15 +9,19 @@ The corpus (no network; `source: synthetic`):
     text    the synthetic biographies (`synthetic_bios`)
 The held-out split draws every medium from other seeds (`eval_seed`) and holds out biographies.
 Media are encoded once per (data config, tokenizer digests) and cached atomically under
-`cache_dir` as one file, with the BPE text tokenizer trained on the train split's text (captions
-and biographies); the log says whether the cache was built or reused.
+`cache_dir` as one file, with the text tokenizer trained on the train split's text (captions
+and biographies); the log says whether the cache was built or reused. `text_tokenizer` picks it:
+`bpe` (byte-level BPE, the default) or `char_bpe` (ERNIE 5.0's: character BPE whose out-of-alphabet
+characters fall back to UTF-16BE byte tokens; `alphabet_size` caps its alphabet).
 
 Rows: row i of a split is a pure function of (seed, split, i): documents of the seven tasks
 (`models.ernie5.TASKS`) are drawn by `task_weights` and packed into `seq_len` tokens (a draw that
 does not fit is skipped, a text document is cut to fit; the rest is padding), so the train order
 (a `ResumableSampler` over rows) resumes exactly. Generation documents drop their caption with
-probability `caption_dropout` (the unconditional branch of classifier-free guidance). Batches are
-`models.ernie5.UnifiedBatch`.
+probability `caption_dropout` (the unconditional branch of classifier-free guidance). With
+`bpe_dropout` p > 0, training rows segment captions and biographies with BPE-dropout (each merge
+skipped with probability p, drawn from the row's seed, so resume stays exact); validation rows never
+do. Batches are `models.ernie5.UnifiedBatch`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -69,8 +74,9 @@ class Vocabulary:
     def __getitem__(self, name: str) -> int:
         return self.special[name]
 
-    def encode(self, text: str) -> list[int]:
-        return self.bpe.encode(text)
+    def encode(self, text: str, dropout: float = 0.0, rng: Optional[random.Random] = None) -> list[int]:
+        """BPE ids of `text` (`dropout` > 0: a BPE-dropout segmentation drawn from `rng`)."""
+        return self.bpe.encode(text, dropout, rng)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids; boundary tokens are written as their names, EOS ends the text."""
@@ -237,7 +243,6 @@ class MultimodalCorpus:
     @classmethod
     def build_or_load(cls, cfg: dict, visual_ckpt: str, audio_ckpt: str, cache_dir: Path) -> "MultimodalCorpus":
         from models.tokenizers.text import BPETokenizer
-        from tokenizers import Tokenizer
 
         vtok, vinfo = load_media_tokenizer(visual_ckpt, "visual")
         atok, ainfo = load_media_tokenizer(audio_ckpt, "audio")
@@ -248,7 +253,9 @@ class MultimodalCorpus:
                                                               "task_weights", "caption_dropout", "train_rows",
                                                               "val_rows", "cache_dir", "text_len", "source",
                                                               "text_source", "on_bad_file", "clips_per_video",
-                                                              "clip_stride")}
+                                                              "clip_stride", "text_tokenizer", "alphabet_size")}
+        if cfg.get("text_tokenizer", "bpe") != "bpe":  # the default keeps the caches written before the option
+            content.update(text_tokenizer=cfg["text_tokenizer"], alphabet_size=cfg.get("alphabet_size"))
         if cfg["source"] != "synthetic":
             content.update(source=cfg["source"], on_bad_file=cfg["on_bad_file"], clips_per_video=cfg["clips_per_video"],
                            clip_stride=cfg["clip_stride"],
@@ -267,7 +274,7 @@ class MultimodalCorpus:
             try:
                 blob = load_checkpoint(path, what="multimodal token cache")
                 log.info("multimodal corpus: reusing the token cache %s", path)
-                return cls(blob["splits"], Vocabulary(BPETokenizer(Tokenizer.from_str(blob["bpe"]))),
+                return cls(blob["splits"], Vocabulary(BPETokenizer.from_str(blob["bpe"])),
                            {**info, "bad_files": blob["info"].get("bad_files", 0), "built": False})
             except Exception as e:  # an unreadable cache is rebuilt, never trusted
                 log.warning("multimodal corpus: ignoring unreadable cache %s (%s); rebuilding", path, e)
@@ -293,7 +300,8 @@ class MultimodalCorpus:
         info["bad_files"] = bad["bad_files"]
         train_text = texts["train"] + [c for key_ in ("video_captions", "image_captions", "audio_captions")
                                        for caps in raw["train"][key_] for c in caps]
-        bpe = build_tokenizer("bpe", texts=train_text, vocab_size=cfg["vocab_size"])
+        bpe = build_tokenizer(cfg.get("text_tokenizer", "bpe"), texts=train_text, vocab_size=cfg["vocab_size"],
+                              alphabet_size=cfg.get("alphabet_size"))
         splits = {}
         for name, r in raw.items():
             splits[name] = {
@@ -324,7 +332,7 @@ class RowDataset(Dataset):
     """Packed rows of one split; row i is a pure function of (seed, split, i)."""
 
     def __init__(self, corpus: MultimodalCorpus, split: str, num_rows: int, seq_len: int, weights: dict,
-                 caption_dropout: float, text_len: int, seed: int) -> None:
+                 caption_dropout: float, text_len: int, seed: int, bpe_dropout: float = 0.0) -> None:
         self.c, self.split, self.num_rows, self.S = corpus, split, num_rows, seq_len
         self.data = corpus.splits[split]
         self.vocab = corpus.vocab
@@ -336,6 +344,7 @@ class RowDataset(Dataset):
                              "(a manifest too small for data.val_fraction?)")
         self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
         self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
+        self.bpe_dropout = bpe_dropout
 
     def __len__(self) -> int:
         return self.num_rows
@@ -343,9 +352,16 @@ class RowDataset(Dataset):
     def _pick(self, n: int, g: torch.Generator) -> int:
         return int(torch.randint(n, (1,), generator=g))
 
+    def _rng(self, g: torch.Generator) -> Optional[random.Random]:
+        """BPE-dropout's draws for one document (None without dropout: g is then not advanced)."""
+        if self.bpe_dropout <= 0:
+            return None
+        return random.Random(int(torch.randint(1 << 62, (1,), generator=g)))
+
     def _caption(self, key: str, j: int, g: torch.Generator) -> list[int]:
         caps = self.data[key][j]
-        return self.vocab.encode(caps[self._pick(len(caps), g)])
+        text = caps[self._pick(len(caps), g)]
+        return self.vocab.encode(text, self.bpe_dropout, self._rng(g))
 
     def document(self, task: str, g: torch.Generator) -> tuple[dict, list]:
         """One document of `task`: the builder's arrays and its media [(kind, task, tensor)]."""
@@ -354,6 +370,8 @@ class RowDataset(Dataset):
         media = []
         if task == "text":
             ids = self.data["text"][self._pick(len(self.data["text"]), g)]
+            if self.bpe_dropout > 0:  # the cached ids are re-segmented whole (a window could cut a character)
+                ids = v.encode(v.bpe.decode(ids[:-1]), self.bpe_dropout, self._rng(g)) + [v.eos]
             if len(ids) > self.text_len:
                 s = self._pick(len(ids) - self.text_len + 1, g)
                 ids = ids[s:s + self.text_len]
@@ -536,7 +554,8 @@ class MultimodalDataModule(ResumableDataModule):
                  vocab_size: int = 2048, data_seed: int = 100, eval_seed: int = 200, text_seed: int = 0,
                  seed: int = 0, num_workers: int = 0, text_source: Optional[str] = None,
                  on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None,
-                 mode: str = "rows", caption_media: Optional[list] = None, val_prompts: int = 32) -> None:
+                 mode: str = "rows", caption_media: Optional[list] = None, val_prompts: int = 32,
+                 text_tokenizer: str = "bpe", alphabet_size: Optional[int] = None, bpe_dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
         if mode not in ("rows", "captions"):
@@ -563,6 +582,14 @@ class MultimodalDataModule(ResumableDataModule):
             raise ValueError(f"data.task_weights must be >= 0 with at least one > 0, got {weights}")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 0.0 <= bpe_dropout < 1.0:
+            raise ValueError(f"data.bpe_dropout must be in [0, 1), got {bpe_dropout}")
+        if text_tokenizer not in ("bpe", "char_bpe"):
+            raise ValueError(f"data.text_tokenizer must be 'bpe' or 'char_bpe', got {text_tokenizer!r}")
+        if alphabet_size is not None and (text_tokenizer != "char_bpe" or alphabet_size < 1):
+            raise ValueError(f"data.alphabet_size must be null or >= 1, and only with data.text_tokenizer=char_bpe; "
+                             f"got {alphabet_size} with {text_tokenizer!r}")
+        self.bpe_dropout = float(bpe_dropout)
         for key, val in (("seq_len", seq_len), ("batch_size", batch_size), ("train_rows", train_rows),
                          ("val_rows", val_rows), ("text_len", text_len)):
             if val < 1:
@@ -578,7 +605,7 @@ class MultimodalDataModule(ResumableDataModule):
                                num_people=num_people, val_fraction=val_fraction, vocab_size=vocab_size,
                                data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed, source=str(source),
                                text_source=text_source, on_bad_file=on_bad_file, clips_per_video=clips_per_video,
-                               clip_stride=clip_stride)
+                               clip_stride=clip_stride, text_tokenizer=text_tokenizer, alphabet_size=alphabet_size)
         self.corpus: Optional[MultimodalCorpus] = None
         self.datasets: dict = {}
 
@@ -630,7 +657,8 @@ class MultimodalDataModule(ResumableDataModule):
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
             self.datasets[split] = RowDataset(self.corpus, split, rows, self.seq_len, self.task_weights,
                                               self.caption_dropout if split == "train" else 0.0, self.text_len,
-                                              self.seed if split == "train" else 0)
+                                              self.seed if split == "train" else 0,
+                                              self.bpe_dropout if split == "train" else 0.0)
 
     def longest_document(self) -> int:
         """Tokens of the longest non-text document a positive task weight can draw (longest caption)."""

@@ -538,12 +538,10 @@ class Ernie5Module(TrunkModule):
         if self.net is None and self._trainer is None:
             self.configure_model()
         if self.vocab is None and checkpoint.get("text_tokenizer"):
-            from tokenizers import Tokenizer
-
             from datamodules.multimodal import Vocabulary
             from models.tokenizers.text import BPETokenizer
 
-            self.vocab = Vocabulary(BPETokenizer(Tokenizer.from_str(checkpoint["text_tokenizer"])))
+            self.vocab = Vocabulary(BPETokenizer.from_str(checkpoint["text_tokenizer"]))
         knobs = checkpoint.get("knobs") or {}
         if "mtp_weight" in knobs:
             self.mtp_weight = float(knobs["mtp_weight"])

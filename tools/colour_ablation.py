@@ -15,7 +15,10 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
   past slices start at zero; `3d` is PyTorch's default over the whole kt x k x k kernel;
 - `--past-rate a`: the past slices are parametrised as a * w, so Adam moves them a times as fast
   (0 freezes them at their initial value times 0, i.e. no temporal context);
-- `--image-frac f`: a fraction f of the steps trains on 1-frame clips (4x the batch, random frames).
+- `--image-frac f`: a fraction f of the steps trains on 1-frame clips (4x the batch, random frames);
+- `--temporal-warmup K`: start as the per-frame network (past slices zero, temporal downsampling =
+  frame subsampling, temporal upsampling = frame repetition) and keep every temporal weight frozen
+  there for the first K steps, then train everything.
 
 Exploratory: one run is one seed; read differences smaller than the seed spread as noise.
 """
@@ -109,7 +112,30 @@ def build(args) -> VisualTokenizer:
                 conv.weight[:, :, :-1].div_(args.past_rate)  # same function at init, slower past slices
         if args.past_rate != 1.0:
             parametrize.register_parametrization(conv, "weight", PastScale(args.past_rate))
+    if args.temporal_warmup > 0:
+        _per_frame_start(net)
     return net
+
+
+def _per_frame_start(net: VisualTokenizer) -> None:
+    """Temporal slices to zero, resampling to subsample / repeat; mark what the warm-up freezes."""
+    for m in net.modules():
+        if isinstance(m, causal_conv.TimeUpsample):
+            causal_conv._dirac_last_slice_(m.conv.conv, out_offset=0)
+            causal_conv._dirac_last_slice_(m.conv.conv, out_offset=m.conv.conv.in_channels)
+    for m in net.modules():
+        if isinstance(m, causal_conv.CausalConv3d) and m.kt > 1:
+            with torch.no_grad():
+                m.conv.weight[:, :, :-1].zero_()
+            mask = torch.ones_like(m.conv.weight)
+            mask[:, :, :-1] = 0
+            resampler = m.time_stride > 1 or m.conv.out_channels == 2 * m.conv.in_channels and any(
+                isinstance(p, causal_conv.TimeUpsample) and p.conv is m for p in net.modules())
+            if resampler:
+                mask.zero_()
+            m.conv.weight._warmup_mask = mask
+            if m.conv.bias is not None and resampler:
+                m.conv.bias._warmup_mask = torch.zeros_like(m.conv.bias)
 
 
 def clips(n: int, seed: int) -> torch.Tensor:
@@ -156,6 +182,11 @@ def run(args) -> dict:
             + 0.1 * out["entropy_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step < args.temporal_warmup:
+            for p in net.parameters():
+                mask = getattr(p, "_warmup_mask", None)
+                if mask is not None and p.grad is not None:
+                    p.grad.mul_(mask)
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
     config = {k: v for k, v in vars(args).items() if k not in ("eval_every", "eval_clips")}
@@ -176,10 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--current-init", default="3d", choices=("3d", "2d"))
     p.add_argument("--past-rate", type=float, default=1.0)
     p.add_argument("--image-frac", type=float, default=0.0)
+    p.add_argument("--temporal-warmup", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     args = p.parse_args(argv)
     if args.past_rate < 0:
         p.error("--past-rate must be >= 0")
+    if args.temporal_warmup and (args.past_rate != 1.0 or args.time_kernel == 1):
+        p.error("--temporal-warmup takes neither --past-rate nor --time-kernel 1")
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result

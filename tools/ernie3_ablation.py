@@ -1,7 +1,7 @@
 """ERNIE 3.0 ablations at small scale, several seeds each; prints markdown tables and writes summary.json.
 
     python tools/ernie3_ablation.py --out logs/ernie3_ablation [--seeds 0 1 2] [--steps 600]
-        [--configs full no_uktp no_km] [--progressive] [-- extra train.py overrides]
+        [--configs full no_uktp no_km] [--progressive] [--seen-templates 0 1 2] [-- extra train.py overrides]
 
 Pre-training configurations (papers.md 3.2 and its UKTP ablation):
     full      all five tasks, knowledge masking
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--progressive-steps", type=int, default=None, help="steps of the progressive comparison (default --steps)")
     p.add_argument("--val-every", type=int, default=100, help="validation interval of the progressive comparison")
     p.add_argument("--probes", type=int, default=300)
+    p.add_argument("--seen-templates", type=int, nargs="*", default=[0, 1, 2],
+                   help="also probe in these (pre-training) templates: memorisation, next to the held-out wording")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     py = sys.executable
@@ -109,6 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
                                      cwd=ROOT, check=True, capture_output=True, text=True)
                 atomic_write_text(probe_path, res.stdout.strip().splitlines()[-1])
             probe = json.loads(probe_path.read_text())
+            seen_path = rd / "probe_seen_wording.json"
+            if args.seen_templates and not seen_path.is_file():
+                res = subprocess.run([py, "tools/ernie3_probe.py", str(ckpt), "--max-probes", str(args.probes),
+                                      "--templates", *map(str, args.seen_templates)],
+                                     cwd=ROOT, check=True, capture_output=True, text=True)
+                atomic_write_text(seen_path, res.stdout.strip().splitlines()[-1])
+            seen = json.loads(seen_path.read_text()) if seen_path.is_file() else {}
             fd = out / f"{name}_s{seed}_relation"
             if not any(fd.rglob("metrics.csv")):
                 run([py, "train.py", "experiment=ernie3_finetune", "logger=csv", "extras.print_config=false",
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "dlm_seg_memory_on": [last(rows, f"val/dlm_seg{s}") for s in segs],
                 "dlm_seg_memory_off": [last(rows, f"val/dlm_nomem_seg{s}") for s in segs],
                 "cloze_accuracy": probe["cloze_accuracy"], "cloze_chance": probe["chance"],
+                "cloze_seen_wording": seen.get("cloze_accuracy"), "cloze_seen_chance": seen.get("chance"),
                 "relation_test_acc": last(frows, "test/acc"),
             }
     if args.progressive:
@@ -152,14 +162,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(results: dict) -> str:
-    lines = ["| config | cloze acc (chance) | relation acc | val kmlm | val uktp | val reorder acc | val distance acc |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| config | cloze acc, held-out wording (chance) | cloze acc, pre-training wording (chance) | relation acc "
+             "| val kmlm | val uktp | val reorder acc | val distance acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     by: dict[str, list] = {}
     for r in results["pretrain"].values():
         by.setdefault(r["config"], []).append(r)
     for name, rs in by.items():
+        seen = [r for r in rs if r.get("cloze_seen_wording") is not None]
+        seen_cell = (f"{mean_sd([r['cloze_seen_wording'] for r in seen])} "
+                     f"({statistics.fmean(r['cloze_seen_chance'] for r in seen):.3f})") if seen else "n/a"
         lines.append(f"| {name} | {mean_sd([r['cloze_accuracy'] for r in rs])} ({statistics.fmean(r['cloze_chance'] for r in rs):.3f}) "
-                     f"| {mean_sd([r['relation_test_acc'] for r in rs])} | {mean_sd([r['val_loss']['kmlm'] for r in rs])} "
+                     f"| {seen_cell} | {mean_sd([r['relation_test_acc'] for r in rs])} | {mean_sd([r['val_loss']['kmlm'] for r in rs])} "
                      f"| {mean_sd([r['val_loss']['uktp'] for r in rs])} | {mean_sd([r['val_acc']['reorder'] for r in rs])} "
                      f"| {mean_sd([r['val_acc']['distance'] for r in rs])} |")
     if "full" in by:

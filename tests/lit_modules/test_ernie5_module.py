@@ -97,7 +97,55 @@ def test_vocabulary_boundary_tokens_and_caption_dropout(dm, tiny_tokenizer, audi
     assert first.count(v["<boi>"]) not in (0, 12)
 
 
+def test_bpe_dropout_resegments_training_captions_only_and_char_bpe_falls_back(dm, tiny_tokenizer, audio_tokenizer,
+                                                                                cache):
+    from datamodules.multimodal import RowDataset
+    from models.tokenizers.text import CharBPETokenizer
+
+    kw = {**SMALL_DATA, "task_weights": {"image_gen": 1.0}, "caption_dropout": 0.0}
+    d = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), bpe_dropout=0.4, **kw)
+    d.setup()
+    v, ds = d.vocab, d.datasets["train"]
+    assert isinstance(ds, RowDataset) and ds.bpe_dropout == 0.4 and d.datasets["val"].bpe_dropout == 0.0
+    changed = 0
+    for i in range(12):
+        row = ds[i]
+        assert torch.equal(row["ids"], ds[i]["ids"])  # a pure function of (seed, row)
+        ids = row["ids"].tolist()
+        caption = ids[:ids.index(v["<boi>"])]
+        text = v.decode(caption)
+        assert any(text in caps for caps in d.corpus.splits["train"]["image_captions"])  # same text, other pieces
+        changed += caption != v.encode(text)
+    assert changed > 0
+    # validation rows never drop merges: they equal the rows of a run without dropout
+    d0 = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), **kw)
+    d0.setup()
+    assert all(torch.equal(d.datasets["val"][i]["ids"], d0.datasets["val"][i]["ids"]) for i in range(4))
+    # biographies are re-segmented too (text rows decode to the same characters)
+    t = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), bpe_dropout=0.4,
+                             **{**SMALL_DATA, "task_weights": {"text": 1.0}})
+    t.setup()
+    doc, _ = t.datasets["train"].document("text", torch.Generator().manual_seed(3))
+    pieces = doc["ids"].tolist()
+    assert any(t.vocab.decode(pieces[:-1]) in bio for bio in map(t.vocab.bpe.decode, t.corpus.splits["train"]["text"]))
+
+    # ERNIE 5.0's character BPE: its own cache, out-of-alphabet characters as UTF-16BE byte tokens
+    c = MultimodalDataModule(str(tiny_tokenizer), str(audio_tokenizer), cache_dir=str(cache), text_tokenizer="char_bpe",
+                             alphabet_size=16, **kw)
+    c.setup()
+    assert isinstance(c.vocab.bpe, CharBPETokenizer) and len(c.vocab.bpe.alphabet) == 16
+    assert c.corpus.info["path"] != dm.corpus.info["path"]
+    row = c.datasets["train"][0]["ids"].tolist()
+    caption = c.vocab.decode(row[:row.index(c.vocab["<boi>"])])
+    assert any(caption in caps for caps in c.corpus.splits["train"]["image_captions"])
+    byte0 = c.vocab.bpe.hf_tokenizer.token_to_id("<0x00>")
+    assert any(byte0 <= i < byte0 + 256 for i in row)  # a 16-character alphabet cannot spell every caption
+
+
 @pytest.mark.parametrize("kw,match", [
+    ({"bpe_dropout": 1.0}, "data.bpe_dropout"),
+    ({"text_tokenizer": "wordpiece"}, "data.text_tokenizer"),
+    ({"alphabet_size": 50}, "data.alphabet_size"),
     ({"task_weights": {"imag_gen": 1.0}}, "data.task_weights has unknown tasks"),
     ({"task_weights": {"text": 0.0}}, "data.task_weights"),
     ({"caption_dropout": 1.0}, "data.caption_dropout"),
