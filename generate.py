@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -112,9 +113,9 @@ def generate_ernie5(args) -> list:
         if not args.input:
             raise ValueError("--task caption needs --input (an image, video or audio file)")
         for path in args.input:
-            medium, item = _encode_media(module, Path(path), args.device)
+            medium, item, pixels = _encode_media(module, Path(path), args.device)
             for i in range(args.num_samples):
-                text = module.caption(medium, item, gen, **opts)
+                text = module.caption(medium, item, gen, pixels=pixels, **opts)
                 print(f"--- {path} ({medium}), sample {i}\n{text}\n")
                 results.append(text)
         return results
@@ -156,8 +157,9 @@ def generate_ernie5(args) -> list:
     return results
 
 
-def _encode_media(module, path: Path, device: str) -> tuple[str, torch.Tensor]:
-    """A media file -> (medium, latents [T', d, H, W] or codes [F, Q]) through the model's frozen tokenizers."""
+def _encode_media(module, path: Path, device: str) -> tuple[str, torch.Tensor, Optional[torch.Tensor]]:
+    """A media file -> (medium, latents [T', d, H, W] or codes [F, Q] through the model's frozen
+    tokenizers, the frames [T, H, W, 3] uint8 of an image / video (None for a sound))."""
     from datamodules.media import decode_image_file, decode_video_file
 
     vtok, atok = module.visual_tokenizer, module.audio_tokenizer
@@ -168,13 +170,14 @@ def _encode_media(module, path: Path, device: str) -> tuple[str, torch.Tensor]:
         from datamodules.media_io import read_audio
 
         wave = read_audio(path, rate).clamp(-1, 1)[None].to(device)
-        return "audio", atok.encode(wave)[0]
+        return "audio", atok.encode(wave)[0], None
     if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-        img = decode_image_file(path, size).float().div(127.5).sub(1).to(device)  # [1, 3, H, W]
-        return "image", vtok.encode_features(img).transpose(1, 2)[0]
+        raw = decode_image_file(path, size)  # [1, 3, H, W] uint8
+        img = raw.float().div(127.5).sub(1).to(device)
+        return "image", vtok.encode_features(img).transpose(1, 2)[0], raw.permute(0, 2, 3, 1).to(device)
     clip = decode_video_file(path, 1 + vtok.cfg.time_stride * 2, None, 1, size, "pad")  # [1, T, 3, H, W]
     x = clip.float().div(127.5).sub(1).permute(0, 2, 1, 3, 4).to(device)
-    return "video", vtok.encode_features(x).transpose(1, 2)[0]
+    return "video", vtok.encode_features(x).transpose(1, 2)[0], clip[0].permute(0, 2, 3, 1).to(device)
 
 
 def generate_video(args) -> list[Path]:

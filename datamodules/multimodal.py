@@ -46,12 +46,12 @@ from models.io import atomic_torch_save, load_checkpoint
 from models.random import multinomial
 from models.tokenizers.checkpoint import load_media_tokenizer
 
-__all__ = ["CaptionPrompts", "MultimodalCorpus", "MultimodalDataModule", "Vocabulary", "caption_document",
+__all__ = ["CaptionPrompts", "MultimodalCorpus", "MultimodalDataModule", "Vocabulary", "caption_document", "item_pixels",
            "collate_rows", "pack_documents"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the corpus keeps the images' and videos' pixels (the patch merger's ViT branch)
 TASK_MODALITY = {"text": 0, "image_und": 1, "image_gen": 1, "video_und": 2, "video_gen": 2, "audio_und": 3,
                  "audio_gen": 3}
 
@@ -233,8 +233,9 @@ def _encode_audio(tok, waves: torch.Tensor, batch: int = 64) -> torch.Tensor:
 class MultimodalCorpus:
     """Both splits' encoded media, captions and text, plus the vocabulary (see the module docstring).
 
-    splits[name] = {'video': latents [N, T', d, H, W], 'video_captions': [[str per template]], 'image': ...
-    [N, 1, d, H, W], 'audio': codes [N, F, Q], ..._captions, 'text': [token id lists]}.
+    splits[name] = {'video': latents [N, T', d, H, W], 'video_pixels': uint8 [N, T, H_px, W_px, 3],
+    'video_captions': [[str per template]], 'image': [N, 1, d, H, W], 'image_pixels': [N, 1, H_px, W_px, 3],
+    'audio': codes [N, F, Q], ..._captions, 'text': [token id lists]}.
     """
 
     def __init__(self, splits: dict, vocab: Vocabulary, info: dict) -> None:
@@ -306,6 +307,7 @@ class MultimodalCorpus:
         for name, r in raw.items():
             splits[name] = {
                 "video": _encode_visual(vtok, r["video"]), "image": _encode_visual(vtok, r["image"]),
+                "video_pixels": r["video"].contiguous(), "image_pixels": r["image"].contiguous(),
                 "audio": _encode_audio(atok, r["audio"]),
                 "video_captions": r["video_captions"], "image_captions": r["image_captions"],
                 "audio_captions": r["audio_captions"],
@@ -382,7 +384,7 @@ class RowDataset(Dataset):
             item = self.data[medium][j]
             caption = self._caption(f"{medium}_captions", j, g)
             if role == "und":
-                return caption_document(v, self.scales, medium, item, caption + [v.eos])
+                return caption_document(v, self.scales, medium, item, caption + [v.eos], item_pixels(self.data, medium, j))
             open_, close = SPAN_TOKENS[medium]
             if float(torch.rand((), generator=g)) < self.caption_dropout:
                 caption = []
@@ -421,10 +423,17 @@ class RowDataset(Dataset):
         return pack_documents(docs, self.S)
 
 
-def caption_document(vocab: "Vocabulary", scales, medium: str, item: torch.Tensor, response: Sequence[int]) -> tuple[dict, list]:
+def item_pixels(split: dict, medium: str, index: int) -> Optional[torch.Tensor]:
+    """The frames [T, H_px, W_px, 3] uint8 of an image / video of a corpus split (None for a sound)."""
+    return None if medium == "audio" else split[f"{medium}_pixels"][index]
+
+
+def caption_document(vocab: "Vocabulary", scales, medium: str, item: torch.Tensor, response: Sequence[int],
+                     pixels: Optional[torch.Tensor] = None) -> tuple[dict, list]:
     """An understanding document `<boX> item <eoX> <sep> response` of an image / video (latents
-    [T', D, H, W]) or a sound (codes [F, Q]); `response` is the caption's ids (ending with EOS when it
-    ended). Returns (the builder's arrays, its media) as `RowDataset.document` does."""
+    [T', D, H, W], with its pixels [T, H_px, W_px, 3] for the ViT branch) or a sound (codes [F, Q]);
+    `response` is the caption's ids (ending with EOS when it ended). Returns (the builder's arrays, its
+    media) as `RowDataset.document` does; an understanding medium is the pair (latents, pixels)."""
     open_, close = SPAN_TOKENS[medium]
     task = f"{medium}_und"
     b = DocumentBuilder(0, TASKS.index(task), scales).text([vocab[open_]])
@@ -433,7 +442,7 @@ def caption_document(vocab: "Vocabulary", scales, medium: str, item: torch.Tenso
         media = [("audio", task, item)]
     else:
         b.understanding(item.shape[0])
-        media = [("vis_und", task, item)]
+        media = [("vis_und", task, (item, pixels))]
     b.text([vocab[close], vocab["<sep>"]] + list(response))
     return b.finish(), media
 
@@ -519,11 +528,15 @@ def collate_rows(rows: Sequence[dict]) -> UnifiedBatch:
             g[1].append(b * S + start + torch.arange(count))
     batch = UnifiedBatch(**fields)
     for (mkind, task), (tensors, dest) in sorted(groups.items(), key=lambda kv: (kv[0][0], TASKS.index(kv[0][1]))):
-        data, dest = torch.stack(tensors), torch.stack(dest)
+        dest = torch.stack(dest)
+        if mkind == "vis_und":  # (latents, pixels or None) pairs
+            pix = [t[1] for t in tensors]
+            pixels = torch.stack(pix) if all(p is not None for p in pix) else None
+            batch.vis_und.append(VisualSpans(task, torch.stack([t[0] for t in tensors]), dest, pixels))
+            continue
+        data = torch.stack(tensors)
         if mkind == "audio":
             batch.audio.append(AudioSpans(task, data, dest))
-        elif mkind == "vis_und":
-            batch.vis_und.append(VisualSpans(task, data, dest))
         else:
             batch.vis_gen.append(VisualSpans(task, data, dest))
     return batch

@@ -164,7 +164,8 @@ class Ernie5Module(TrunkModule):
         cfg = self.net_cfg
         v, a = self._vtok, self._atok
         given = {"bits": v.cfg.dim, "latent_dim": v.cfg.dim, "scales": [list(s) for s in v.scales],
-                 "audio_levels": a.cfg.num_quantizers, "audio_codebook": a.cfg.codebook_size}
+                 "audio_levels": a.cfg.num_quantizers, "audio_codebook": a.cfg.codebook_size,
+                 "pixel_patch": v.cfg.spatial_factor, "time_stride": v.cfg.time_stride}
         dm = self._datamodule()
         if cfg.text_vocab == 0:
             if dm is None or getattr(dm, "corpus", None) is None:
@@ -411,19 +412,24 @@ class Ernie5Module(TrunkModule):
     def _opts(self, overrides: dict) -> dict:
         return {**self.sample_cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
-    def caption_prompt(self, medium: str, item: torch.Tensor) -> list:
-        """The captioning prompt `<boX> item <eoX> <sep>` as `Ernie5.generate_text` pieces."""
+    def caption_prompt(self, medium: str, item: torch.Tensor, pixels: Optional[torch.Tensor] = None) -> list:
+        """The captioning prompt `<boX> item <eoX> <sep>` as `Ernie5.generate_text` pieces (`pixels`
+        [T, H, W, 3]: an image's / video's frames, for the patch merger's ViT branch)."""
         v = self.vocab
         open_, close = SPAN_TOKENS[medium]
-        kind = "audio" if medium == "audio" else "vis_und"
-        return [("text", [v[open_]]), (kind, item.to(self.device)), ("text", [v[close], v["<sep>"]])]
+        if medium == "audio":
+            piece = ("audio", item.to(self.device))
+        else:
+            piece = ("vis_und", (item.to(self.device), None if pixels is None else pixels.to(self.device)))
+        return [("text", [v[open_]]), piece, ("text", [v[close], v["<sep>"]])]
 
     @torch.no_grad()
     def caption(self, medium: str, item: torch.Tensor, generator: Optional[torch.Generator] = None,
-                **overrides) -> str:
-        """Image / video (latents [T', d, H, W]) or audio (codes [F, Q]) -> its generated caption."""
+                pixels: Optional[torch.Tensor] = None, **overrides) -> str:
+        """Image / video (latents [T', d, H, W], and its `pixels` [T, H, W, 3] uint8 for a ViT branch) or
+        audio (codes [F, Q]) -> its generated caption."""
         v, o = self.vocab, self._opts(overrides)
-        prompt = self.caption_prompt(medium, item)
+        prompt = self.caption_prompt(medium, item, pixels)
         ids = self.net.generate_text(prompt, int(o["max_new_tokens"]), [v.eos], o["temperature"], o["top_k"] or None,
                                      o["top_p"] or None, generator)
         return v.decode(ids)
@@ -492,13 +498,16 @@ class Ernie5Module(TrunkModule):
     def _log_samples(self, writers, split: dict, n: int) -> None:
         from torchvision.utils import make_grid
 
+        from datamodules.multimodal import item_pixels
+
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         step = self.global_step
         lines = []
         for medium in ("image", "video", "audio"):
             for i in range(min(n, len(split[medium]))):
                 truth = split[f"{medium}_captions"][i][0]
-                lines.append(f"- {medium} {i}: generated: {self.caption(medium, split[medium][i], gen)!r} / "
+                said = self.caption(medium, split[medium][i], gen, pixels=item_pixels(split, medium, i))
+                lines.append(f"- {medium} {i}: generated: {said!r} / "
                              f"true: {truth!r}")
         frames = split["video"].shape[1]
         images, videos = [], []

@@ -129,10 +129,13 @@ class Ernie5RLModule(Ernie5Module):
             self._ref.to(self.device)
 
     # ------------------------------------------------------------------------------- rollouts
-    def _item(self, split: str, prompt: dict) -> tuple[str, torch.Tensor, str]:
+    def _item(self, split: str, prompt: dict) -> tuple[str, tuple, str]:
+        """(medium, (latents or codes, pixels or None), its first caption)."""
+        from datamodules.multimodal import item_pixels
+
         data = self._datamodule().corpus.splits[split]
         m, j = prompt["medium"], int(prompt["index"])
-        return m, data[m][j], data[f"{m}_captions"][j][0]
+        return m, (data[m][j], item_pixels(data, m, j)), data[f"{m}_captions"][j][0]
 
     def rollout(self, prompts: list[dict], generator: torch.Generator) -> dict:
         """G sampled captions per prompt: {'media', 'items', 'responses' [ids], 'logp' [[n]], 'rewards' [N]}."""
@@ -144,7 +147,7 @@ class Ernie5RLModule(Ernie5Module):
             with torch.no_grad():
                 for prompt in prompts:
                     m, item, truth = self._item("train", prompt)
-                    pieces = self.caption_prompt(m, item)  # built (and moved to the device) once per item
+                    pieces = self.caption_prompt(m, *item)  # built (and moved to the device) once per item
                     for _ in range(rl.group_size):
                         ids, lp = self.net.generate_text(pieces, rl.max_new_tokens, [v.eos],
                                                          rl.temperature, rl.top_k, None, generator, return_logprobs=True)
@@ -165,7 +168,8 @@ class Ernie5RLModule(Ernie5Module):
         from datamodules.multimodal import caption_document, collate_rows, pack_documents
 
         v, scales = self.vocab, net.scales
-        docs = [caption_document(v, scales, m, x.cpu(), r) for m, x, r in zip(media, items, responses)]
+        docs = [caption_document(v, scales, m, x.cpu(), r, None if px is None else px.cpu())
+                for m, (x, px), r in zip(media, items, responses)]
         S = max(len(d["ids"]) for d, _ in docs)
         rows = []
         for (doc, media_), r in zip(docs, responses):
@@ -228,7 +232,7 @@ class Ernie5RLModule(Ernie5Module):
         media, items, truths = [], [], []
         for prompt in batch:
             m, item, truth = self._item("val", prompt)
-            text = self.caption(m, item, temperature=0.0, max_new_tokens=self.rl.max_new_tokens)
+            text = self.caption(m, item[0], pixels=item[1], temperature=0.0, max_new_tokens=self.rl.max_new_tokens)
             r = caption_reward(m, text, truth)
             self.reward_means["all"].update(r)
             self.reward_means[m].update(r)

@@ -9,7 +9,8 @@ F audio frames, Q audio code levels, G codebook size.
     vis_und    an understanding token of an image / video: the visual tokenizer's continuous
                (pre-quantization) latent, 2x2 patches of one latent frame merged by the attention-based
                patch merger (K = 4 per token; a latent frame already spans 4 video frames, so this is
-               the paper's K = 16 for video)
+               the paper's K = 16 for video); with `vit_layers` > 0 the merger also takes the 2x2
+               patches of a ViT over the pixels (the dual-path hybrid representation, 2K slots)
     vis_gen    a next-frame-and-scale token: VideoAR's input (the accumulated reconstruction of the
                earlier scales, downsampled; <SOS> for the first scale of the first frame) through
                `word_embed`, plus a scale embedding; it predicts the d bits of its own position
@@ -87,14 +88,18 @@ class VisualSpans:
 
     latents: [n, T', d, H, W] the visual tokenizer's continuous latents (encode_features).
     dest: [n, N] int64 flat indices (row * S + position) of the span's tokens, in layout order.
+    pixels: understanding spans only, [n, T, H_px, W_px, 3] uint8, the frames the latents encode (the
+        ViT branch's input; None when the data has none).
     """
 
     task: str
     latents: torch.Tensor
     dest: torch.Tensor
+    pixels: Optional[torch.Tensor] = None
 
     def to(self, device) -> "VisualSpans":
-        return VisualSpans(self.task, self.latents.to(device), self.dest.to(device))
+        return VisualSpans(self.task, self.latents.to(device), self.dest.to(device),
+                           None if self.pixels is None else self.pixels.to(device))
 
 
 @dataclass
@@ -297,6 +302,10 @@ class Ernie5Config(TrunkConfig):
         (= bits for a bitwise tokenizer).
     audio_levels / audio_codebook: the audio tokenizer's Q and G.
     merger_dim / merger_heads: the patch merger's width and heads (0 = d_model).
+    vit_layers / vit_dim / vit_heads: the patch merger's ViT branch (papers.md 4.2), trained from
+        scratch (no pretrained vision model offline): 0 layers = the CNN path only; vit_dim 0 = the
+        merger's width. Its patches are tubelets of `time_stride` frames x `pixel_patch`^2 pixels, one
+        per latent cell (both 0 = from the visual tokenizer: its temporal stride and spatial factor).
     mtp: one MTP module predicting t + 2; mtp_hidden: its dense FFN width (None = the trunk's rule).
     moe: MoEConfig fields over the preset's (None = the preset's); ERNIE 5.0's routing by default:
         aux-loss-free bias balancing at rate 1e-4, no auxiliary or z loss, dropless.
@@ -312,6 +321,11 @@ class Ernie5Config(TrunkConfig):
     audio_codebook: int = 0
     merger_dim: int = 0
     merger_heads: int = 4
+    vit_layers: int = 0
+    vit_dim: int = 0
+    vit_heads: int = 4
+    pixel_patch: int = 0
+    time_stride: int = 0
     mtp: bool = True
     mtp_hidden: Optional[int] = None
     max_frames: int = 16
@@ -344,11 +358,17 @@ class Ernie5Config(TrunkConfig):
                 self.scales = [list(s) for s in parse_scales(self.scales)]
             except ValueError as e:
                 raise ValueError(f"model.net.scales: {e}") from e
-        for key in ("text_vocab", "bits", "latent_dim", "audio_levels", "audio_codebook", "merger_dim"):
+        for key in ("text_vocab", "bits", "latent_dim", "audio_levels", "audio_codebook", "merger_dim", "vit_layers",
+                    "vit_dim", "pixel_patch", "time_stride"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.net.{key} must be >= 0, got {getattr(self, key)}")
         if self.merger_heads < 1:
             raise ValueError(f"model.net.merger_heads must be >= 1, got {self.merger_heads}")
+        if self.vit_layers and self.vit_heads < 1:
+            raise ValueError(f"model.net.vit_heads must be >= 1, got {self.vit_heads}")
+        if self.vit_layers and (self.vit_dim or self.merger_dim or self.d_model) % self.vit_heads:
+            raise ValueError(f"model.net.vit_dim={self.vit_dim or self.merger_dim or self.d_model} is not divisible "
+                             f"by vit_heads={self.vit_heads}")
         if self.ready and self.audio_levels > self.n_layers:
             raise ValueError(f"model.net.n_layers={self.n_layers} must be >= the audio code levels "
                              f"({self.audio_levels}): level j is read from layer L - Q + j")
@@ -379,26 +399,80 @@ def merge_patches(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, T * (H // 2) * (W // 2), 4, D)
 
 
-class PatchMerger(nn.Module):
-    """Attention-based patch merger (papers.md 4.2): project the K patch features of a token, add a
-    learned slot embedding, self-attend over the K slots, mean-pool, map to the model width.
-    [I] Only the CNN path (the tokenizer's pre-quantization latent); the ViT path is not built."""
+def _sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding [h * w, dim] (row-major), any grid size."""
+    q = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float32, device=device) / max(q, 1)))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    out = [f(c.reshape(-1, 1) * freq) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(out, dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1]))
 
-    def __init__(self, in_dim: int, dim: int, heads: int, out_dim: int, slots: int = 4) -> None:
+
+class PixelViT(nn.Module):
+    """The patch merger's ViT branch, from scratch: pixels -> one feature per latent cell.
+
+    A causal tubelet embedding (frame 0 alone, as the tokenizer encodes it; then `time_stride` frames
+    per latent frame, zero frames padded in the past) cuts each latent frame's pixels into
+    `patch`^2 tubelets aligned with the tokenizer's latent grid; a pre-norm transformer encoder
+    attends among the tubelets of one latent frame (fixed 2D sine-cosine positions).
+    """
+
+    def __init__(self, dim: int, layers: int, heads: int, patch: int, time_stride: int) -> None:
+        super().__init__()
+        if patch < 1 or time_stride < 1:
+            raise ValueError(f"the ViT branch needs the tokenizer's patch and time stride, got {patch}, {time_stride}")
+        self.patch, self.tau = patch, time_stride
+        self.embed = nn.Conv3d(3, dim, (time_stride, patch, patch), stride=(time_stride, patch, patch))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, pixels: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """pixels [n, T, H_px, W_px, 3] uint8 (or floats in [-1, 1]) -> features [n, T', D, H, W]."""
+        x = pixels.float().div(127.5).sub(1.0) if not pixels.is_floating_point() else pixels
+        x = x.to(self.embed.weight.dtype).permute(0, 4, 1, 2, 3)  # [n, 3, T, H, W]
+        n, _, T = x.shape[:3]
+        if T != 1 + self.tau * (latent_frames - 1):
+            raise ValueError(f"{T} pixel frames do not make {latent_frames} latent frames at time stride {self.tau}")
+        x = F.pad(x, (0, 0, 0, 0, self.tau - 1, 0))  # the first frame is its own tubelet
+        x = self.embed(x)  # [n, D, T', H, W]
+        D, Tl, H, W = x.shape[1:]
+        x = x.permute(0, 2, 3, 4, 1).reshape(n * Tl, H * W, D) + _sincos_2d(H, W, D, x.device).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).view(n, Tl, H, W, D).permute(0, 1, 4, 2, 3)
+
+
+class PatchMerger(nn.Module):
+    """Attention-based patch merger (papers.md 4.2): project the K patch features of a token (and,
+    with a ViT branch, its K ViT patch features: 2K slots), add a learned slot embedding, self-attend
+    over the slots, mean-pool, map to the model width."""
+
+    def __init__(self, in_dim: int, dim: int, heads: int, out_dim: int, slots: int = 4, vit_dim: int = 0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"model.net.merger_dim={dim} is not divisible by merger_heads={heads}")
         self.proj = nn.Linear(in_dim, dim)
-        self.slot = nn.Parameter(torch.zeros(slots, dim))
+        self.vit_proj = nn.Linear(vit_dim, dim) if vit_dim else None
+        self.slot = nn.Parameter(torch.zeros(2 * slots if vit_dim else slots, dim))
+        self.slots = slots
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [n, N, K, D] -> tokens [n, N, C]."""
+    def forward(self, patches: torch.Tensor, vit: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """patches [n, N, K, D] (and vit [n, N, K, D_vit] with a ViT branch) -> tokens [n, N, C]."""
         n, N, K, _ = patches.shape
         x = self.proj(patches) + self.slot[:K]
-        x = x.reshape(n * N, K, -1)
+        if self.vit_proj is not None:
+            if vit is None:
+                raise ValueError("the patch merger has a ViT branch (model.net.vit_layers > 0): understanding "
+                                 "inputs need their pixels")
+            x = torch.cat([x, self.vit_proj(vit) + self.slot[self.slots:self.slots + vit.shape[2]]], dim=2)
+        x = x.reshape(n * N, x.shape[2], -1)
         h = self.norm(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
         return self.out(x.mean(dim=1)).view(n, N, -1)
@@ -447,7 +521,9 @@ class Ernie5(nn.Module):
         self.scale_emb = nn.Embedding(len(self.scales), C)
         self.sos = nn.Parameter(torch.zeros(C))
         md = cfg.merger_dim or C
-        self.merger = PatchMerger(latent, md, cfg.merger_heads, C)
+        vd = (cfg.vit_dim or md) if cfg.vit_layers else 0
+        self.merger = PatchMerger(latent, md, cfg.merger_heads, C, vit_dim=vd)
+        self.vit = PixelViT(vd, cfg.vit_layers, cfg.vit_heads, cfg.pixel_patch, cfg.time_stride) if vd else None
         self.trunk = Trunk(cfg)
         self.lm_head = nn.Linear(C, cfg.text_vocab, bias=False)
         self.vis_head = nn.Linear(C, 2 * cfg.bits)
@@ -472,6 +548,9 @@ class Ernie5(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.sos)
         nn.init.normal_(self.merger.slot, std=std)
+        if self.merger.vit_proj is not None:
+            nn.init.normal_(self.merger.vit_proj.weight, std=std)
+            nn.init.zeros_(self.merger.vit_proj.bias)
         self.trunk.init_weights()
         if self.mtp is not None:
             nn.init.normal_(self.mtp["proj"].weight, std=std)
@@ -519,6 +598,17 @@ class Ernie5(nn.Module):
             out = out + self.audio_emb[j](codes[..., j])
         return out
 
+    def und_embed(self, latents: torch.Tensor, pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Understanding tokens [n, N, C] of latents [n, T', D, H, W] (and their pixels
+        [n, T, H_px, W_px, 3] for the ViT branch): the patch merger over 2x2 patches."""
+        vit = None
+        if self.vit is not None:
+            if pixels is None:
+                raise ValueError("model.net.vit_layers > 0: understanding inputs need their pixels (the data gives "
+                                 "them; a prompt piece is ('vis_und', (latents, pixels)))")
+            vit = merge_patches(self.vit(pixels, latents.shape[1]))
+        return self.merger(merge_patches(latents), vit)
+
     def embed(self, batch: UnifiedBatch, vis_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Input embeddings [B, S, C]: text ids, then every media span scattered to its positions.
 
@@ -531,7 +621,7 @@ class Ernie5(nn.Module):
         parts_idx, parts_val = [], []
         for spans in batch.vis_und:
             parts_idx.append(spans.dest.reshape(-1))
-            parts_val.append(self.merger(merge_patches(spans.latents.to(x.dtype))).reshape(-1, x.shape[-1]))
+            parts_val.append(self.und_embed(spans.latents.to(x.dtype), spans.pixels).reshape(-1, x.shape[-1]))
         for spans, inputs in zip(batch.vis_gen, vis_inputs):
             parts_idx.append(spans.dest.reshape(-1))
             frames = spans.latents.shape[1]
@@ -606,6 +696,8 @@ class Ernie5(nn.Module):
         unused = []
         if not batch.vis_und:
             unused.append(self.merger)
+            if self.vit is not None:
+                unused.append(self.vit)
         if not batch.vis_gen:
             unused += [self.word_embed, self.scale_emb, self.vis_head]
         if not batch.audio:
@@ -624,8 +716,9 @@ class Ernie5(nn.Module):
     # -- generation --------------------------------------------------------------------------------
 
     def embed_document(self, pieces: Sequence[tuple[str, Any]]) -> tuple[torch.Tensor, "_Stream"]:
-        """Embed one prompt document from pieces ('text', ids) / ('vis_und', latents [T', D, H, W]) /
-        ('audio', codes [F, Q]); returns (x [1, T, C], a stream positioned after it, not yet fed)."""
+        """Embed one prompt document from pieces ('text', ids) / ('vis_und', latents [T', D, H, W], or
+        (latents, pixels [T, H_px, W_px, 3]) for the ViT branch) / ('audio', codes [F, Q]); returns
+        (x [1, T, C], a stream positioned after it, not yet fed)."""
         b = DocumentBuilder(0, 0, self.scales)
         dev = self.sos.device
         embs = []
@@ -635,8 +728,9 @@ class Ernie5(nn.Module):
                 b.text(ids.tolist())
                 embs.append(self.tok_emb(ids))
             elif kind == "vis_und":
-                b.understanding(val.shape[0])
-                embs.append(self.merger(merge_patches(val[None].to(dev, self.sos.dtype)))[0])
+                lat, pix = val if isinstance(val, (tuple, list)) else (val, None)
+                b.understanding(lat.shape[0])
+                embs.append(self.und_embed(lat[None].to(dev, self.sos.dtype), None if pix is None else pix[None].to(dev))[0])
             elif kind == "audio":
                 b.audio(val.shape[0])
                 embs.append(self.audio_embed(val.to(dev)))

@@ -1,10 +1,13 @@
 """Evaluate an ERNIE 5.0 checkpoint on the held-out split of its multimodal corpus (other seeds).
 
     python tools/eval_ernie5.py RUN/checkpoints/last.ckpt [--num 32] [--text-baseline TEXT_ONLY.ckpt] [--out X.json]
+        [--understanding-only]
 
 Understanding: the greedy caption of each held-out image / video / sound, parsed back into fields
 (`datamodules.captions.caption_fields`) and compared with the truth: the main (large) object's colour
-and shape, the video's motion direction, the background; the sound's kind.
+and shape, the video's motion direction, the background; the sound's kind. Beside it, the
+teacher-forced loss of the true captions (`caption_loss`, per medium, held-out rows of that task only).
+`--understanding-only` stops there.
 Generation: caption -> image / video (classifier-free guidance) and description -> sound, judged by
 probe classifiers trained on the REAL tokenized train split (visual: the main object's colour, shape,
 the background and the video's direction from the quantized latent; audio: the sound's kind from the
@@ -35,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from datamodules.captions import VISUAL_FIELDS, caption_fields, caption_hits, visual_labels  # noqa: E402
+from datamodules.multimodal import item_pixels  # noqa: E402
 from models.io import atomic_write_text, load_checkpoint  # noqa: E402
 
 AUDIO_KINDS = ("tone", "chord", "chirp", "clicks", "noise_burst")
@@ -129,7 +133,7 @@ def audio_features(codes: torch.Tensor, codebook: int) -> torch.Tensor:
 
 
 def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = None,
-             text_baseline=None, text_rows: int = 32) -> dict:
+             text_baseline=None, text_rows: int = 32, understanding_only: bool = False) -> dict:
     dev = module.device
     tr, va = dm.corpus.splits["train"], dm.corpus.splits["val"]
     vtok, atok = module.visual_tokenizer, module.audio_tokenizer
@@ -143,7 +147,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
         n = min(num, len(va[medium]))
         hits: dict[str, list] = {}
         for i in range(n):
-            text = module.caption(medium, va[medium][i], gen, **greedy)
+            text = module.caption(medium, va[medium][i], gen, pixels=item_pixels(va, medium, i), **greedy)
             for k, ok in caption_hits(medium, text, va[f"{medium}_captions"][i][0]).items():
                 hits.setdefault(k, []).append(ok)
             if medium != "audio":
@@ -158,6 +162,11 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             lab_va = [visual_labels(c[0]) for c in va[f"{medium}_captions"][:n]]
             und[medium]["chance"] = majority(lab_tr, lab_va, VISUAL_FIELDS)
     res["understanding"] = und
+    # teacher-forced: the NLL of the true captions of held-out images / videos / sounds
+    res["caption_loss"] = {m: text_loss(module, dm, text_rows, f"{m}_und") for m in ("image", "video", "audio")}
+    if understanding_only:
+        res["params"] = module.net.num_params()
+        return res
 
     # generation: probes trained on real tokenized train items, scored on real held-out items and on samples
     gen_res = {}
@@ -197,11 +206,12 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
 
 
 @torch.no_grad()
-def text_loss(module, dm, rows: int) -> float:
-    """Mean next-token cross-entropy over held-out rows made of biography documents only."""
+def text_loss(module, dm, rows: int, task: str = "text") -> float:
+    """Mean next-token cross-entropy of the text tokens of held-out rows made of `task` documents only
+    (text: biographies; X_und: the captions after `<boX> item <eoX> <sep>`)."""
     from datamodules.multimodal import RowDataset, collate_rows
 
-    ds = RowDataset(dm.corpus, "val", rows, dm.seq_len, {"text": 1.0}, 0.0, dm.text_len, 0)
+    ds = RowDataset(dm.corpus, "val", rows, dm.seq_len, {task: 1.0}, 0.0, dm.text_len, 0)
     total, count = 0.0, 0
     for s in range(0, rows, 8):
         batch = collate_rows([ds[i] for i in range(s, min(rows, s + 8))]).to(module.device)
@@ -282,6 +292,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--understanding-only", action="store_true", help="captioning (greedy and teacher-forced) only")
     p.add_argument("--grid", action="store_true", help="evaluate elastic sub-models only (see above)")
     p.add_argument("--depths", type=int, nargs="+", default=None)
     p.add_argument("--experts", type=int, nargs="+", default=None, help="routed experts kept per layer")
@@ -301,7 +312,7 @@ def main(argv=None) -> dict:
                                                      weights_only=True).eval()
         if baseline.vocab is None or baseline.vocab.bpe.hf_tokenizer.to_str() != module.vocab.bpe.hf_tokenizer.to_str():
             raise ValueError("--text-baseline must share the model's text vocabulary (the same corpus config)")
-    res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows)
+    res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows, args.understanding_only)
     res["ckpt"] = str(args.ckpt)
     return _emit(res, args.out)
 

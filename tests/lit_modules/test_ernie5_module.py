@@ -85,6 +85,24 @@ def test_batch_collation_groups_spans_with_flat_destinations(dm):
     assert batch.ids.shape == (4, S)
 
 
+def test_understanding_spans_carry_the_pixels_their_latents_encode(dm, tiny_tokenizer):
+    from models.tokenizers.checkpoint import load_media_tokenizer
+
+    vtok, _ = load_media_tokenizer(str(tiny_tokenizer), "visual")
+    ds = dm.datasets["train"]
+    batch = collate_rows([ds[i] for i in range(8)])
+    assert batch.vis_und
+    for spans in batch.vis_und:
+        n, T = spans.latents.shape[:2]
+        assert spans.pixels.dtype == torch.uint8 and spans.pixels.shape[0] == n
+        assert spans.pixels.shape[1] == 1 + vtok.cfg.time_stride * (T - 1)
+        x = spans.pixels.float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)
+        x = x[:, :, 0] if x.shape[2] == 1 else x
+        with torch.no_grad():
+            again = vtok.encode_features(x).transpose(1, 2)
+        assert torch.allclose(again, spans.latents, atol=1e-5)  # the very frames the latents were encoded from
+
+
 def test_vocabulary_boundary_tokens_and_caption_dropout(dm, tiny_tokenizer, audio_tokenizer, cache):
     v = dm.vocab
     assert len(v) == v.base + 7 and v["<sep>"] == v.base + 6
@@ -221,6 +239,34 @@ def test_training_logs_every_modality_loss_and_schedule_knobs(tmp_path, tiny_tok
     L, E = module.net_cfg.n_layers, module.trunk.num_experts
     assert all(c.shape == (L, E) for c in module.routing_counts.values())
     assert list(Path(cfg.paths.output_dir).rglob("routing/step_4.md"))
+
+
+def test_training_with_the_vit_branch_learns_it_and_captions_from_pixels(tmp_path, tiny_tokenizer, audio_tokenizer,
+                                                                           cache):
+    cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "model.net.vit_layers=1", "model.net.vit_dim=16",
+                  "model.net.vit_heads=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                  "trainer.limit_val_batches=1", "test=false",
+                  *[f"data.task_weights.{t}=0" for t in ("text", "image_gen", "video_gen", "audio_und", "audio_gen")])
+    torch.manual_seed(0)
+    _, objs = train.run(cfg)
+    module, dm_ = objs["model"], objs["datamodule"]
+    assert module.net.vit is not None and module.net_cfg.pixel_patch == 4 and module.net_cfg.time_stride == 2
+    assert read_metric(find_metrics(Path(cfg.paths.output_dir)), "val/loss_text")
+    # the branch is trained: the captioning loss reaches every one of its parameters
+    batch = next(iter(dm_.train_dataloader()))
+    assert batch.vis_und and not batch.vis_gen and not batch.audio
+    module.zero_grad()
+    module._total(module._losses(batch, corrupt=True)["terms"], train=False).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.vit.parameters())
+    from datamodules.multimodal import item_pixels
+
+    va = dm_.corpus.splits["val"]
+    module.eval()
+    text = module.caption("image", va["image"][0], pixels=item_pixels(va, "image", 0), temperature=0.0,
+                          max_new_tokens=4)
+    assert isinstance(text, str)
+    with pytest.raises(ValueError, match="vit_layers"):
+        module.caption("image", va["image"][0], temperature=0.0, max_new_tokens=2)
 
 
 ELASTIC_SEEN: list = []
@@ -504,8 +550,9 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
     from datamodules.media_io import read_audio
     from tools import eval_ernie5, routing_report
 
+    # with the patch merger's ViT branch: captioning files and held-out items needs their pixels
     cfg = cfg_for(tmp_path, tiny_tokenizer, audio_tokenizer, cache, "trainer.max_steps=2", "trainer.limit_val_batches=0",
-                  "test=false")
+                  "test=false", "model.net.vit_layers=1", "model.net.vit_dim=16", "model.net.vit_heads=2")
     train.run(cfg)
     ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert generate.is_ernie5(ckpt) and not generate.is_videoar(ckpt)
@@ -528,6 +575,9 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
         g = res["generation"][medium]
         assert set(g["generated"]) == set(g["probe_on_real"]) and all(0 <= v <= 1 for v in g["generated"].values())
     assert (tmp_path / "e.json").is_file()
+    und = eval_ernie5.main([ckpt, "--num", "2", "--text-rows", "4", "--understanding-only"])
+    assert und["understanding"] == res["understanding"] and "generation" not in und
+    assert set(und["caption_loss"]) == {"image", "video", "audio"} and all(v > 0 for v in und["caption_loss"].values())
 
     md = routing_report.main([ckpt, "--rows", "4", "--out", str(tmp_path / "rr")])
     assert "step 2" in md and "IoU" in md

@@ -410,3 +410,82 @@ def test_windowed_video_generation_kv_cache_equals_uncached(quantizer):
     assert not all(torch.equal(x, y) for x, y in zip(a, full))  # frame 2 no longer sees frame 0
     with pytest.raises(ValueError, match="frame_window must be >= 1"):
         net.generate_visual(quantizer, prompt, 2, frame_window=0)
+
+
+# ---------------------------------------------------------------------- the patch merger's ViT branch
+
+
+def vit_cfg(**kw):
+    return tiny_cfg(vit_layers=1, vit_dim=16, vit_heads=2, pixel_patch=4, time_stride=2, **kw)
+
+
+def with_pixels(batch, seed=0):
+    """tiny_batch with the understanding span's frames attached (uint8 [n, 1, 16, 16, 3])."""
+    g = torch.Generator().manual_seed(seed)
+    und = [VisualSpans(s.task, s.latents, s.dest, torch.randint(0, 256, (1, 1, 16, 16, 3), generator=g, dtype=torch.uint8))
+           for s in batch.vis_und]
+    return UnifiedBatch(**{k: getattr(batch, k) for k in ("ids", "kind", "modality", "task", "positions", "block_ids",
+                                                          "doc_ids", "text_targets", "mtp_targets")},
+                        vis_und=und, vis_gen=batch.vis_gen, audio=batch.audio)
+
+
+def test_vit_branch_reads_pixels_inside_its_document_only(quantizer):
+    torch.manual_seed(0)
+    net = Ernie5(vit_cfg()).eval()
+    assert net.vit is not None and net.merger.slot.shape[0] == 8  # 2K slots: 4 CNN + 4 ViT patches
+    batch = with_pixels(tiny_batch())
+    vi = vis_inputs(batch, quantizer)
+    with torch.no_grad():
+        a = net(batch, vi).hidden
+        b = net(with_pixels(tiny_batch(), seed=1), vi).hidden
+    und = batch.vis_und[0].dest[0]
+    first = int(und[0]) - 40  # row 1; the understanding document starts one token (BOI) before its span
+    doc = batch.doc_ids[1]
+    same_doc = (doc == doc[first]).nonzero().squeeze(-1)
+    changed = (a[1] - b[1]).abs().amax(-1) > 1e-6
+    assert changed[same_doc[same_doc >= first]].all()  # the span and everything after it in the document
+    assert not changed[same_doc[same_doc < first - 1]].any() and not changed[doc != doc[first]].any()
+    assert torch.equal(a[0], b[0])  # the other row
+    # without pixels the branch cannot run, and says which knob needs them
+    with pytest.raises(ValueError, match="vit_layers"):
+        net(tiny_batch(), vi)
+    # a CNN-only network ignores pixels
+    torch.manual_seed(0)
+    plain = Ernie5(tiny_cfg()).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(batch, vi).hidden, plain(tiny_batch(), vi).hidden)
+
+
+def test_vit_tubelets_read_their_own_frames_and_frame_zero_stands_alone():
+    torch.manual_seed(0)
+    vit = Ernie5(vit_cfg()).vit.eval()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 5, 16, 16, 3), generator=g, dtype=torch.uint8)  # 5 frames -> 3 latent frames
+    with torch.no_grad():
+        base = vit(pixels, 3)
+        assert base.shape == (2, 3, 16, 4, 4)
+        for frame, tubelet in ((0, 0), (1, 1), (2, 1), (3, 2), (4, 2)):  # frame 0 alone, then 2 frames each
+            p = pixels.clone()
+            p[:, frame] = 255 - p[:, frame]
+            out = vit(p, 3)
+            for t in range(3):
+                assert torch.equal(out[:, t], base[:, t]) == (t != tubelet), (frame, t)
+        # an image is a 1-frame video: its tubelet is frame 0 alone
+        assert torch.allclose(vit(pixels[:, :1], 1)[:, 0], base[:, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="latent frames"):
+        vit(pixels[:, :4], 3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_captioning_with_the_vit_branch_kv_cache_equals_uncached(temperature):
+    torch.manual_seed(0)
+    net = Ernie5(vit_cfg()).eval()
+    pix = torch.randint(0, 256, (1, 16, 16, 3), generator=gen(), dtype=torch.uint8)
+    prompt = [("text", [BOI]), ("vis_und", (torch.randn(1, 8, 4, 4), pix)), ("text", [EOI, SEP])]
+    a = net.generate_text(prompt, 10, temperature=temperature, generator=gen())
+    assert a == net.generate_text(prompt, 10, temperature=temperature, generator=gen(), use_cache=False)
+    other = [prompt[0], ("vis_und", (prompt[1][1][0], 255 - pix)), prompt[2]]
+    with torch.no_grad():
+        assert not torch.allclose(net.embed_document(other)[0], net.embed_document(prompt)[0])
+    with pytest.raises(ValueError, match="vit_layers"):
+        net.generate_text([prompt[0], ("vis_und", prompt[1][1][0]), prompt[2]], 2)
