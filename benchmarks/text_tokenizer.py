@@ -10,8 +10,8 @@ same text:
 - encode time of the seeded merge loop (what the data pipeline runs when p > 0) against the
   library's encoder on the same documents, timed alternately, median of per-pair ratios, with an
   A/A pair (library vs library) for the noise floor;
-- for `char_bpe`, tokens per character of text outside its alphabet (CJK, accented Latin, emoji),
-  beside what a UTF-8 byte fallback would need (its byte count).
+- for `char_bpe`, the tokens of short texts with characters outside its alphabet (CJK, accented
+  Latin, emoji), beside what they would be with a UTF-8 byte fallback instead.
 """
 
 from __future__ import annotations
@@ -82,10 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
         res["library_ms_per_1k_chars"] = round(1e3 * statistics.median(ta) / chars * 1000, 3)
         if kind == "char_bpe":
             res["alphabet"] = len(tok.alphabet)
-            res["foreign_tokens_per_char"] = {
-                name: {"utf16be_fallback": round(len(tok.encode(text)) / len(text), 3),
-                       "utf8_bytes_per_char": round(len(text.encode("utf-8")) / len(text), 3)}
-                for name, text in FOREIGN.items()}
+            res["foreign_text"] = {}
+            for name, text in FOREIGN.items():
+                outside = [c for c in text if c not in tok.alphabet]
+                n16 = len(tok.encode(text))
+                u16 = sum(len(c.encode("utf-16-be", errors="surrogatepass")) for c in outside)
+                u8 = sum(len(c.encode("utf-8")) for c in outside)
+                res["foreign_text"][name] = {"chars": len(text), "outside_alphabet": len(outside),
+                                             "tokens_utf16be_fallback": n16,
+                                             "tokens_if_utf8_fallback": n16 - u16 + u8}
         out["tokenizers"][kind] = res
     print(json.dumps(out))
     return out
