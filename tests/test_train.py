@@ -255,3 +255,19 @@ def test_requires_when_auto_fills_only_auto_and_inherits_only_what_differs(monke
     other = real_checkpoint(parent, "image_tokenizer", [], {"model.net.preset": "tiny", "data.image_size": 32})
     assert built == ["experiment=image_tokenizer", "experiment=image_tokenizer model.net.preset=tiny"]
     assert same != other and same == real_checkpoint(parent, "image_tokenizer", [])
+
+
+def test_artifact_fingerprint_ignores_only_options_that_cannot_change_the_build():
+    """A run composed before `model.optim.schedule` existed and one composed with it at `cosine` build
+    the same thing: same fingerprint (the artifacts built before the option are reused); `wsd` differs."""
+    from tools.artifacts import fingerprint
+
+    def content(**optim):
+        return {"model": {"net": {"preset": "small"}, "optim": {"lr": 2e-3, **optim}}, "seed": 0}
+
+    before = fingerprint(content(), ["experiment=image_tokenizer"])
+    assert fingerprint(content(schedule="cosine", decay_fraction=0.2), ["experiment=image_tokenizer"]) == before
+    assert fingerprint(content(schedule="cosine", decay_fraction=0.5), ["experiment=image_tokenizer"]) == before
+    wsd = fingerprint(content(schedule="wsd", decay_fraction=0.2), ["experiment=image_tokenizer"])
+    assert wsd != before != fingerprint(content(lr=1e-3), ["experiment=image_tokenizer"])
+    assert wsd != fingerprint(content(schedule="wsd", decay_fraction=0.5), ["experiment=image_tokenizer"])

@@ -172,15 +172,28 @@ def artifacts_dir(cfg: DictConfig) -> Path:
     return Path(path)
 
 
+def _drop_inert(content: dict) -> dict:
+    """Leave out config keys that cannot change what is built, so that adding an option with a
+    default that keeps the old behaviour does not rebuild every artifact: `model.optim.schedule`
+    when it is `cosine` (the only schedule before the option existed) and, with it, its
+    `decay_fraction` (read by `wsd` only)."""
+    optim = content.get("model", {}).get("optim") if isinstance(content.get("model"), dict) else None
+    if isinstance(optim, dict) and optim.get("schedule", "cosine") == "cosine":
+        optim.pop("schedule", None)
+        optim.pop("decay_fraction", None)
+    return content
+
+
 def fingerprint(content: Any, overrides: list[str]) -> str:
     """Hash of what defines an artifact: the config that builds it and its overrides.
 
     Interpolations are hashed as written (`${paths.output_dir}` and the like name where a run
     writes, which is not what it builds); the values they stand for come in through their own keys.
+    Keys that cannot change the result are left out (`_drop_inert`).
     """
     if isinstance(content, dict):
-        content = {k: (OmegaConf.to_container(v, resolve=False) if isinstance(v, DictConfig) else v)
-                   for k, v in content.items()}
+        content = _drop_inert({k: (OmegaConf.to_container(v, resolve=False) if isinstance(v, DictConfig) else v)
+                               for k, v in content.items()})
     blob = json.dumps({"content": content, "overrides": sorted(overrides)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
