@@ -6,8 +6,11 @@
 Understanding: the greedy caption of each held-out image / video / sound, parsed back into fields
 (`datamodules.captions.caption_fields`) and compared with the truth: the main (large) object's colour
 and shape, the video's motion direction, the background; the sound's kind. Beside it, the
-teacher-forced loss of the true captions (`caption_loss`, per medium, held-out rows of that task only).
-`--understanding-only` stops there.
+teacher-forced loss of the true captions (`caption_loss`, per medium, held-out rows of that task only),
+and `attribute_ranking`: for each held-out image / video, its true caption (template 0) against the
+same caption with the main object's colour (or shape) word replaced by every other colour (shape);
+the item counts as read when the true one is the most likely. Far more sensitive than greedy
+captions at small scale (chance = 1 / the number of candidates). `--understanding-only` stops there.
 Generation: caption -> image / video (classifier-free guidance) and description -> sound, judged by
 probe classifiers trained on the REAL tokenized train split (visual: the main object's colour, shape,
 the background and the video's direction from the quantized latent; audio: the sound's kind from the
@@ -37,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datamodules.captions import VISUAL_FIELDS, caption_fields, caption_hits, visual_labels  # noqa: E402
+from datamodules.captions import (COLOUR_NAMES, SHAPE_WORDS, VISUAL_FIELDS, caption_fields, caption_hits,  # noqa: E402
+                                  visual_labels)
 from datamodules.multimodal import item_pixels  # noqa: E402
 from models.io import atomic_write_text, load_checkpoint  # noqa: E402
 
@@ -164,6 +168,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     res["understanding"] = und
     # teacher-forced: the NLL of the true captions of held-out images / videos / sounds
     res["caption_loss"] = {m: text_loss(module, dm, text_rows, f"{m}_und") for m in ("image", "video", "audio")}
+    res["attribute_ranking"] = {m: attribute_ranking(module, va, m, num) for m in ("image", "video")}
     if understanding_only:
         res["params"] = module.net.num_params()
         return res
@@ -202,6 +207,58 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     if text_baseline is not None:
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
+    return res
+
+
+ATTRIBUTE_WORDS = {"colour": COLOUR_NAMES, "shape": SHAPE_WORDS}
+
+
+@torch.no_grad()
+def caption_logprobs(module, medium: str, items: list, pixels: list, captions: list[str], chunk: int = 32) -> list[float]:
+    """Teacher-forced log-probability of each caption (its tokens and EOS) after `<boX> item <eoX> <sep>`."""
+    from datamodules.multimodal import caption_document, collate_rows, pack_documents
+
+    v, out_lp = module.vocab, []
+    for s in range(0, len(captions), chunk):
+        resp = [v.encode(c) + [v.eos] for c in captions[s:s + chunk]]
+        docs = [caption_document(v, module.net.scales, medium, x, r, px)
+                for x, px, r in zip(items[s:s + chunk], pixels[s:s + chunk], resp)]
+        S = max(len(d["ids"]) for d, _ in docs)
+        rows = []
+        for (doc, media), r in zip(docs, resp):
+            row = pack_documents([(doc, media, 0)], S)
+            n = len(doc["ids"])
+            row["text_targets"].fill_(-100)  # only the caption is scored
+            row["text_targets"][n - len(r) - 1:n - 1] = torch.as_tensor(r, dtype=torch.long)
+            rows.append(row)
+        out = module.net(collate_rows(rows).to(module.device), [], mtp=False)
+        lp = F.log_softmax(out.text_logits.float(), -1).gather(-1, out.text_targets[:, None]).squeeze(-1)
+        out_lp += [float(x.sum()) for x in lp.split([len(r) for r in resp])]
+    return out_lp
+
+
+@torch.no_grad()
+def attribute_ranking(module, split: dict, medium: str, num: int) -> dict:
+    """Per field (colour, shape): the fraction of held-out items whose true caption outranks every
+    variant naming another value for the main object, and the candidates' count (chance = 1 / it)."""
+    from datamodules.multimodal import item_pixels
+
+    res = {}
+    for field, words in ATTRIBUTE_WORDS.items():
+        hits, n_cand = [], len(words)
+        for i in range(min(num, len(split[medium]))):
+            cap = split[f"{medium}_captions"][i][0]
+            lab = visual_labels(cap)
+            phrase = f"large {lab['colour']} {lab['shape']}"
+            if lab[field] is None or phrase not in cap:
+                continue  # no large main object named as "large <colour> <shape>"
+            variants = [cap.replace(phrase, phrase.replace(f" {lab[field]}", f" {w}"), 1) for w in words]
+            truth = words.index(lab[field])
+            lp = caption_logprobs(module, medium, [split[medium][i]] * n_cand, [item_pixels(split, medium, i)] * n_cand,
+                                  variants)
+            hits.append(max(range(n_cand), key=lp.__getitem__) == truth)
+        res[field] = sum(hits) / len(hits) if hits else None
+        res[f"{field}_items"], res[f"{field}_candidates"] = len(hits), n_cand
     return res
 
 

@@ -578,6 +578,20 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
     und = eval_ernie5.main([ckpt, "--num", "2", "--text-rows", "4", "--understanding-only"])
     assert und["understanding"] == res["understanding"] and "generation" not in und
     assert set(und["caption_loss"]) == {"image", "video", "audio"} and all(v > 0 for v in und["caption_loss"].values())
+    for medium in ("image", "video"):
+        rank = und["attribute_ranking"][medium]
+        assert rank["colour_candidates"] == 12 and rank["shape_candidates"] == 3
+        assert rank["colour_items"] >= 1 and 0.0 <= rank["colour"] <= 1.0
+    # batched, padded caption scoring equals scoring each caption on its own row
+    from datamodules.multimodal import item_pixels
+
+    module, dm_ = eval_ernie5.load(ckpt, "cpu")
+    va = dm_.corpus.splits["val"]
+    caps = [va["image_captions"][0][0], "a large red circle", va["image_captions"][1][0]]
+    items, pix = [va["image"][0]] * 3, [item_pixels(va, "image", 0)] * 3
+    batched = eval_ernie5.caption_logprobs(module, "image", items, pix, caps)
+    single = [eval_ernie5.caption_logprobs(module, "image", items[:1], pix[:1], [c])[0] for c in caps]
+    assert batched == pytest.approx(single, rel=1e-5, abs=1e-4) and all(x < 0 for x in batched)
 
     md = routing_report.main([ckpt, "--rows", "4", "--out", str(tmp_path / "rr")])
     assert "step 2" in md and "IoU" in md
