@@ -1,7 +1,8 @@
 """Which part of the causal 3D tokenizer makes training from scratch lose colour (issue 10).
 
     python tools/colour_ablation.py [--steps 300] [--batch 8] [--time-stride 4] [--time-kernel 3]
-        [--current-init 3d|2d] [--past-rate 1.0] [--image-frac 0] [--lr 2e-3] [--seed 0] [--video 1]
+        [--current-init 3d|2d] [--past-rate 1.0] [--image-frac 0] [--image-steps 0] [--temporal-warmup 0]
+        [--lr 2e-3] [--seed 0] [--video 1]
 
 A short plain training loop (the tokenizer module's loss: L1 + L2 + 0.25 commit + quant + 0.1
 entropy, AdamW betas (0.9, 0.95), 50 warm-up steps, grad clip 1) on the embedded moving-shapes
@@ -18,7 +19,11 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
 - `--image-frac f`: a fraction f of the steps trains on 1-frame clips (4x the batch, random frames);
 - `--temporal-warmup K`: start as the per-frame network (past slices zero, temporal downsampling =
   frame subsampling, temporal upsampling = frame repetition) and keep every temporal weight frozen
-  there for the first K steps, then train everything.
+  there for the first K steps, then train everything;
+- `--image-steps K`: the first K steps train on 1-frame clips only (4x the batch, random frames): the
+  2D tokenizer's regime inside the 3D network, whose past slices see only the zero padding of a single
+  frame; with `--temporal-warmup K` as well this is inflation in one run (a per-frame network trained
+  on images, then every weight trained on clips).
 
 Exploratory: one run is one seed; read differences smaller than the seed spread as noise.
 """
@@ -170,7 +175,7 @@ def run(args) -> dict:
         x = train[torch.randint(0, train.shape[0], (args.batch,), generator=gen)]
         if not args.video:
             x = x[:, :, int(torch.randint(0, x.shape[2], (1,), generator=gen))]
-        elif args.image_frac > 0 and float(torch.rand(1, generator=gen)) < args.image_frac:
+        elif step < args.image_steps or (args.image_frac > 0 and float(torch.rand(1, generator=gen)) < args.image_frac):
             n = 4 * args.batch
             idx = torch.randint(0, train.shape[0], (n,), generator=gen)
             x = train[idx, :, torch.randint(0, train.shape[2], (n,), generator=gen)].unsqueeze(2)
@@ -208,10 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--past-rate", type=float, default=1.0)
     p.add_argument("--image-frac", type=float, default=0.0)
     p.add_argument("--temporal-warmup", type=int, default=0)
+    p.add_argument("--image-steps", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     args = p.parse_args(argv)
     if args.past_rate < 0:
         p.error("--past-rate must be >= 0")
+    if args.image_steps and not args.video:
+        p.error("--image-steps needs --video 1")
     if args.temporal_warmup and (args.past_rate != 1.0 or args.time_kernel == 1):
         p.error("--temporal-warmup takes neither --past-rate nor --time-kernel 1")
     result = run(args)

@@ -71,7 +71,7 @@ def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
     from tools.colour_ablation import build, main
 
     def args(**kw):
-        base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0)
+        base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
         return argparse.Namespace(**{**base, **kw})
 
     net = build(args(current_init="2d", past_rate=0.03))
@@ -90,3 +90,25 @@ def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
     assert all(m.kt == 1 for m in net.modules() if isinstance(m, cc.CausalConv3d))
     res = main(["--steps", "1", "--batch", "2", "--train-clips", "2", "--eval-clips", "2", "--eval-every", "1"])
     assert [h["step"] for h in res["history"]] == [0, 1] and 0 <= res["final"]["chroma_ratio"] < 5
+
+
+def test_colour_ablation_image_steps_train_only_the_current_frame_slices():
+    import argparse
+
+    import models.tokenizers.causal_conv as cc
+    from tools.colour_ablation import build, main
+
+    ns = argparse.Namespace(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
+    net = build(ns)
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1  # 1-frame clips, as in the image stage
+    out = net(x)
+    (out["recon"] - x).abs().mean().backward()
+    convs = [m.conv for m in net.modules() if isinstance(m, cc.CausalConv3d) and m.kt > 1]
+    # a single frame's past is the zero padding: the past slices get no gradient, the current ones do
+    assert convs and all(float(c.weight.grad[:, :, :-1].abs().max()) == 0.0 for c in convs)
+    assert any(float(c.weight.grad[:, :, -1].abs().max()) > 0 for c in convs)
+    res = main(["--steps", "2", "--image-steps", "1", "--temporal-warmup", "1", "--batch", "1", "--train-clips", "2",
+                "--eval-clips", "2", "--eval-every", "1"])
+    assert [h["step"] for h in res["history"]] == [0, 1, 2] and res["config"]["image_steps"] == 1
+    with pytest.raises(SystemExit):
+        main(["--image-steps", "1", "--video", "0"])
