@@ -20,7 +20,7 @@ train: install
 	$(PY) train.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -m "not gpu" -q $(ARGS)
+	$(PY) -m pytest -m "not gpu" -q --durations=25 $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not gpu and not slow" -q $(ARGS)

@@ -445,7 +445,7 @@ def test_vit_branch_reads_pixels_inside_its_document_only(quantizer):
     changed = (a[1] - b[1]).abs().amax(-1) > 1e-6
     assert changed[same_doc[same_doc >= first]].all()  # the span and everything after it in the document
     assert not changed[same_doc[same_doc < first - 1]].any() and not changed[doc != doc[first]].any()
-    assert torch.equal(a[0], b[0])  # the other row
+    assert (a[0] - b[0]).abs().max() < 1e-5  # the other row (equal up to the float order of the batched expert GEMMs)
     # without pixels the branch cannot run, and says which knob needs them
     with pytest.raises(ValueError, match="vit_layers"):
         net(tiny_batch(), vi)
