@@ -678,7 +678,8 @@ class KnowledgeFinetuneDataModule(KnowledgeDataModule):
     """Sentence-level classification sets from the same knowledge corpus (and tokenizer) as pre-training.
 
     task 'relation': `[CLS] sentence [SEP] head [SEP] tail [SEP]` -> the relation; trained on the
-        training people's sentences, evaluated on held-out people written with `eval_templates`.
+        training people's sentences, evaluated on held-out people, each fact once in every wording
+        of `eval_templates` (so [0, 1, 2, 3] gives four times the test sentences of [3]).
     task 'verify': `[CLS] sentence [SEP]` -> whether the stated fact is true (the tail swapped for
         another of the same relation when false); trained and evaluated on the training people (facts
         the pre-training saw), evaluated in the held-out `eval_templates` wording.
@@ -702,11 +703,14 @@ class KnowledgeFinetuneDataModule(KnowledgeDataModule):
         if self.train_set is not None:
             return
         rng = random.Random(f"finetune:{self.hparams.seed}")
+        # bios: every evaluated fact once in each of eval_templates (real data has one wording)
+        wordings = [[t] for t in self.eval_templates] if self.hparams.source == "bios" else [None]
         if self.task == "relation":
-            train, evals = self.relation_examples("train"), self.relation_examples("val", self.eval_templates)
+            train = self.relation_examples("train")
+            evals = [ex for w in wordings for ex in self.relation_examples("val", w)]
         else:
             train = self._verify_examples(self._docs_with_templates("train", None), rng)
-            evals = self._verify_examples(self._docs_with_templates("train", self.eval_templates), rng)
+            evals = self._verify_examples([d for w in wordings for d in self._docs_with_templates("train", w)], rng)
         self.labels = sorted({y for _, y in train})
         index = {y: i for i, y in enumerate(self.labels)}
         rng.shuffle(train)

@@ -200,3 +200,15 @@ def test_finetune_sets(tmp_path):
     assert ver.num_classes == 2 and 0.3 < sum(y for _, y in ver.eval_set) / len(ver.eval_set) < 0.7
     batch = next(iter(ver.train_dataloader()))
     assert batch.tokens.shape[0] == 8 and batch.targets.shape == (8,)
+
+
+def test_finetune_eval_templates_give_every_fact_once_per_wording(tmp_path):
+    kw = dict(num_people=60, tokenizer="byte", seq_len=160, batch_size=8, cache_dir=str(tmp_path), max_eval=10_000)
+    one = KnowledgeFinetuneDataModule(task="relation", eval_templates=[3], **kw)
+    one.setup()
+    four = KnowledgeFinetuneDataModule(task="relation", eval_templates=[0, 1, 2, 3], **kw)
+    four.setup()
+    assert len(four.eval_set) == 4 * len(one.eval_set) > 0
+    assert all(ex in four.eval_set for ex in one.eval_set)  # wording 3's sentences are among them
+    # the labels (relations) are the same multiset, four times
+    assert Counter(y for _, y in four.eval_set) == Counter({y: 4 * n for y, n in Counter(y for _, y in one.eval_set).items()})
