@@ -202,8 +202,9 @@ def run_one(kind: str, compiled: bool, size: dict, mesh, device: torch.device, m
         step_s=round(step_s, 5),
         tokens_per_s=round(tokens_per_s, 1),
         model_tflops_per_s=round(achieved / 1e12, 6),
-        mfu=None if peak is None else round(achieved / peak, 4),
-        mfu_vs_measured_matmul=round(achieved / matmul_peak, 4),
+        # 4 significant digits: a tiny model's MFU on a big GPU is far below 1e-4 and must not round to 0
+        mfu=None if peak is None else float(f"{achieved / peak:.4g}"),
+        mfu_vs_measured_matmul=float(f"{achieved / matmul_peak:.4g}"),
         loss_first=round(float(losses[0]), 4),
         loss_last=round(float(losses[-1]), 4),
     )

@@ -54,8 +54,8 @@ def test_mfu_quick_cpu_runs_dense_and_moe_eager_and_compiled():
         # MFU is a ratio of two timings (the step and the measured matmul peak): on a loaded CPU with one
         # step it can exceed 1, so only its definition is checked, never its size
         assert r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["tokens_per_step"] == 2 * 32
-        # the JSON rounds mfu to 4 decimals (an absolute error up to 5e-5)
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"]["total"] / out["peak_flops"], rel=1e-3, abs=6e-5)
+        # the JSON keeps 4 significant digits of mfu (a relative error up to 5e-4)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"]["total"] / out["peak_flops"], rel=1e-3)
         assert r["flops_per_token"]["total"] == 6 * r["params_activated"] + 12 * 2 * 64 * 32
     assert rows["moe", False]["params_activated"] < rows["moe", False]["params_total"]  # top-2 of 4 experts
     assert rows["dense", False]["params_activated"] == rows["dense", False]["params_total"]
