@@ -682,7 +682,7 @@ class KnowledgeFinetuneDataModule(KnowledgeDataModule):
         of `eval_templates` (so [0, 1, 2, 3] gives four times the test sentences of [3]).
     task 'verify': `[CLS] sentence [SEP]` -> whether the stated fact is true (the tail swapped for
         another of the same relation when false); trained and evaluated on the training people (facts
-        the pre-training saw), evaluated in the held-out `eval_templates` wording.
+        the pre-training saw), evaluated once in every `eval_templates` wording (default: the held-out one).
     k_shot: training examples per class (None = all).
     """
 

@@ -64,17 +64,19 @@ def test_clip_strip_writes_a_png_of_clips_and_reconstructions(tiny_tokenizer, tm
         clip_strip(str(tmp_path / "none.png"))
 
 
-def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
+def ablation_args(**kw):
+    """The namespace tools/colour_ablation.build reads, at its defaults unless overridden."""
     import argparse
 
+    base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
     import models.tokenizers.causal_conv as cc
     from tools.colour_ablation import build, main
 
-    def args(**kw):
-        base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
-        return argparse.Namespace(**{**base, **kw})
-
-    net = build(args(current_init="2d", past_rate=0.03))
+    net = build(ablation_args(current_init="2d", past_rate=0.03))
     convs = [m for m in net.modules() if isinstance(m, cc.CausalConv3d) and m.kt > 1]
     assert convs and all(float(m.conv.weight[:, :, :-1].abs().max()) == 0.0 for m in convs)
     # the temporal downsampling still starts as the identity on its own frame
@@ -82,24 +84,21 @@ def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
     c = down.shape[0]
     assert torch.equal(down[torch.arange(c), torch.arange(c), -1, 1, 1], torch.ones(c))
     # past_rate a: the effective past slices are a x the stored ones (Adam moves them a times as fast)
-    net = build(args(past_rate=0.5))
+    net = build(ablation_args(past_rate=0.5))
     conv = next(m for m in net.modules() if isinstance(m, cc.CausalConv3d) and m.kt > 1).conv
     stored = conv.parametrizations.weight.original
     assert torch.allclose(conv.weight[:, :, :-1], 0.5 * stored[:, :, :-1]) and torch.equal(conv.weight[:, :, -1], stored[:, :, -1])
-    net = build(args(time_stride=1, time_kernel=1))
+    net = build(ablation_args(time_stride=1, time_kernel=1))
     assert all(m.kt == 1 for m in net.modules() if isinstance(m, cc.CausalConv3d))
     res = main(["--steps", "1", "--batch", "2", "--train-clips", "2", "--eval-clips", "2", "--eval-every", "1"])
     assert [h["step"] for h in res["history"]] == [0, 1] and 0 <= res["final"]["chroma_ratio"] < 5
 
 
 def test_colour_ablation_image_steps_train_only_the_current_frame_slices():
-    import argparse
-
     import models.tokenizers.causal_conv as cc
     from tools.colour_ablation import build, main
 
-    ns = argparse.Namespace(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
-    net = build(ns)
+    net = build(ablation_args())
     x = torch.rand(2, 3, 1, 32, 32) * 2 - 1  # 1-frame clips, as in the image stage
     out = net(x)
     (out["recon"] - x).abs().mean().backward()
