@@ -19,6 +19,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
@@ -148,9 +149,23 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
+def release_process_group() -> None:
+    """Destroy the default process group once a run is over (a no-op without one).
+
+    Lightning leaves it alive. Left to interpreter shutdown, gloo's worker threads can outlive the
+    objects they use, and a rank that finished cleanly then aborts at exit with SIGABRT
+    ("terminate called without an active exception"), so its launcher reports a failed run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = run(cfg)
+    try:
+        metrics, _ = run(cfg)
+    finally:
+        release_process_group()
     name = cfg.get("optimized_metric")
     if name and name not in metrics and HydraConfig.get().mode != RunMode.MULTIRUN:
         # Only a sweeper needs the value; a single run that never validated just says so.

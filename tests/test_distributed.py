@@ -144,3 +144,22 @@ def test_rl_fsdp2_two_cpu_processes_trains_and_resumes(tmp_path):
     assert full == resumed
     assert read_metric(find_metrics(tmp_path / "full"), "val/acc")
     assert read_metric(find_metrics(tmp_path / "full"), "rl/router_disagreement/mean")
+
+
+def test_train_destroys_the_process_group_before_exit(tmp_path):
+    """train.py's main destroys the default group when a run ends: a gloo group left to interpreter
+    shutdown can abort a rank that finished cleanly (SIGABRT, seen in CI on the FSDP2 test)."""
+    import torch.distributed as dist
+
+    from train import release_process_group
+
+    release_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        release_process_group()
+        assert not dist.is_initialized()
+        release_process_group()  # twice is harmless
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
