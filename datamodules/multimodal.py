@@ -22,6 +22,14 @@ probability `caption_dropout` (the unconditional branch of classifier-free guida
 `bpe_dropout` p > 0, training rows segment captions and biographies with BPE-dropout (each merge
 skipped with probability p, drawn from the row's seed, so resume stays exact); validation rows never
 do. Batches are `models.ernie5.UnifiedBatch`.
+
+Progressive tokenizer switching (papers.md 4.2): `visual_tokenizer_stages` lists earlier visual
+tokenizers of fewer bits (same scales and latent grid) that the backbone trains on before the final
+one. Every image and video is then encoded by each of them too (`video_stages` / `image_stages` in a
+split, one tensor per stage), and a training row's visual latents are the final tokenizer's channels
+followed by each stage's, concatenated along the channel axis ([T', d + d_1 + d_2 .., H, W]); the
+LightningModule reads the slice of its current stage (`Ernie5Module.visual_stage`), so the switch is a
+knob of the module and the rows stay a pure function of (seed, split, index).
 """
 
 from __future__ import annotations
@@ -211,6 +219,22 @@ def _source_digest(manifest: str) -> str:
     return h.hexdigest()[:20]
 
 
+def check_stage_tokenizer(tok, final, key: str, path: str, prev_bits: Optional[int] = None) -> None:
+    """A progressive-switching stage tokenizer must tokenize like the final one, with fewer bits: a 3D
+    bitwise tokenizer with the same scales and latent grid (spatial and temporal factors)."""
+    if not tok.cfg.video or tok.cfg.quantizer != "bits":
+        raise ValueError(f"{key}={path} must be a 3D bitwise video tokenizer (model.net.video=true, quantizer=bits)")
+    if [list(s) for s in tok.scales] != [list(s) for s in final.scales]:
+        raise ValueError(f"{key}={path} has scales {[list(s) for s in tok.scales]}; the final visual tokenizer's are "
+                         f"{[list(s) for s in final.scales]} (a stage switches bits, not scales)")
+    if (tok.cfg.spatial_factor, tok.cfg.time_stride) != (final.cfg.spatial_factor, final.cfg.time_stride):
+        raise ValueError(f"{key}={path} has spatial / temporal factors {(tok.cfg.spatial_factor, tok.cfg.time_stride)}, "
+                         f"the final visual tokenizer {(final.cfg.spatial_factor, final.cfg.time_stride)}")
+    if tok.cfg.dim > final.cfg.dim or (prev_bits is not None and tok.cfg.dim < prev_bits):
+        raise ValueError(f"{key}={path} has {tok.cfg.dim} bits: stages go from fewer to more bits, up to the final "
+                         f"tokenizer's {final.cfg.dim}" + (f" (the stage before has {prev_bits})" if prev_bits else ""))
+
+
 @torch.no_grad()
 def _encode_visual(tok, clips: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """uint8 [N, T, H, W, 3] -> latents float32 [N, T', d, H', W']."""
@@ -242,7 +266,9 @@ class MultimodalCorpus:
         self.splits, self.vocab, self.info = splits, vocab, info
 
     @classmethod
-    def build_or_load(cls, cfg: dict, visual_ckpt: str, audio_ckpt: str, cache_dir: Path) -> "MultimodalCorpus":
+    def build_or_load(cls, cfg: dict, visual_ckpt: str, audio_ckpt: str, cache_dir: Path,
+                      stage_ckpts: Sequence[str] = ()) -> "MultimodalCorpus":
+        """stage_ckpts: the progressive switching's earlier visual tokenizers (`data.visual_tokenizer_stages`)."""
         from models.tokenizers.text import BPETokenizer
 
         vtok, vinfo = load_media_tokenizer(visual_ckpt, "visual")
@@ -250,6 +276,13 @@ class MultimodalCorpus:
         if not vtok.cfg.video:
             raise ValueError(f"data.visual_tokenizer {visual_ckpt} is a 2D image tokenizer; ERNIE 5.0 needs the "
                              "3D video tokenizer (images are 1-frame videos)")
+        stage_toks, stage_infos = [], []
+        for i, path in enumerate(stage_ckpts):
+            tok, info = load_media_tokenizer(path, "visual")
+            check_stage_tokenizer(tok, vtok, f"data.visual_tokenizer_stages.{i}", path,
+                                  prev_bits=stage_toks[-1].cfg.dim if stage_toks else None)
+            stage_toks.append(tok)
+            stage_infos.append(info)
         content = {k: cfg[k] for k in sorted(cfg) if k not in ("batch_size", "seed", "num_workers", "seq_len",
                                                               "task_weights", "caption_dropout", "train_rows",
                                                               "val_rows", "cache_dir", "text_len", "source",
@@ -265,12 +298,15 @@ class MultimodalCorpus:
             from datamodules.text import corpus_hash, load_documents
 
             content["text_digest"] = corpus_hash(load_documents(cfg["text_source"]))
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, content, vinfo["digest"], ainfo["digest"]],
-                                        sort_keys=True).encode()).hexdigest()[:16]
+        keyed = [CACHE_VERSION, content, vinfo["digest"], ainfo["digest"]]
+        if stage_infos:  # without stages the key is the one written before the option
+            keyed.append([i["digest"] for i in stage_infos])
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"multimodal-{key}.pt"
         info = {"path": str(path), "visual_digest": vinfo["digest"], "audio_digest": ainfo["digest"],
                 "scales": [list(s) for s in vtok.scales], "bits": vtok.cfg.dim,
-                "audio_levels": atok.cfg.num_quantizers, "audio_codebook": atok.cfg.codebook_size}
+                "audio_levels": atok.cfg.num_quantizers, "audio_codebook": atok.cfg.codebook_size,
+                "visual_stages": [{"digest": i["digest"], "bits": t.cfg.dim} for t, i in zip(stage_toks, stage_infos)]}
         if path.is_file():
             try:
                 blob = load_checkpoint(path, what="multimodal token cache")
@@ -313,10 +349,20 @@ class MultimodalCorpus:
                 "audio_captions": r["audio_captions"],
                 "text": [ids + [bpe.eos_id] for ids in bpe.encode_batch(texts[name])],
             }
+            if stage_toks:
+                splits[name]["video_stages"] = [_encode_visual(t, r["video"]) for t in stage_toks]
+                splits[name]["image_stages"] = [_encode_visual(t, r["image"]) for t in stage_toks]
         atomic_torch_save({"version": CACHE_VERSION, "splits": splits, "bpe": bpe.hf_tokenizer.to_str(),
                            "info": info}, path)
         log.info("multimodal corpus: built %s in %.0f s", path, time.time() - t0)
         return cls(splits, Vocabulary(bpe), {**info, "built": True})
+
+    def visual_item(self, split: str, medium: str, index: int, stage: Optional[int] = None) -> torch.Tensor:
+        """An image's / video's latents [T', d, H, W]: the final tokenizer's (stage None) or those of
+        progressive stage `stage` (an index into `data.visual_tokenizer_stages`)."""
+        if stage is None:
+            return self.splits[split][medium][index]
+        return self.splits[split][f"{medium}_stages"][stage][index]
 
     def num_items(self, split: str) -> dict:
         s = self.splits[split]
@@ -347,6 +393,14 @@ class RowDataset(Dataset):
         self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
         self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
         self.bpe_dropout = bpe_dropout
+        self.num_stages = len(corpus.info.get("visual_stages") or [])
+
+    def visual(self, medium: str, j: int) -> torch.Tensor:
+        """Item j's latents: the final tokenizer's channels, then each progressive stage's (module docstring)."""
+        item = self.data[medium][j]
+        if not self.num_stages:
+            return item
+        return torch.cat([item, *(st[j] for st in self.data[f"{medium}_stages"])], dim=1)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -381,7 +435,7 @@ class RowDataset(Dataset):
         else:
             medium, role = task.split("_")
             j = self._pick(len(self.data[medium]), g)
-            item = self.data[medium][j]
+            item = self.data[medium][j] if medium == "audio" else self.visual(medium, j)
             caption = self._caption(f"{medium}_captions", j, g)
             if role == "und":
                 return caption_document(v, self.scales, medium, item, caption + [v.eos], item_pixels(self.data, medium, j))
@@ -550,6 +604,9 @@ class MultimodalDataModule(ResumableDataModule):
 
     visual_tokenizer / audio_tokenizer: frozen tokenizer checkpoints (an experiment's `requires`
         builds them); the visual one must be the 3D video tokenizer.
+    visual_tokenizer_stages: progressive tokenizer switching's earlier visual tokenizers, fewest bits
+        first (same scales and latent grid as the final one); training rows carry every stage's latents
+        (module docstring) and `callbacks/progressive_tokenizer` moves the module from one to the next.
     task_weights: {task: weight} over `models.ernie5.TASKS` (0 leaves a task out).
     seq_len: tokens per packed row; train_rows / val_rows: rows per epoch / in validation.
     mode: 'rows' (packed unified rows) or 'captions' (RL: batches of `batch_size` captioning prompts
@@ -568,7 +625,8 @@ class MultimodalDataModule(ResumableDataModule):
                  seed: int = 0, num_workers: int = 0, text_source: Optional[str] = None,
                  on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None,
                  mode: str = "rows", caption_media: Optional[list] = None, val_prompts: int = 32,
-                 text_tokenizer: str = "bpe", alphabet_size: Optional[int] = None, bpe_dropout: float = 0.0) -> None:
+                 text_tokenizer: str = "bpe", alphabet_size: Optional[int] = None, bpe_dropout: float = 0.0,
+                 visual_tokenizer_stages: Optional[list] = None) -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
         if mode not in ("rows", "captions"):
@@ -608,6 +666,7 @@ class MultimodalDataModule(ResumableDataModule):
             if val < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {val}")
         self.visual_tokenizer, self.audio_tokenizer = visual_tokenizer, audio_tokenizer
+        self.visual_tokenizer_stages = list(visual_tokenizer_stages or [])
         self.cache_dir = Path(cache_dir)
         self.seq_len, self.batch_size, self.train_rows, self.val_rows = seq_len, batch_size, train_rows, val_rows
         self.task_weights, self.caption_dropout, self.text_len = weights, caption_dropout, text_len
@@ -640,18 +699,23 @@ class MultimodalDataModule(ResumableDataModule):
         for key, val in (("visual_tokenizer", self.visual_tokenizer), ("audio_tokenizer", self.audio_tokenizer)):
             if not val:
                 raise ValueError(f"data.{key} is not set: give a tokenizer checkpoint, or list it under `requires`")
+        for i, val in enumerate(self.visual_tokenizer_stages):
+            if not val:
+                raise ValueError(f"data.visual_tokenizer_stages.{i} is not set: give a tokenizer checkpoint, or list "
+                                 f"it under `requires` (requires.data.visual_tokenizer_stages.{i})")
 
     def prepare_data(self) -> None:
         """Build the token cache once (local rank 0; the other ranks wait, then load it in setup)."""
         self._check_tokenizers()
-        MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer, self.cache_dir)
+        MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer, self.cache_dir,
+                                       self.visual_tokenizer_stages)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.corpus is not None:
             return
         self._check_tokenizers()
         self.corpus = MultimodalCorpus.build_or_load(self.corpus_cfg, self.visual_tokenizer, self.audio_tokenizer,
-                                                     self.cache_dir)
+                                                     self.cache_dir, self.visual_tokenizer_stages)
         for task, w in self.task_weights.items():
             medium = task.split("_")[0]
             if w > 0 and task != "text" and len(self.corpus.splits["train"][medium]) == 0:

@@ -21,6 +21,12 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
                                  (None = all). Both apply in training steps only, as in VideoAR
                                  (callbacks/videoar.py's RandomFrameMask sets them)
     bias_update_rate: float      aux-loss-free balancing speed of every router (1e-4 -> 1e-5)
+    visual_stage: int            progressive tokenizer switching (papers.md 4.2): which visual tokenizer
+                                 the visual terms use, an index into `visual_tokenizer_stages` + [the
+                                 final one] (default: the final). The network is sized for the final
+                                 tokenizer's d bits; a stage of d_s < d bits feeds its latents / inputs
+                                 zero-padded to d and is scored on the first d_s bit logits
+                                 (callbacks/progressive_tokenizer.py sets it from the step)
     track_routing: bool          while True, validation accumulates `routing_counts`: {task: [L, E]}
                                  routed (token, expert) pairs of that task's tokens
                                  (callbacks/routing_analysis.py sets it)
@@ -34,7 +40,7 @@ Knobs (documented attributes, set by callbacks or by hand; applied in `training_
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Optional
 
 import torch
@@ -62,6 +68,8 @@ class Ernie5Module(TrunkModule):
 
     net: Ernie5Config fields (text_vocab / bits / scales / audio sizes 0 = from the data and tokenizers).
     visual_tokenizer / audio_tokenizer: the frozen tokenizers (the DataModule's by default).
+    visual_tokenizer_stages: progressive switching's earlier visual tokenizers, fewest bits first (the
+        DataModule's by default; see the `visual_stage` knob).
     """
 
     network_attr = "net"
@@ -78,7 +86,7 @@ class Ernie5Module(TrunkModule):
                  bias_update_rate: Optional[float] = None, frame_mask_prob: float = 0.0,
                  frame_mask_window: Optional[int] = None, seed: int = 0, init_ckpt: Optional[str] = None,
                  compile: bool = False, compile_backend: str = "inductor", fsdp: Optional[dict] = None,
-                 sample: Optional[dict] = None) -> None:
+                 sample: Optional[dict] = None, visual_tokenizer_stages: Optional[list] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         try:
@@ -106,6 +114,8 @@ class Ernie5Module(TrunkModule):
         self._bias_rate = bias_update_rate
         self.seed = seed
         self.visual_tokenizer_ckpt, self.audio_tokenizer_ckpt = visual_tokenizer, audio_tokenizer
+        self.visual_stage_ckpts = None if visual_tokenizer_stages is None else list(visual_tokenizer_stages)
+        self._visual_stage: Optional[int] = None  # None = the final tokenizer
         self.init_ckpt = init_ckpt
         self.compile_trunk, self.compile_backend = compile, compile_backend
         self.fsdp_cfg = dict(fsdp or {})
@@ -123,12 +133,46 @@ class Ernie5Module(TrunkModule):
         self.eval_means = torch.nn.ModuleDict({stage: torch.nn.ModuleDict({k: MeanMetric() for k in EVAL_KEYS})
                                                for stage in ("val", "test")})
         self.tokenizer_info: dict[str, Any] = {}
-        self._vtok = self._atok = None  # frozen, kept out of the module tree
+        self._vtoks: list = []  # frozen visual tokenizers, the progressive stages' then the final one
+        self._atok = None  # frozen, kept out of the module tree
 
     # ------------------------------------------------------------------------------- building
     @property
+    def _vtok(self):
+        """The visual tokenizer of the current `visual_stage` (None before they are loaded)."""
+        return self._vtoks[self.visual_stage] if self._vtoks else None
+
+    @property
     def visual_tokenizer(self):
         return self._vtok
+
+    @property
+    def num_visual_stages(self) -> int:
+        """Visual tokenizers the run can switch between (1 without progressive switching)."""
+        return len(self._vtoks) if self._vtoks else 1 + len(self.visual_stage_ckpts or [])
+
+    @property
+    def visual_stage(self) -> int:
+        """Knob (module docstring): the index of the visual tokenizer in use; the last is the final one."""
+        n = self.num_visual_stages
+        return n - 1 if self._visual_stage is None else self._visual_stage
+
+    @visual_stage.setter
+    def visual_stage(self, stage: int) -> None:
+        n = self.num_visual_stages
+        if not 0 <= int(stage) < n:
+            raise ValueError(f"visual_stage must be in [0, {n}) (the progressive stages, then the final "
+                             f"visual tokenizer), got {stage}")
+        self._visual_stage = int(stage)
+
+    def visual_stage_slice(self, stage: Optional[int] = None) -> tuple[int, int]:
+        """(first channel, bits) of a stage's latents in a training row's visual latents: the final
+        tokenizer's d channels come first, then each earlier stage's (datamodules/multimodal.py)."""
+        stage = self.visual_stage if stage is None else stage
+        bits = [t.cfg.dim for t in self._vtoks]
+        if stage == len(bits) - 1:
+            return 0, bits[-1]
+        return bits[-1] + sum(bits[:stage]), bits[stage]
 
     @property
     def audio_tokenizer(self):
@@ -138,31 +182,55 @@ class Ernie5Module(TrunkModule):
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def _load_tokenizers(self) -> None:
-        if self._vtok is not None:
+        if self._vtoks:
             return
+        from datamodules.multimodal import check_stage_tokenizer
+
         dm = self._datamodule()
         paths = {"visual": self.visual_tokenizer_ckpt or getattr(dm, "visual_tokenizer", None),
                  "audio": self.audio_tokenizer_ckpt or getattr(dm, "audio_tokenizer", None)}
+        stage_paths = (self.visual_stage_ckpts if self.visual_stage_ckpts is not None
+                       else list(getattr(dm, "visual_tokenizer_stages", None) or []))
         for kind, path in paths.items():
             if not path:
                 raise ValueError(f"model.{kind}_tokenizer is not set and the DataModule gives none")
             tok, info = load_media_tokenizer(path, expect_kind=kind)
-            object.__setattr__(self, "_vtok" if kind == "visual" else "_atok", tok.eval().requires_grad_(False))
+            if kind == "visual":
+                vtoks = [tok.eval().requires_grad_(False)]
+            else:
+                object.__setattr__(self, "_atok", tok.eval().requires_grad_(False))
             self.tokenizer_info[kind] = {k: info[k] for k in ("kind", "config", "digest", "path")}
+        stages = []
+        for i, path in enumerate(stage_paths):
+            if not path:
+                raise ValueError(f"model.visual_tokenizer_stages.{i} is not set and the DataModule gives none")
+            tok, info = load_media_tokenizer(path, expect_kind="visual")
+            check_stage_tokenizer(tok, vtoks[0], f"model.visual_tokenizer_stages.{i}", path,
+                                  prev_bits=stages[-1].cfg.dim if stages else None)
+            stages.append(tok.eval().requires_grad_(False))
+            self.tokenizer_info.setdefault("visual_stages", []).append(
+                {k: info[k] for k in ("kind", "config", "digest", "path")})
+        object.__setattr__(self, "_vtoks", stages + vtoks)
         self.hparams["visual_tokenizer"] = self.tokenizer_info["visual"]["path"]
         self.hparams["audio_tokenizer"] = self.tokenizer_info["audio"]["path"]
+        if stages:
+            self.hparams["visual_tokenizer_stages"] = [i["path"] for i in self.tokenizer_info["visual_stages"]]
         corpus = getattr(dm, "corpus", None)
         if corpus is not None:
             for kind in ("visual", "audio"):
                 if corpus.info[f"{kind}_digest"] != self.tokenizer_info[kind]["digest"]:
                     raise ValueError(f"model.{kind}_tokenizer is not the tokenizer the data was encoded with")
+            data_stages = [st["digest"] for st in corpus.info.get("visual_stages") or []]
+            if data_stages != [i["digest"] for i in self.tokenizer_info.get("visual_stages", [])]:
+                raise ValueError("model.visual_tokenizer_stages are not the stage tokenizers the data was encoded with "
+                                 "(data.visual_tokenizer_stages)")
 
     def configure_model(self) -> None:
         if self.net is not None:
             return
         self._load_tokenizers()
         cfg = self.net_cfg
-        v, a = self._vtok, self._atok
+        v, a = self._vtoks[-1], self._atok  # the network is sized for the final visual tokenizer
         given = {"bits": v.cfg.dim, "latent_dim": v.cfg.dim, "scales": [list(s) for s in v.scales],
                  "audio_levels": a.cfg.num_quantizers, "audio_codebook": a.cfg.codebook_size,
                  "pixel_patch": v.cfg.spatial_factor, "time_stride": v.cfg.time_stride}
@@ -203,7 +271,7 @@ class Ernie5Module(TrunkModule):
         self._tokenizers_to(self.device)
 
     def _tokenizers_to(self, device) -> None:
-        for tok in (self._vtok, self._atok):
+        for tok in (*self._vtoks, self._atok):
             if tok is not None:
                 tok.to(device)
 
@@ -233,19 +301,48 @@ class Ernie5Module(TrunkModule):
                                                     self.cfec if corrupt else None, gen))
         return out
 
+    def _stage_view(self, batch: UnifiedBatch) -> UnifiedBatch:
+        """The batch as the current visual stage sees it: each visual span's latents narrowed to the
+        stage's channels; understanding latents zero-padded to the network's d (generation spans are
+        quantized by the stage's tokenizer first, and padded in `_losses`)."""
+        if not (batch.vis_und or batch.vis_gen):
+            return batch
+        d = self.net_cfg.bits
+        start, bits = self.visual_stage_slice()
+        have = (batch.vis_und or batch.vis_gen)[0].latents.shape[2]
+        if start + bits > have:
+            raise ValueError(f"visual_stage={self.visual_stage} reads latent channels [{start}, {start + bits}) but the "
+                             f"batch has {have}: the data must be encoded by the stage tokenizers too "
+                             "(data.visual_tokenizer_stages)")
+        if have == d and (start, bits) == (0, d):
+            return batch
+
+        def narrow(spans, pad: bool):
+            lat = spans.latents[:, :, start:start + bits]
+            if pad and bits < d:
+                lat = F.pad(lat, (0, 0, 0, 0, 0, d - bits))
+            return replace(spans, latents=lat)
+
+        return replace(batch, vis_und=[narrow(s, True) for s in batch.vis_und],
+                       vis_gen=[narrow(s, False) for s in batch.vis_gen])
+
     def _losses(self, batch: UnifiedBatch, corrupt: bool, layers=None, routing=None) -> dict:
         gen = None
         if corrupt:
             gen = torch.Generator(device=batch.ids.device).manual_seed(
                 step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
+        batch = self._stage_view(batch)
         tf = self._vis_inputs(batch, corrupt, gen)
+        d, bits = self.net_cfg.bits, self.visual_stage_slice()[1]
+        inputs = [t["inputs"] if bits == d else F.pad(t["inputs"], (0, d - bits)) for t in tf]
         keep = window = None
         if corrupt and batch.vis_gen:
             if self.frame_mask_prob > 0:  # drawn after CFEC's flips, from the step's generator
                 keep = frame_mask_keep(len(batch), batch.frame_ids()[1], self.frame_mask_prob, gen, batch.ids.device)
             window = self.frame_mask_window
-        out = self.net(batch, [t["inputs"] for t in tf], layers=layers, routing=routing, frame_keep=keep,
-                       frame_window=window)
+        out = self.net(batch, inputs, layers=layers, routing=routing, frame_keep=keep, frame_window=window)
+        if bits < d:  # a progressive stage of fewer bits is scored (and distilled) on its own bits
+            out.vis = {task: lg[..., :bits, :] for task, lg in out.vis.items()}
         zero = out.hidden.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -495,6 +592,14 @@ class Ernie5Module(TrunkModule):
         finally:
             self.net.train(was)
 
+    def stage_item(self, split: dict, medium: str, index: int) -> torch.Tensor:
+        """Item `index` of a corpus split as the current visual stage encodes it (zero-padded to the
+        network's bits); sounds and the final stage: the stored item."""
+        if medium == "audio" or self.visual_stage == self.num_visual_stages - 1:
+            return split[medium][index]
+        item = split[f"{medium}_stages"][self.visual_stage][index]
+        return F.pad(item, (0, 0, 0, 0, 0, self.net_cfg.bits - item.shape[1]))
+
     def _log_samples(self, writers, split: dict, n: int) -> None:
         from torchvision.utils import make_grid
 
@@ -506,7 +611,7 @@ class Ernie5Module(TrunkModule):
         for medium in ("image", "video", "audio"):
             for i in range(min(n, len(split[medium]))):
                 truth = split[f"{medium}_captions"][i][0]
-                said = self.caption(medium, split[medium][i], gen, pixels=item_pixels(split, medium, i))
+                said = self.caption(medium, self.stage_item(split, medium, i), gen, pixels=item_pixels(split, medium, i))
                 lines.append(f"- {medium} {i}: generated: {said!r} / "
                              f"true: {truth!r}")
         frames = split["video"].shape[1]
@@ -540,7 +645,7 @@ class Ernie5Module(TrunkModule):
             checkpoint["text_tokenizer"] = self.vocab.bpe.hf_tokenizer.to_str()
         checkpoint["knobs"] = {"mtp_weight": self.mtp_weight, "cfec": asdict(self.cfec),
                                "bias_update_rate": self.bias_update_rate, "frame_mask_prob": self.frame_mask_prob,
-                               "frame_mask_window": self.frame_mask_window}
+                               "frame_mask_window": self.frame_mask_window, "visual_stage": self._visual_stage}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -558,3 +663,5 @@ class Ernie5Module(TrunkModule):
             self.bias_update_rate = float(knobs["bias_update_rate"])
         if "frame_mask_prob" in knobs:
             self.frame_mask_prob, self.frame_mask_window = float(knobs["frame_mask_prob"]), knobs["frame_mask_window"]
+        if knobs.get("visual_stage") is not None:
+            self.visual_stage = int(knobs["visual_stage"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -213,6 +213,7 @@ class Ernie5ModuleSchema:
     compile_backend: str = "inductor"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     sample: Ernie5SampleConfig = field(default_factory=lambda: Ernie5SampleConfig())
+    visual_tokenizer_stages: Any = None  # progressive switching: a list of tokenizers (null = the data's); Any: an interpolation
 
 
 Ernie5RLSchema = schema_of(Ernie5RLConfig)

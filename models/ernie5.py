@@ -799,7 +799,11 @@ class Ernie5(nn.Module):
             s.feed(x, s.prompt_pos, s.prompt_blocks)
             streams.append(s)
         pos = sequence_positions(0, self.scales, frames, "center").to(self.sos.device)
-        d, K = self.cfg.bits, len(self.scales)
+        # a quantizer of fewer bits than the network (a progressive-switching stage) feeds zero-padded
+        # inputs and samples the first d of the head's bits
+        d, K, D = int(quantizer.cfg.dim), len(self.scales), self.cfg.bits
+        if d > D:
+            raise ValueError(f"the quantizer has {d} bits, the network {D}")
         dev = self.sos.device
         grid = self.scales[-1]
         tokens = [torch.zeros(1, frames, h, w, d, dtype=torch.uint8, device=dev) for h, w in self.scales]
@@ -814,12 +818,14 @@ class Ernie5(nn.Module):
                 else:
                     src = f_prev if k == 0 else f_hat
                     feat = quantizer.next_input(src, k).flatten(2).transpose(1, 2)
+                    if d < D:
+                        feat = F.pad(feat, (0, D - d))
                     x = self.word_embed(feat.to(self.sos.dtype)) + self.scale_emb.weight[k]
                 logits = []
                 for s in streams:
                     hid = s.feed(x, pos[off:off + L] + s.p, torch.full((L,), s.b, device=dev),
                                  frames=torch.full((L,), t, device=dev)).hidden
-                    logits.append(self.vis_head(hid).view(1, L, d, 2).float())
+                    logits.append(self.vis_head(hid).view(1, L, D, 2)[:, :, :d].float())
                 lg = logits[0]
                 if cfg_on:
                     g = sched(t, k, frames, K)
