@@ -301,10 +301,20 @@ class Ernie5Module(TrunkModule):
                                                     self.cfec if corrupt else None, gen))
         return out
 
-    def _stage_view(self, batch: UnifiedBatch) -> UnifiedBatch:
+    def visual_teacher_forcing(self, batch: UnifiedBatch, corrupt: bool = False,
+                               gen: Optional[torch.Generator] = None) -> tuple[list[dict], list[torch.Tensor]]:
+        """VideoAR teacher forcing of every generation span of a `stage_view` batch under the current
+        stage's tokenizer ({'inputs', 'labels'} per span), and the network's inputs: those inputs
+        zero-padded to its bits."""
+        tf = self._vis_inputs(batch, corrupt, gen)
+        d, bits = self.net_cfg.bits, self.visual_stage_slice()[1]
+        return tf, [t["inputs"] if bits == d else F.pad(t["inputs"], (0, d - bits)) for t in tf]
+
+    def stage_view(self, batch: UnifiedBatch) -> UnifiedBatch:
         """The batch as the current visual stage sees it: each visual span's latents narrowed to the
         stage's channels; understanding latents zero-padded to the network's d (generation spans are
-        quantized by the stage's tokenizer first, and padded in `_losses`)."""
+        quantized by the stage's tokenizer first: `visual_teacher_forcing`). Every pass of the network
+        over DataModule rows goes through it (a row of a progressive run carries every stage's channels)."""
         if not (batch.vis_und or batch.vis_gen):
             return batch
         d = self.net_cfg.bits
@@ -331,10 +341,9 @@ class Ernie5Module(TrunkModule):
         if corrupt:
             gen = torch.Generator(device=batch.ids.device).manual_seed(
                 step_seed(self.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank) % (2 ** 63))
-        batch = self._stage_view(batch)
-        tf = self._vis_inputs(batch, corrupt, gen)
+        batch = self.stage_view(batch)
+        tf, inputs = self.visual_teacher_forcing(batch, corrupt, gen)
         d, bits = self.net_cfg.bits, self.visual_stage_slice()[1]
-        inputs = [t["inputs"] if bits == d else F.pad(t["inputs"], (0, d - bits)) for t in tf]
         keep = window = None
         if corrupt and batch.vis_gen:
             if self.frame_mask_prob > 0:  # drawn after CFEC's flips, from the step's generator

@@ -272,7 +272,7 @@ def text_loss(module, dm, rows: int, task: str = "text") -> float:
     total, count = 0.0, 0
     for s in range(0, rows, 8):
         batch = collate_rows([ds[i] for i in range(s, min(rows, s + 8))]).to(module.device)
-        out = module.net(batch, [], mtp=False)
+        out = module.net(module.stage_view(batch), [], mtp=False)
         total += float(F.cross_entropy(out.text_logits.float(), out.text_targets, reduction="sum"))
         count += out.text_targets.numel()
     return total / max(1, count)

@@ -47,8 +47,9 @@ def collect(module, dm, split: str, rows: int, batch_size: int = 8) -> dict[str,
     for s in range(0, rows, batch_size):
         batch = collate_rows([ds[i] for i in range(s, min(rows, s + batch_size))]).to(module.device)
         replay = RouteReplay("record")
-        tf = module._vis_inputs(batch, False, None)
-        module.net(batch, [t["inputs"] for t in tf], routing=RoutingLimit(replay=replay), mtp=False)
+        view = module.stage_view(batch)  # the channels of the checkpoint's visual tokenizer stage
+        _, inputs = module.visual_teacher_forcing(view)
+        module.net(view, inputs, routing=RoutingLimit(replay=replay), mtp=False)
         module._count_routes(batch, replay)
     return {k: v.cpu() for k, v in module.routing_counts.items()}
 

@@ -219,6 +219,13 @@ def test_training_switches_at_the_step_and_resumes_the_same_schedule(tmp_path, t
     last = Ernie5Module.load_from_checkpoint(Path(full.paths.output_dir) / "checkpoints" / "last.ckpt",
                                              map_location="cpu", weights_only=True)
     assert last.visual_stage == 1 and last.render("a red circle", "image", 1)[0][0].shape[-1] == 8
+    # the tools that run the network over DataModule rows read the checkpoint's stage of them
+    from tools.eval_ernie5 import text_loss
+    from tools.routing_report import collect
+
+    dm = objs["datamodule"]
+    for m in (early, last):
+        assert set(collect(m, dm, "val", 4, batch_size=2)) and torch.isfinite(torch.tensor(text_loss(m, dm, 4, "image_und")))
 
 
 def test_switch_points_must_match_the_stage_tokenizers(tmp_path, tiny_tokenizer, tiny_audio_tokenizer, stage_tokenizer,
