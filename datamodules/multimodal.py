@@ -357,13 +357,6 @@ class MultimodalCorpus:
         log.info("multimodal corpus: built %s in %.0f s", path, time.time() - t0)
         return cls(splits, Vocabulary(bpe), {**info, "built": True})
 
-    def visual_item(self, split: str, medium: str, index: int, stage: Optional[int] = None) -> torch.Tensor:
-        """An image's / video's latents [T', d, H, W]: the final tokenizer's (stage None) or those of
-        progressive stage `stage` (an index into `data.visual_tokenizer_stages`)."""
-        if stage is None:
-            return self.splits[split][medium][index]
-        return self.splits[split][f"{medium}_stages"][stage][index]
-
     def num_items(self, split: str) -> dict:
         s = self.splits[split]
         return {"video": len(s["video"]), "image": len(s["image"]), "audio": len(s["audio"]), "text": len(s["text"])}
