@@ -24,6 +24,8 @@ from models.ernie3 import Ernie3Config
 from models.ernie5 import Ernie5Config
 from lit_modules.rl import RLConfig
 from lit_modules.ernie5_rl import Ernie5RLConfig
+from lit_modules.refiner import RefinerSampleConfig
+from models.refiner import DegradeConfig, RefinerConfig
 
 
 def schema_of(cls: type) -> type:
@@ -277,6 +279,21 @@ def _launchers_from_conf(cs: ConfigStore) -> None:
         launchers.pop(name, None)
 
 
+RefinerNetSchema = schema_of(RefinerConfig)
+DegradeSchema = schema_of(DegradeConfig)
+RefinerSampleSchema = schema_of(RefinerSampleConfig)
+
+
+@dataclass
+class RefinerModuleSchema:
+    _target_: str = "lit_modules.refiner.RefinerModule"
+    net: RefinerNetSchema = field(default_factory=RefinerNetSchema)
+    degrade: DegradeSchema = field(default_factory=DegradeSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    sample: RefinerSampleSchema = field(default_factory=RefinerSampleSchema)
+    seed: int = 0
+
+
 def register_schemas() -> None:
     """Idempotent: safe to call from train.py, generate.py and tests. Also registers `${mul:a,b}`."""
     from omegaconf import OmegaConf
@@ -295,3 +312,4 @@ def register_schemas() -> None:
     cs.store(group="model", name="rl_schema", node=RLModuleSchema)
     cs.store(group="model", name="ernie5_schema", node=Ernie5ModuleSchema)
     cs.store(group="model", name="ernie5_rl_schema", node=Ernie5RLModuleSchema)
+    cs.store(group="model", name="refiner_schema", node=RefinerModuleSchema)
