@@ -105,7 +105,8 @@ class RefinerModule(ExperimentModule):
         if self._tok is None and self.degrade_cfg.tokenizer:
             from lit_modules.visual_tokenizer import load_visual_tokenizer
 
-            self._tok = load_visual_tokenizer(self.degrade_cfg.tokenizer).to(self.device)
+            # object.__setattr__: an nn.Module attribute would register the tokenizer as a submodule
+            object.__setattr__(self, "_tok", load_visual_tokenizer(self.degrade_cfg.tokenizer).to(self.device))
         return self._tok
 
     @staticmethod
