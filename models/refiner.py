@@ -41,6 +41,9 @@ class RefinerConfig:
     prediction: 'v' (v-prediction) or 'eps'. residual: diffuse the residual high - upsample(low)
         instead of the image itself (the network then only has to add detail).
     timesteps: length of the discrete noise schedule (cosine alpha-bar).
+    target_scale: what is diffused is (image or residual) / target_scale: the residual of a good
+        upsampling is small (std ~0.08 on the embedded shapes), and at unit noise its signal would
+        be drowned at all but the last steps; null = 0.1 for residuals (near unit variance), 1.0 for images.
     """
 
     preset: str = "tiny"
@@ -55,6 +58,7 @@ class RefinerConfig:
     timesteps: int = 1000
     prediction: str = "v"
     residual: bool = True
+    target_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -71,6 +75,10 @@ class RefinerConfig:
             raise ValueError(f"model.net.scale must be >= 1, got {self.scale}")
         if self.prediction not in ("v", "eps"):
             raise ValueError(f"model.net.prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if self.target_scale is None:
+            self.target_scale = 0.1 if self.residual else 1.0
+        if self.target_scale <= 0:
+            raise ValueError(f"model.net.target_scale must be > 0, got {self.target_scale}")
         if self.timesteps < 2:
             raise ValueError(f"model.net.timesteps must be >= 2, got {self.timesteps}")
         if self.num_res_blocks < 1:
@@ -198,6 +206,9 @@ def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- network
 
 
+TIME_FREQS = 64  # sinusoidal features of the step (whatever the width: a narrow net still needs to tell steps apart)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [B, dim] of (possibly fractional) steps t [B]."""
     half = dim // 2
@@ -262,7 +273,7 @@ class Refiner(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch, emb_dim, c_img = cfg.ch, 4 * cfg.ch, cfg.in_channels
-        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.emb = nn.Sequential(nn.Linear(TIME_FREQS, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(2 * c_img, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips, c = [ch], ch
@@ -307,7 +318,7 @@ class Refiner(nn.Module):
         h, w = x_t.shape[-2:]
         if h % self.cfg.multiple or w % self.cfg.multiple:
             raise ValueError(f"refiner input {h}x{w} is not a multiple of {self.cfg.multiple} (model.net.ch_mult)")
-        emb = self.emb(timestep_embedding(t, self.cfg.ch))
+        emb = self.emb(timestep_embedding(t, TIME_FREQS))
         x = self.conv_in(torch.cat([x_t, cond], dim=1))
         hs = [x]
         for level in self.down:
@@ -326,8 +337,13 @@ class Refiner(nn.Module):
         return ab.sqrt(), (1 - ab).sqrt()
 
     def target_of(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """What is diffused: the image, or its residual over the upsampled condition."""
-        return x - cond if self.cfg.residual else x
+        """What is diffused: the image, or its residual over the upsampled condition, / target_scale."""
+        return ((x - cond) if self.cfg.residual else x) / self.cfg.target_scale
+
+    def image_of(self, cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Inverse of `target_of`."""
+        x = x0 * self.cfg.target_scale
+        return x + cond if self.cfg.residual else x
 
     def loss(self, x: torch.Tensor, low: torch.Tensor, generator: Optional[torch.Generator] = None,
              t: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -366,12 +382,12 @@ class Refiner(nn.Module):
         T = self.cfg.timesteps
         ts = torch.linspace(T - 1, 0, min(steps, T), device=low.device).round().long().unique_consecutive()
         x = torch.randn(cond.shape, generator=generator, device=low.device, dtype=cond.dtype)
-        lo, hi = (-2.0, 2.0) if self.cfg.residual else (-1.0, 1.0)
+        bound = (2.0 if self.cfg.residual else 1.0) / self.cfg.target_scale
         for i, t in enumerate(ts):
             tb = t.expand(x.shape[0])
             x0, eps = self.predict_x0(x, tb, cond)
             if clip:
-                x0 = x0.clamp(lo, hi)
+                x0 = x0.clamp(-bound, bound)
                 a, s = self._coefs(tb)
                 eps = (x - a * x0) / s
             if i == len(ts) - 1:
@@ -383,8 +399,7 @@ class Refiner(nn.Module):
             x = ab_n.sqrt() * x0 + (1 - ab_n - sigma ** 2).clamp_min(0).sqrt() * eps
             if eta > 0:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        out = x + cond if self.cfg.residual else x
-        return out.clamp(-1, 1)
+        return self.image_of(cond, x).clamp(-1, 1)
 
 
 def load_refiner(path: str, map_location: str = "cpu") -> Refiner:
