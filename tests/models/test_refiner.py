@@ -141,3 +141,27 @@ def test_load_refiner_refuses_another_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not a refiner checkpoint"):
         load_refiner(str(path))
+
+
+def test_overfitting_two_images_beats_bicubic_upsampling():
+    """The whole loop (degradation, loss, sampler) learns: a tiny refiner trained on two 32x32 frames
+    reconstructs them from their 16x16 versions far better than bicubic (measured: +9 dB, 37 vs 28 dB)."""
+    from datamodules.synthetic_shapes import render_moving_shapes
+    from lit_modules.refiner import refinement_metrics
+
+    torch.manual_seed(0)
+    clips, _ = render_moving_shapes(2, 1, 32, seed=3)
+    x = clips[:, 0].permute(0, 3, 1, 2).float() / 127.5 - 1
+    net = Refiner(RefinerConfig(preset="tiny"))
+    low = degrade(x, DegradeConfig(blur_sigma=[0, 0], noise_std=[0, 0], flip_prob=[0, 0]), 2)
+    opt = torch.optim.AdamW(net.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss = net.loss(x.repeat(4, 1, 1, 1), low.repeat(4, 1, 1, 1), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = net.eval().sample(low, 10, generator=torch.Generator().manual_seed(1))
+    m = refinement_metrics(out, net.upsample(low), x, low)
+    assert m["psnr_gain"] > 4.0, m
+    assert m["consistency_psnr"] > 35.0, m
