@@ -6,6 +6,7 @@ any-to-any with ERNIE 5.0 (`--task`).
     python generate.py VIDEOAR.ckpt --continue-from clip.mp4 --classes 4 --frames 8 --out samples/
 
     python generate.py ERNIE5.ckpt --task image --prompt "a large red circle in the centre, on a plain background"
+    python generate.py ERNIE5.ckpt --task image --prompt "..." --refiner REFINER.ckpt   # + the diffusion refiner (2x)
     python generate.py ERNIE5.ckpt --task video --prompt "a large blue square moves slowly upward, over ..."
     python generate.py ERNIE5.ckpt --task audio --prompt "a steady tone at 440 hertz, lasting 1 second"
     python generate.py ERNIE5.ckpt --task caption --input clip.mp4     # or an image / a .wav file
@@ -109,6 +110,13 @@ def generate_ernie5(args) -> list:
         opts["guidance"] = args.cfg
     out_dir = Path(args.out)
     results = []
+    refiner = None
+    if args.refiner:
+        if args.task not in ("image", "video"):
+            raise ValueError(f"--refiner refines images and videos, not --task {args.task}")
+        from models.refiner import load_refiner
+
+        refiner = load_refiner(args.refiner, map_location=args.device)
     if args.task == "caption":
         if not args.input:
             raise ValueError("--task caption needs --input (an image, video or audio file)")
@@ -135,6 +143,8 @@ def generate_ernie5(args) -> list:
 
                 frames = 1 if args.task == "image" else args.frames
                 _, video = module.render(prompt, args.task, frames, gen, **opts)
+                if refiner is not None:  # the cascade: each frame through the diffusion refiner
+                    video = refine_frames(refiner, video, args.refine_steps, gen)
                 pix = ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # [3, T, H, W]
                 if args.task == "image":
                     from torchvision.io import encode_png
@@ -155,6 +165,14 @@ def generate_ernie5(args) -> list:
                 print(path)
                 results.append(Path(path))
     return results
+
+
+def refine_frames(refiner, video: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Video [B, 3, T, h, w] -> [B, 3, T, s*h, s*w]: every frame refined independently."""
+    b, c, t, h, w = video.shape
+    frames = video.transpose(1, 2).reshape(b * t, c, h, w)
+    out = refiner.sample(frames.to(next(refiner.parameters()).device), steps, generator=generator)
+    return out.reshape(b, t, c, *out.shape[-2:]).transpose(1, 2)
 
 
 def _encode_media(module, path: Path, device: str) -> tuple[str, torch.Tensor, Optional[torch.Tensor]]:
@@ -238,6 +256,9 @@ def main(argv: list[str] | None = None):
     e.add_argument("--input", action="append", default=None, help="--task caption: an image, video or audio file")
     e.add_argument("--cfg", type=float, default=None, help="classifier-free guidance for image / video "
                    "(default: the checkpoint's sample.guidance)")
+    e.add_argument("--refiner", default=None, help="--task image / video: a refiner checkpoint "
+                   "(experiment=ernie5_refiner) that upsamples every generated frame (the cascade)")
+    e.add_argument("--refine-steps", type=int, default=25, help="DDIM steps of the refiner")
     e.add_argument("--seconds", type=float, default=1.0, help="--task audio: length of the sound")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: empty prompt")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")

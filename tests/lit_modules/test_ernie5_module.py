@@ -562,6 +562,29 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
     (gif,) = generate.main([ckpt, "--task", "video", "--prompt", "a red circle", "--frames", "2", *common])
     (wav,) = generate.main([ckpt, "--task", "audio", "--prompt", "a tone", "--seconds", "0.5", *common])
     assert png.suffix == ".png" and gif.suffix == ".gif" and read_audio(wav).numel() > 0
+    # the cascade: the same prompt through a (tiny, untrained) diffusion refiner comes out 2x larger
+    from torchvision.io import decode_png, read_file
+
+    from models.refiner import Refiner, RefinerConfig
+
+    ref = Refiner(RefinerConfig(preset="tiny"))
+    ref_ckpt = tmp_path / "refiner.ckpt"
+    torch.save({"refiner": {"config": ref.cfg.to_dict()},
+                "state_dict": {f"net.{k}": v for k, v in ref.state_dict().items()}}, ref_ckpt)
+    (big,) = generate.main([ckpt, "--task", "image", "--prompt", "a red circle", "--refiner", str(ref_ckpt),
+                            "--refine-steps", "2", *common, "--out", str(tmp_path / "refined")])
+    small_hw, big_hw = decode_png(read_file(str(png))).shape[-2:], decode_png(read_file(str(big))).shape[-2:]
+    assert tuple(big_hw) == (2 * small_hw[0], 2 * small_hw[1])
+    with pytest.raises(ValueError, match="--refiner refines images and videos"):
+        generate.main([ckpt, "--task", "text", "--refiner", str(ref_ckpt), *common])
+    from tools import eval_refiner
+
+    ev = eval_refiner.main([str(ref_ckpt), "--ernie5", ckpt, "--num", "2", "--prompts", "2", "--steps", "2",
+                            "--device", "cpu"])
+    assert ev["generated"]["prompts"] == 2 and ev["generated"]["consistency_psnr"] > 0
+    video = torch.rand(2, 3, 3, 8, 8) * 2 - 1
+    per_frame = generate.refine_frames(ref, video, 2, torch.Generator().manual_seed(0))
+    assert per_frame.shape == (2, 3, 3, 16, 16)
     captions = generate.main([ckpt, "--task", "caption", "--input", str(png), "--input", str(wav), "--input", str(gif),
                               *common])
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)

@@ -24,8 +24,10 @@ def refiner_cfg(tmp_path, *extra: str, subdir: str = "run"):
     )
 
 
-def test_training_logs_refinement_metrics_and_the_checkpoint_loads(tmp_path):
-    cfg = refiner_cfg(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4")
+def test_training_logs_refinement_metrics_and_the_checkpoint_loads(tmp_path, tiny_tokenizer):
+    # through the frozen tiny tokenizer (16x16 frames): every input takes the round trip with bit flips
+    cfg = refiner_cfg(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                      f"model.degrade.tokenizer={tiny_tokenizer}", "model.degrade.tokenizer_prob=1.0")
     train.run(cfg)
     rows = find_metrics(tmp_path / "run")
     for key in ("val/loss", "val/psnr", "val/psnr_bicubic", "val/psnr_gain", "val/consistency_psnr",
@@ -38,6 +40,25 @@ def test_training_logs_refinement_metrics_and_the_checkpoint_loads(tmp_path):
     net = load_refiner(str(ckpt_path))
     out = net.sample(torch.zeros(1, 3, 16, 16), 2, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 32, 32)
+
+    from tools import eval_refiner
+
+    strip = tmp_path / "strip.png"
+    res = eval_refiner.main([str(ckpt_path), "--num", "4", "--steps", "2", "--strip", str(strip), "--examples", "3",
+                             "--out", str(tmp_path / "r.json"), "--device", "cpu"])
+    assert res["size"] == 32 and set(res["held_out"]) == {"area", "tokenizer"}
+    for m in res["held_out"].values():
+        assert {"psnr", "psnr_bicubic", "psnr_gain", "consistency_psnr", "chroma_ratio"} <= set(m)
+    # the area input's bicubic baseline is computed from the same frames the tool renders
+    from tools.eval_refiner import held_out_frames
+    from models.tokenizers.metrics import psnr
+
+    target = held_out_frames(4, 32, 7)
+    low = torch.nn.functional.interpolate(target, scale_factor=0.5, mode="area")
+    assert res["held_out"]["area"]["psnr_bicubic"] == pytest.approx(psnr(net.upsample(low), target), abs=1e-3)
+    from torchvision.io import decode_png, read_file
+
+    assert decode_png(read_file(str(strip))).shape[-1] == 3 * 33 + 1  # 3 columns of 32 px, 1 px padding
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
