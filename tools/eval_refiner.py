@@ -1,13 +1,13 @@
 """Evaluate ERNIE 5.0's cascaded diffusion refiner on fresh moving-shapes frames, and on the
 backbone's own generated images (the cascade).
 
-    python tools/eval_refiner.py REFINER.ckpt [--num 64] [--steps 25] [--seed 7] \\
+    python tools/eval_refiner.py REFINER.ckpt [--num 64] [--steps 25] [--eta 0] [--seed 7] \\
         [--ernie5 ERNIE5.ckpt --prompts 32] [--strip docs/refiner.png] [--out result.json]
 
 Held-out frames: the first frames of `--num` fresh clips (data seed `--seed`, not the training
 data's 0) rendered at the refiner's output size are the targets. Their inputs are (a) the targets
 area-downsampled (`area`) and (b) those low-resolution frames sent through the refiner's frozen
-tokenizer (`tokenizer`, when it was trained with one): what the backbone would emit if it predicted
+tokenizer (`tokenizer`, when it was trained with one, or `--tokenizer`): what the backbone would emit if it predicted
 every token right. For each: PSNR / SSIM of the refined frames and of bicubic upsampling against
 the targets, chroma ratio, sharpness ratio (mean gradient magnitude over the targets') and
 consistency PSNR (refined, downsampled again, against its own input).
@@ -52,10 +52,10 @@ def _round(d: dict) -> dict:
 @torch.no_grad()
 def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: str | None = None,
              prompts: int = 32, strip: str | None = None, examples: int = 8, device: str = "cpu",
-             batch: int = 32) -> dict:
+             batch: int = 32, eta: float = 0.0, tokenizer: str | None = None) -> dict:
     net = load_refiner(ckpt, map_location=device).to(device)
     hp = load_checkpoint(ckpt, what="refiner checkpoint").get("hyper_parameters", {})
-    tok_path = (hp.get("degrade") or {}).get("tokenizer")
+    tok_path = tokenizer or (hp.get("degrade") or {}).get("tokenizer")
     s = net.cfg.scale
     size = None
     tok = None
@@ -68,7 +68,7 @@ def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: s
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def refine(low: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net.sample(low[i:i + batch], steps, generator=gen) for i in range(0, len(low), batch)])
+        return torch.cat([net.sample(low[i:i + batch], steps, eta, generator=gen) for i in range(0, len(low), batch)])
 
     target = held_out_frames(num, size, seed).to(device)
     low_area = F.interpolate(target, scale_factor=1 / s, mode="area")
@@ -76,7 +76,7 @@ def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: s
     if tok is not None:
         rt = tok.decode(tok.encode(low_area.unsqueeze(2) if tok.cfg.video else low_area)).clamp(-1, 1)
         inputs["tokenizer"] = rt[:, :, 0] if rt.dim() == 5 else rt
-    result = {"checkpoint": ckpt, "steps": steps, "num": num, "size": size, "scale": s, "tokenizer": tok_path,
+    result = {"checkpoint": ckpt, "steps": steps, "eta": eta, "num": num, "size": size, "scale": s, "tokenizer": tok_path,
               "held_out": {}}
     rows = []
     for name, low in inputs.items():
@@ -91,8 +91,10 @@ def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: s
         module, dm = load(ernie5, device)
         caps = [c[0] for c in dm.corpus.splits["val"]["image_captions"]][:prompts]
         samples = []
+        # the backbone's draws have their own generator: every refiner and setting sees the same samples
+        gen_ar = torch.Generator(device=device).manual_seed(seed)
         for cap in caps:
-            _, video = module.render(cap, "image", 1, gen)
+            _, video = module.render(cap, "image", 1, gen_ar)
             samples.append(video[:, :, 0])
         low = torch.cat(samples).to(device)
         if low.shape[-1] * s != size:
@@ -128,7 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("ckpt", help="a refiner checkpoint (experiment=ernie5_refiner)")
     p.add_argument("--num", type=int, default=64, help="held-out frames")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = ancestral sampling")
     p.add_argument("--seed", type=int, default=7, help="data seed of the held-out frames and sampling seed")
+    p.add_argument("--tokenizer", default=None, help="the visual tokenizer of the `tokenizer` inputs (default: the "
+                   "one the refiner was trained with, if any)")
     p.add_argument("--ernie5", default=None, help="an ERNIE 5.0 checkpoint whose generated images are refined")
     p.add_argument("--prompts", type=int, default=32, help="held-out captions rendered by --ernie5")
     p.add_argument("--strip", default=None, help="write a PNG of examples here")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     res = evaluate(args.ckpt, args.num, args.steps, args.seed, args.ernie5, args.prompts, args.strip,
-                   args.examples, args.device)
+                   args.examples, args.device, eta=args.eta, tokenizer=args.tokenizer)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -580,8 +580,9 @@ def test_generate_cli_eval_and_routing_report_from_a_checkpoint(tmp_path, tiny_t
     from tools import eval_refiner
 
     ev = eval_refiner.main([str(ref_ckpt), "--ernie5", ckpt, "--num", "2", "--prompts", "2", "--steps", "2",
-                            "--device", "cpu"])
+                            "--tokenizer", str(tiny_tokenizer), "--device", "cpu"])
     assert ev["generated"]["prompts"] == 2 and ev["generated"]["consistency_psnr"] > 0
+    assert set(ev["held_out"]) == {"area", "tokenizer"} and ev["size"] == 32  # the tiny tokenizer's 16 px, x2
     video = torch.rand(2, 3, 3, 8, 8) * 2 - 1
     per_frame = generate.refine_frames(ref, video, 2, torch.Generator().manual_seed(0))
     assert per_frame.shape == (2, 3, 3, 16, 16)
