@@ -15,8 +15,9 @@ consistency PSNR (refined, downsampled again, against its own input).
 With `--ernie5`: images generated from the held-out image captions of that checkpoint's corpus, then
 refined. There is no target, so it reports consistency PSNR, chroma ratio (refined over the
 generated image) and sharpness against real frames of the same size, for refined and bicubic.
-`--strip`: a PNG, one column per example; rows: input (nearest), bicubic, refined, target (held-out)
-then, with `--ernie5`, generated (nearest), bicubic, refined.
+`--strip`: a PNG, one column per example; rows: area input (nearest), bicubic, refined, target; then
+the tokenizer input (nearest), bicubic, refined; then, with `--ernie5`, generated (nearest), bicubic,
+refined.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: s
     for name, low in inputs.items():
         refined, bicubic = refine(low), net.upsample(low)
         result["held_out"][name] = _round(refinement_metrics(refined, bicubic, target, low))
-        if name == ("tokenizer" if tok is not None else "area"):
-            k = min(examples, num)
-            rows += [F.interpolate(low[:k], scale_factor=s, mode="nearest"), bicubic[:k], refined[:k], target[:k]]
+        k = min(examples, num)
+        rows += [F.interpolate(low[:k], scale_factor=s, mode="nearest"), bicubic[:k], refined[:k]]
+        rows += [target[:k]] if name == "area" else []
     if ernie5:
         from tools.eval_ernie5 import load
 

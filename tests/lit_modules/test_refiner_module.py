@@ -58,7 +58,8 @@ def test_training_logs_refinement_metrics_and_the_checkpoint_loads(tmp_path, tin
     assert res["held_out"]["area"]["psnr_bicubic"] == pytest.approx(psnr(net.upsample(low), target), abs=1e-3)
     from torchvision.io import decode_png, read_file
 
-    assert decode_png(read_file(str(strip))).shape[-1] == 3 * 33 + 1  # 3 columns of 32 px, 1 px padding
+    png = decode_png(read_file(str(strip)))
+    assert png.shape[-1] == 3 * 33 + 1 and png.shape[-2] == 7 * 33 + 1  # 3 columns, 4 + 3 rows of 32 px
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
