@@ -144,7 +144,7 @@ def generate_ernie5(args) -> list:
                 frames = 1 if args.task == "image" else args.frames
                 _, video = module.render(prompt, args.task, frames, gen, **opts)
                 if refiner is not None:  # the cascade: each frame through the diffusion refiner
-                    video = refine_frames(refiner, video, args.refine_steps, gen)
+                    video = refine_frames(refiner, video, args.refine_steps, gen, args.refine_eta)
                 pix = ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # [3, T, H, W]
                 if args.task == "image":
                     from torchvision.io import encode_png
@@ -167,11 +167,12 @@ def generate_ernie5(args) -> list:
     return results
 
 
-def refine_frames(refiner, video: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+def refine_frames(refiner, video: torch.Tensor, steps: int, generator: torch.Generator,
+                  eta: float = 1.0) -> torch.Tensor:
     """Video [B, 3, T, h, w] -> [B, 3, T, s*h, s*w]: every frame refined independently."""
     b, c, t, h, w = video.shape
     frames = video.transpose(1, 2).reshape(b * t, c, h, w)
-    out = refiner.sample(frames.to(next(refiner.parameters()).device), steps, generator=generator)
+    out = refiner.sample(frames.to(next(refiner.parameters()).device), steps, eta, generator=generator)
     return out.reshape(b, t, c, *out.shape[-2:]).transpose(1, 2)
 
 
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None):
                    "(default: the checkpoint's sample.guidance)")
     e.add_argument("--refiner", default=None, help="--task image / video: a refiner checkpoint "
                    "(experiment=ernie5_refiner) that upsamples every generated frame (the cascade)")
-    e.add_argument("--refine-steps", type=int, default=25, help="DDIM steps of the refiner")
+    e.add_argument("--refine-steps", type=int, default=25, help="sampling steps of the refiner")
+    e.add_argument("--refine-eta", type=float, default=1.0, help="1 = ancestral sampling, 0 = deterministic DDIM")
     e.add_argument("--seconds", type=float, default=1.0, help="--task audio: length of the sound")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: empty prompt")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")

@@ -33,7 +33,7 @@ class RefinerSampleConfig:
     examples (input, bicubic, refined, target) to TensorBoard (0 = none)."""
 
     steps: int = 25
-    eta: float = 0.0
+    eta: float = 1.0
     val_batches: int = 1
     log_images: int = 8
 

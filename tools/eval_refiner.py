@@ -1,7 +1,7 @@
 """Evaluate ERNIE 5.0's cascaded diffusion refiner on fresh moving-shapes frames, and on the
 backbone's own generated images (the cascade).
 
-    python tools/eval_refiner.py REFINER.ckpt [--num 64] [--steps 25] [--eta 0] [--seed 7] \\
+    python tools/eval_refiner.py REFINER.ckpt [--num 64] [--steps 25] [--eta 1] [--seed 7] \\
         [--ernie5 ERNIE5.ckpt --prompts 32] [--strip docs/refiner.png] [--out result.json]
 
 Held-out frames: the first frames of `--num` fresh clips (data seed `--seed`, not the training
@@ -53,7 +53,7 @@ def _round(d: dict) -> dict:
 @torch.no_grad()
 def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: str | None = None,
              prompts: int = 32, strip: str | None = None, examples: int = 8, device: str = "cpu",
-             batch: int = 32, eta: float = 0.0, tokenizer: str | None = None) -> dict:
+             batch: int = 32, eta: float = 1.0, tokenizer: str | None = None) -> dict:
     net = load_refiner(ckpt, map_location=device).to(device)
     hp = load_checkpoint(ckpt, what="refiner checkpoint").get("hyper_parameters", {})
     tok_path = tokenizer or (hp.get("degrade") or {}).get("tokenizer")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("ckpt", help="a refiner checkpoint (experiment=ernie5_refiner)")
     p.add_argument("--num", type=int, default=64, help="held-out frames")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = ancestral sampling")
+    p.add_argument("--eta", type=float, default=1.0, help="0 = deterministic DDIM, 1 = ancestral sampling")
     p.add_argument("--seed", type=int, default=7, help="data seed of the held-out frames and sampling seed")
     p.add_argument("--tokenizer", default=None, help="the visual tokenizer of the `tokenizer` inputs (default: the "
                    "one the refiner was trained with, if any)")
