@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from lit_modules.base import ExperimentModule, OptimConfig, step_seed
+from lit_modules.visual_tokenizer import _frames, load_visual_tokenizer
 from models.config import config_from_dict
 from models.refiner import DegradeConfig, Refiner, RefinerConfig, degrade
 from models.tokenizers.metrics import colour_metrics, psnr
@@ -103,15 +104,9 @@ class RefinerModule(ExperimentModule):
     @property
     def tokenizer(self):
         if self._tok is None and self.degrade_cfg.tokenizer:
-            from lit_modules.visual_tokenizer import load_visual_tokenizer
-
             # object.__setattr__: an nn.Module attribute would register the tokenizer as a submodule
             object.__setattr__(self, "_tok", load_visual_tokenizer(self.degrade_cfg.tokenizer).to(self.device))
         return self._tok
-
-    @staticmethod
-    def _images_of(x: torch.Tensor) -> torch.Tensor:
-        return x if x.dim() == 4 else x.transpose(1, 2).flatten(0, 1)
 
     def degraded(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return degrade(x, self.degrade_cfg, self.net_cfg.scale, generator, self.tokenizer)
@@ -120,7 +115,7 @@ class RefinerModule(ExperimentModule):
         return torch.Generator(device=self.device).manual_seed(step_seed(self.seed, batch_index, rank))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = self._images_of(batch.pixels)
+        x = _frames(batch.pixels)
         gen = self._generator(self.trainer.fit_loop.total_batch_idx, self.global_rank)
         low = self.degraded(x, gen)
         loss = self.net.loss(x, low, gen)
@@ -131,7 +126,7 @@ class RefinerModule(ExperimentModule):
 
     @torch.no_grad()
     def _evaluate(self, batch, stage: str, batch_idx: int) -> None:
-        x = self._images_of(batch.pixels)
+        x = _frames(batch.pixels)
         # the same inputs, steps and noise at every validation: curves compare checkpoints, not draws
         gen = self._generator(-1 - batch_idx, 0)
         low = self.degraded(x, gen)

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import config_from_dict
+from models.config import config_from_dict, fill_preset
 
-__all__ = ["DegradeConfig", "Refiner", "RefinerConfig", "cosine_alpha_bar", "degrade", "gaussian_blur"]
+__all__ = ["DegradeConfig", "Refiner", "RefinerConfig", "cosine_alpha_bar", "degrade", "gaussian_blur", "load_refiner",
+           "refiner_from_checkpoint"]
 
 PRESETS = {
     "tiny": dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attention=False),
@@ -61,11 +62,7 @@ class RefinerConfig:
     target_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.net.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for k, v in PRESETS[self.preset].items():
-            if getattr(self, k) is None:
-                setattr(self, k, list(v) if isinstance(v, list) else v)
+        fill_preset(self, PRESETS)
         self.ch_mult = [int(m) for m in self.ch_mult]
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"model.net.ch_mult must be a non-empty list of positive ints, got {self.ch_mult}")
@@ -406,7 +403,11 @@ def load_refiner(path: str, map_location: str = "cpu") -> Refiner:
     """A frozen, eval-mode refiner from a training checkpoint (train.py) of `lit_modules/refiner.py`."""
     from models.io import load_checkpoint
 
-    ckpt = load_checkpoint(path, map_location=map_location, what="refiner checkpoint")
+    return refiner_from_checkpoint(load_checkpoint(path, map_location=map_location, what="refiner checkpoint"), path)
+
+
+def refiner_from_checkpoint(ckpt: dict, path: str = "the checkpoint") -> Refiner:
+    """`load_refiner` for a checkpoint already read (its hyper-parameters are needed too)."""
     if "refiner" not in ckpt:
         raise ValueError(f"{path} is not a refiner checkpoint (no 'refiner' entry; train one with "
                          "`python train.py experiment=ernie5_refiner`)")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import config_from_dict
+from models.config import config_from_dict, fill_preset
 from models.layers.mask import AttentionMask, block_layout
 from models.layers.positions import sequence_positions
 from models.layers.trunk import Trunk, TrunkConfig, rename_prefix
@@ -72,11 +72,7 @@ class VideoARConfig(TrunkConfig):
     rope_split: Optional[list] = field(default_factory=lambda: [0.25, 0.375, 0.375])
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.net.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for k, v in PRESETS[self.preset].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
+        fill_preset(self, PRESETS)
         if self.rope not in ROPE_LAYOUTS:
             raise ValueError(f"model.net.rope must be one of {sorted(ROPE_LAYOUTS)}, got {self.rope!r}")
         if self.rope_split is None or len(self.rope_split) != 3:

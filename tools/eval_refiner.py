@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lit_modules.refiner import refinement_metrics, sharpness  # noqa: E402
 from models.io import atomic_write_bytes, atomic_write_text, load_checkpoint  # noqa: E402
-from models.refiner import load_refiner  # noqa: E402
+from models.refiner import refiner_from_checkpoint  # noqa: E402
 from models.tokenizers.metrics import chroma, psnr  # noqa: E402
 
 
@@ -54,18 +54,16 @@ def _round(d: dict) -> dict:
 def evaluate(ckpt: str, num: int = 64, steps: int = 25, seed: int = 7, ernie5: str | None = None,
              prompts: int = 32, strip: str | None = None, examples: int = 8, device: str = "cpu",
              batch: int = 32, eta: float = 1.0, tokenizer: str | None = None) -> dict:
-    net = load_refiner(ckpt, map_location=device).to(device)
-    hp = load_checkpoint(ckpt, what="refiner checkpoint").get("hyper_parameters", {})
-    tok_path = tokenizer or (hp.get("degrade") or {}).get("tokenizer")
+    raw = load_checkpoint(ckpt, map_location=device, what="refiner checkpoint")
+    net = refiner_from_checkpoint(raw, ckpt).to(device)
+    tok_path = tokenizer or (raw.get("hyper_parameters", {}).get("degrade") or {}).get("tokenizer")
     s = net.cfg.scale
-    size = None
-    tok = None
+    size, tok = 64, None
     if tok_path and tok_path != "auto":
         from lit_modules.visual_tokenizer import load_visual_tokenizer
 
         tok = load_visual_tokenizer(tok_path).to(device)
         size = tok.cfg.scales[-1][0] * tok.cfg.spatial_factor * s
-    size = size or 64
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def refine(low: torch.Tensor) -> torch.Tensor:

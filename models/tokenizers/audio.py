@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from models.config import config_from_dict
+from models.config import config_from_dict, fill_preset
 
 from models.tokenizers.vq import ResidualVQ
 
@@ -76,11 +76,7 @@ class AudioTokenizerConfig:
     griffin_lim_iters: int = 32
 
     def __post_init__(self) -> None:
-        if self.preset not in AUDIO_PRESETS:
-            raise ValueError(f"model.net.preset must be one of {sorted(AUDIO_PRESETS)}, got {self.preset!r}")
-        for k, v in AUDIO_PRESETS[self.preset].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
+        fill_preset(self, AUDIO_PRESETS)
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"model.net.downsample must be a power of 2, got {self.downsample}")
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "channels", "latent_dim", "num_quantizers",

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from models.config import config_from_dict
+from models.config import config_from_dict, fill_preset
 
 from models.tokenizers.causal_conv import Decoder, Encoder, inflate_state_dict
 from models.tokenizers.multiscale import MultiScaleQuantizer, QuantizerConfig, flip_bits, parse_scales
@@ -60,11 +60,7 @@ class TokenizerConfig:
     entropy_temperature: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.net.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for k, v in PRESETS[self.preset].items():
-            if getattr(self, k) is None:
-                setattr(self, k, list(v) if isinstance(v, list) else v)
+        fill_preset(self, PRESETS)
         self.ch_mult = [int(m) for m in self.ch_mult]
         if len(self.ch_mult) < 1 or min(self.ch_mult) < 1:
             raise ValueError(f"model.net.ch_mult must be a non-empty list of positive ints, got {self.ch_mult}")
