@@ -20,6 +20,9 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
 - `--temporal-warmup K`: start as the per-frame network (past slices zero, temporal downsampling =
   frame subsampling, temporal upsampling = frame repetition) and keep every temporal weight frozen
   there for the first K steps, then train everything;
+- `--ch C`, `--ch-mult M..`, `--dim D`: the encoder/decoder width per level and the code channels
+  (preset `small`: 16, 1 2 4, 16), for the capacity question: a 3D down-step that also halves time
+  must pass 8 voxels through the channels a 2D one uses for 4 pixels;
 - `--image-steps K`: the first K steps train on 1-frame clips only (4x the batch, random frames): the
   2D tokenizer's regime inside the 3D network, whose past slices see only the zero padding of a single
   frame; with `--temporal-warmup K` as well this is inflation in one run (a per-frame network trained
@@ -90,7 +93,8 @@ def _init_like_2d(conv: nn.Conv3d, rows: slice) -> None:
 
 
 def build(args) -> VisualTokenizer:
-    cfg = TokenizerConfig(preset="small", video=bool(args.video), time_stride=args.time_stride)
+    cfg = TokenizerConfig(preset="small", video=bool(args.video), time_stride=args.time_stride, ch=args.ch,
+                          ch_mult=args.ch_mult, dim=args.dim)
     with time_kernel_one() if args.time_kernel == 1 else contextlib.nullcontext():
         net = VisualTokenizer(cfg)
     # rows of each temporal resampling conv that start as the identity on their own frame
@@ -215,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temporal-warmup", type=int, default=0)
     p.add_argument("--image-steps", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--ch", type=int, default=None, help="base channels (preset small: 16)")
+    p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="per-level multipliers (small: 1 2 4)")
+    p.add_argument("--dim", type=int, default=None, help="code channels (small: 16)")
     args = p.parse_args(argv)
     if args.past_rate < 0:
         p.error("--past-rate must be >= 0")

@@ -204,6 +204,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
 
     # text: next-token loss on held-out biography rows (text documents only)
     res["text_loss"] = text_loss(module, dm, text_rows)
+    res["text_bits_per_byte"] = text_nll(module, dm, text_rows)["bits_per_byte"]
     if text_baseline is not None:
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
@@ -266,16 +267,38 @@ def attribute_ranking(module, split: dict, medium: str, num: int) -> dict:
 def text_loss(module, dm, rows: int, task: str = "text") -> float:
     """Mean next-token cross-entropy of the text tokens of held-out rows made of `task` documents only
     (text: biographies; X_und: the captions after `<boX> item <eoX> <sep>`)."""
+    return text_nll(module, dm, rows, task)["nats_per_token"]
+
+
+def target_bytes(vocab, ids) -> int:
+    """UTF-8 bytes of the text a run of target ids spells (each EOS counts as one byte, a boundary token as
+    none): the denominator that makes losses of different text tokenizers comparable."""
+    total, run = 0, []
+    for i in [int(i) for i in ids] + [vocab.eos]:
+        if i == vocab.eos or i >= vocab.base:
+            total += len(vocab.bpe.decode(run).encode("utf-8")) if run else 0
+            total += int(i == vocab.eos)
+            run = []
+        else:
+            run.append(i)
+    return total - 1  # the sentinel EOS
+
+
+def text_nll(module, dm, rows: int, task: str = "text") -> dict:
+    """Teacher-forced NLL of the text targets of `rows` held-out rows of `task` documents only: nats per
+    token and bits per UTF-8 byte (tokenizer-independent), with the counts."""
     from datamodules.multimodal import RowDataset, collate_rows
 
     ds = RowDataset(dm.corpus, "val", rows, dm.seq_len, {task: 1.0}, 0.0, dm.text_len, 0)
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
     for s in range(0, rows, 8):
         batch = collate_rows([ds[i] for i in range(s, min(rows, s + 8))]).to(module.device)
         out = module.net(module.stage_view(batch), [], mtp=False)
         total += float(F.cross_entropy(out.text_logits.float(), out.text_targets, reduction="sum"))
         count += out.text_targets.numel()
-    return total / max(1, count)
+        nbytes += target_bytes(dm.corpus.vocab, out.text_targets.tolist())
+    return {"nats_per_token": total / max(1, count), "bits_per_byte": total / math.log(2) / max(1, nbytes),
+            "tokens": count, "bytes": nbytes}
 
 
 @torch.no_grad()
@@ -350,6 +373,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--understanding-only", action="store_true", help="captioning (greedy and teacher-forced) only")
+    p.add_argument("--text-only", action="store_true",
+                   help="held-out biography NLL only: nats per token and bits per UTF-8 byte (compares text tokenizers)")
     p.add_argument("--grid", action="store_true", help="evaluate elastic sub-models only (see above)")
     p.add_argument("--depths", type=int, nargs="+", default=None)
     p.add_argument("--experts", type=int, nargs="+", default=None, help="routed experts kept per layer")
@@ -361,6 +386,10 @@ def main(argv=None) -> dict:
         return _emit({"ckpt": str(args.ckpt), "step": module.checkpoint_step,
                       "submodels": submodel_grid(module, dm, args.depths, args.experts, args.top_k, args.max_batches)},
                      args.out)
+    if args.text_only:
+        return _emit({"ckpt": str(args.ckpt), "step": module.checkpoint_step,
+                      "text_tokenizer": module.vocab.bpe.kind, "text_vocab": len(module.vocab),
+                      **text_nll(module, dm, args.text_rows)}, args.out)
     baseline = None
     if args.text_baseline:
         from lit_modules.ernie5 import Ernie5Module
