@@ -23,6 +23,9 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
 - `--ch C`, `--ch-mult M..`, `--dim D`: the encoder/decoder width per level and the code channels
   (preset `small`: 16, 1 2 4, 16), for the capacity question: a 3D down-step that also halves time
   must pass 8 voxels through the channels a 2D one uses for 4 pixels;
+- `--static-steps K`: the first K steps train on still clips (a random frame of each clip repeated
+  over all its frames): every layer, temporal ones included, trains, but there is no motion to code;
+  evaluations then also report the chroma ratio on still versions of the held-out clips;
 - `--image-steps K`: the first K steps train on 1-frame clips only (4x the batch, random frames): the
   2D tokenizer's regime inside the 3D network, whose past slices see only the zero padding of a single
   frame; with `--temporal-warmup K` as well this is inflation in one run (a per-frame network trained
@@ -169,8 +172,12 @@ def run(args) -> dict:
                 x = held if args.video else held[:, :, 0]
                 rec = net(x)["recon"]
                 m = colour_metrics(rec, x)
+                extra = {}
+                if args.static_steps:  # the same model on still versions of the held-out clips
+                    still = held[:, :, :1].expand_as(held).contiguous()
+                    extra["chroma_ratio_still"] = round(colour_metrics(net(still)["recon"], still)["chroma_ratio"], 3)
             net.train()
-            history.append({"step": step, "chroma_ratio": round(m["chroma_ratio"], 3),
+            history.append({"step": step, "chroma_ratio": round(m["chroma_ratio"], 3), **extra,
                             "psnr": round(psnr(rec, x), 2), "psnr_cbcr": round(m["psnr_cbcr"], 2),
                             "elapsed_s": round(time.time() - t0, 1)})
             print(json.dumps(history[-1]), flush=True)
@@ -179,6 +186,9 @@ def run(args) -> dict:
         x = train[torch.randint(0, train.shape[0], (args.batch,), generator=gen)]
         if not args.video:
             x = x[:, :, int(torch.randint(0, x.shape[2], (1,), generator=gen))]
+        elif step < args.static_steps:  # a still clip: one random frame of each clip, repeated
+            f = torch.randint(0, x.shape[2], (args.batch,), generator=gen)
+            x = x[torch.arange(args.batch), :, f].unsqueeze(2).expand_as(x).contiguous()
         elif step < args.image_steps or (args.image_frac > 0 and float(torch.rand(1, generator=gen)) < args.image_frac):
             n = 4 * args.batch
             idx = torch.randint(0, train.shape[0], (n,), generator=gen)
@@ -218,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-frac", type=float, default=0.0)
     p.add_argument("--temporal-warmup", type=int, default=0)
     p.add_argument("--image-steps", type=int, default=0)
+    p.add_argument("--static-steps", type=int, default=0,
+                   help="the first K steps train on still clips (one random frame repeated): motion removed")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ch", type=int, default=None, help="base channels (preset small: 16)")
     p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="per-level multipliers (small: 1 2 4)")
