@@ -131,6 +131,15 @@ def generate_ernie5(args) -> list:
     if not prompts:
         raise ValueError(f"--task {args.task} needs --prompt")
     atok = module.audio_tokenizer
+    reference = None
+    if args.reference:
+        if args.task != "audio":
+            raise ValueError(f"--reference gives the voice of --task audio, not --task {args.task}")
+        if module.net.speaker_enc is None:
+            raise ValueError(f"--reference: {args.ckpt} has no speaker embedding (train with data.speakers > 0)")
+        medium, reference, _ = _encode_media(module, Path(args.reference), args.device)
+        if medium != "audio":
+            raise ValueError(f"--reference {args.reference} must be a sound file (.wav / .flac / .ogg)")
     for j, prompt in enumerate(prompts):
         for i in range(args.num_samples):
             name = out_dir / f"{args.task}_{j:02d}_{i:02d}"
@@ -160,7 +169,7 @@ def generate_ernie5(args) -> list:
                 from datamodules.media_io import write_audio
 
                 frames = max(1, int(round(args.seconds * atok.codes_per_second)))
-                _, wave = module.speak(prompt, frames, gen, **opts)
+                _, wave = module.speak(prompt, frames, gen, reference=reference, **opts)
                 path = write_audio(name.with_suffix(".wav"), wave[0].clamp(-1, 1).cpu(), int(atok.cfg.sample_rate))
                 print(path)
                 results.append(Path(path))
@@ -262,6 +271,8 @@ def main(argv: list[str] | None = None):
     e.add_argument("--refine-steps", type=int, default=25, help="sampling steps of the refiner")
     e.add_argument("--refine-eta", type=float, default=1.0, help="1 = ancestral sampling, 0 = deterministic DDIM")
     e.add_argument("--seconds", type=float, default=1.0, help="--task audio: length of the sound")
+    e.add_argument("--reference", default=None, help="--task audio: a sound file in the voice to speak in (the "
+                   "speaker token; checkpoints trained with data.speakers > 0)")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: empty prompt")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -30,6 +30,15 @@ split, one tensor per stage), and a training row's visual latents are the final 
 followed by each stage's, concatenated along the channel axis ([T', d + d_1 + d_2 .., H, W]); the
 LightningModule reads the slice of its current stage (`Ernie5Module.visual_stage`), so the switch is a
 knob of the module and the rows stay a pure function of (seed, split, index).
+
+Speakers (papers.md 4.3, TTS): with `speakers` N > 0 the synthetic sounds are rendered in a bank of N
+voices (`synthetic_audio.voice_params`); a manifest's audio lines may name theirs (`"speaker": "..."`).
+Each sound's speaker id is kept (`audio_speakers`, -1 = unknown), and an audio generation document of
+a sound with a known speaker starts with a speaker token whose embedding the network computes from a
+*reference*: another clip of the same speaker in the same split, drawn from the row's generator
+(`SPK T .. BOA A .. EOA`). Training rows leave the token out with probability `speaker_dropout`, so
+generation without a reference stays in distribution. Descriptions never name the voice: only the
+reference carries it.
 """
 
 from __future__ import annotations
@@ -121,8 +130,11 @@ def _render_split(cfg: dict, seed: int, n_video: int, n_image: int, n_audio: int
     ip = clip_params(n_image, 1, size, seed + 7919)
     out["image"] = imgs
     out["image_captions"] = [[cap.image_caption(p, 0, t) for t in range(cap.IMAGE_TEMPLATES)] for p in ip]
-    waves, _, _, ap = render_synthetic_audio(n_audio, cfg["clip_seconds"], cfg["sample_rate"], seed, return_params=True)
+    voices = int(cfg.get("speakers") or 0)
+    waves, _, _, ap = render_synthetic_audio(n_audio, cfg["clip_seconds"], cfg["sample_rate"], seed, return_params=True,
+                                             voices=voices)
     out["audio"] = waves
+    out["audio_speakers"] = torch.tensor([p.get("voice", -1) for p in ap], dtype=torch.long)
     out["audio_captions"] = [[cap.audio_description(p, t) for t in range(cap.AUDIO_TEMPLATES)] for p in ap]
     return out
 
@@ -151,7 +163,8 @@ def _decode_items(medium: str, path: Path, cfg: dict) -> list[torch.Tensor]:
 
 
 def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple[dict, dict]:
-    """A JSONL manifest of {"image" | "video" | "audio": path, "text": caption} lines -> (raw splits in
+    """A JSONL manifest of {"image" | "video" | "audio": path, "text": caption} lines (an audio line may add
+    "speaker": a name; speaker ids number the sorted names) -> (raw splits in
     `_render_split`'s layout, {'bad_files': n, 'skipped': [where: reason]}). Relative paths are relative
     to the manifest; a long video gives up to clips_per_video clips (every clip_stride frames), each with
     the line's caption. A line without exactly one medium or without a caption, or a file that is missing,
@@ -185,21 +198,30 @@ def read_manifest(manifest: str, cfg: dict, on_bad_file: str = "error") -> tuple
                 log.warning("skipping %s", msg)
                 continue
             raise ValueError(msg) from e
-        items[medium].append([(x, text.strip()) for x in xs])  # one group per file: its clips share a split
+        speaker = row.get("speaker") if medium == "audio" else None
+        if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+            raise ValueError(f"{where(manifest, lineno)}: \"speaker\" must be a non-empty string, got {speaker!r}")
+        # one group per file: its clips share a split
+        items[medium].append([(x, text.strip(), speaker.strip() if speaker else None) for x in xs])
     if not any(items.values()):
         raise ValueError(f"manifest {manifest} has no usable items ({len(skipped)} skipped)")
+    names = sorted({spk for files in items.values() for group in files for _, _, spk in group if spk})
+    speaker_id = {name: i for i, name in enumerate(names)}
     splits = {"train": {}, "val": {}}
     for medium, files in items.items():
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg["data_seed"])).tolist()
         n_val = int(len(files) * cfg["val_fraction"]) if len(files) > 1 else 0
         for split, chosen in (("val", order[:n_val]), ("train", order[n_val:])):
             pairs = [p for i in chosen for p in files[i]]
-            xs = [x for x, _ in pairs]
+            xs = [x for x, _, _ in pairs]
             empty = torch.zeros(0, int(round(cfg["clip_seconds"] * cfg["sample_rate"]))) if medium == "audio" else \
                 torch.zeros(0, 1 if medium == "image" else cfg["num_frames"], cfg["image_size"], cfg["image_size"], 3,
                             dtype=torch.uint8)
             splits[split][medium] = torch.stack(xs) if xs else empty
-            splits[split][f"{medium}_captions"] = [[text] for _, text in pairs]
+            splits[split][f"{medium}_captions"] = [[text] for _, text, _ in pairs]
+            if medium == "audio":
+                splits[split]["audio_speakers"] = torch.tensor([speaker_id.get(spk, -1) for _, _, spk in pairs],
+                                                               dtype=torch.long)
     return splits, {"bad_files": len(skipped), "skipped": skipped}
 
 
@@ -287,10 +309,14 @@ class MultimodalCorpus:
                                                               "task_weights", "caption_dropout", "train_rows",
                                                               "val_rows", "cache_dir", "text_len", "source",
                                                               "text_source", "on_bad_file", "clips_per_video",
-                                                              "clip_stride", "text_tokenizer", "alphabet_size")}
+                                                              "clip_stride", "text_tokenizer", "alphabet_size",
+                                                              "speakers", "speaker_dropout")}
         if cfg.get("text_tokenizer", "bpe") != "bpe":  # the default keeps the caches written before the option
             content.update(text_tokenizer=cfg["text_tokenizer"], alphabet_size=cfg.get("alphabet_size"))
+        if cfg.get("speakers") and cfg["source"] == "synthetic":  # 0 keeps the caches written before the option
+            content.update(speakers=int(cfg["speakers"]))
         if cfg["source"] != "synthetic":
+            content.update(manifest_speakers=True)
             content.update(source=cfg["source"], on_bad_file=cfg["on_bad_file"], clips_per_video=cfg["clips_per_video"],
                            clip_stride=cfg["clip_stride"],
                            source_digest=_source_digest(cfg["source"]))
@@ -344,7 +370,7 @@ class MultimodalCorpus:
             splits[name] = {
                 "video": _encode_visual(vtok, r["video"]), "image": _encode_visual(vtok, r["image"]),
                 "video_pixels": r["video"].contiguous(), "image_pixels": r["image"].contiguous(),
-                "audio": _encode_audio(atok, r["audio"]),
+                "audio": _encode_audio(atok, r["audio"]), "audio_speakers": r["audio_speakers"],
                 "video_captions": r["video_captions"], "image_captions": r["image_captions"],
                 "audio_captions": r["audio_captions"],
                 "text": [ids + [bpe.eos_id] for ids in bpe.encode_batch(texts[name])],
@@ -373,7 +399,8 @@ class RowDataset(Dataset):
     """Packed rows of one split; row i is a pure function of (seed, split, i)."""
 
     def __init__(self, corpus: MultimodalCorpus, split: str, num_rows: int, seq_len: int, weights: dict,
-                 caption_dropout: float, text_len: int, seed: int, bpe_dropout: float = 0.0) -> None:
+                 caption_dropout: float, text_len: int, seed: int, bpe_dropout: float = 0.0,
+                 speaker_dropout: float = 0.0) -> None:
         self.c, self.split, self.num_rows, self.S = corpus, split, num_rows, seq_len
         self.data = corpus.splits[split]
         self.vocab = corpus.vocab
@@ -386,6 +413,14 @@ class RowDataset(Dataset):
         self.probs = torch.tensor([float(weights[t]) for t in self.tasks], dtype=torch.float64)
         self.caption_dropout, self.text_len, self.seed = caption_dropout, text_len, seed
         self.bpe_dropout = bpe_dropout
+        self.speaker_dropout = speaker_dropout
+        speakers = self.data.get("audio_speakers")  # caches written before speakers have none
+        self.speakers = None
+        if speakers is not None and bool((speakers >= 0).any()):
+            self.speakers = speakers.tolist()
+            self.by_speaker: dict[int, list[int]] = {}
+            for j, spk in enumerate(self.speakers):
+                self.by_speaker.setdefault(spk, []).append(j)
         self.num_stages = len(corpus.info.get("visual_stages") or [])
 
     def visual(self, medium: str, j: int) -> torch.Tensor:
@@ -406,6 +441,17 @@ class RowDataset(Dataset):
         if self.bpe_dropout <= 0:
             return None
         return random.Random(int(torch.randint(1 << 62, (1,), generator=g)))
+
+    def reference(self, j: int, g: torch.Generator) -> Optional[int]:
+        """A reference clip for sound j's speaker token: another clip of its speaker (j itself if it is the
+        only one), or None (unknown speaker, or the token dropped: `speaker_dropout`). Draws from g only
+        when the data has speakers, so rows without them are those written before the option."""
+        if self.speakers is None or self.speakers[j] < 0:
+            return None
+        if float(torch.rand((), generator=g)) < self.speaker_dropout:
+            return None
+        others = [i for i in self.by_speaker[self.speakers[j]] if i != j] or [j]
+        return others[self._pick(len(others), g)]
 
     def _caption(self, key: str, j: int, g: torch.Generator) -> list[int]:
         caps = self.data[key][j]
@@ -433,6 +479,11 @@ class RowDataset(Dataset):
             if role == "und":
                 return caption_document(v, self.scales, medium, item, caption + [v.eos], item_pixels(self.data, medium, j))
             open_, close = SPAN_TOKENS[medium]
+            if medium == "audio":
+                ref = self.reference(j, g)
+                if ref is not None:
+                    b.speaker()
+                    media.append(("speaker", task, self.data["audio"][ref]))
             if float(torch.rand((), generator=g)) < self.caption_dropout:
                 caption = []
             b.text(caption + [v[open_]])
@@ -584,6 +635,8 @@ def collate_rows(rows: Sequence[dict]) -> UnifiedBatch:
         data = torch.stack(tensors)
         if mkind == "audio":
             batch.audio.append(AudioSpans(task, data, dest))
+        elif mkind == "speaker":
+            batch.speakers.append(AudioSpans(task, data, dest))
         else:
             batch.vis_gen.append(VisualSpans(task, data, dest))
     return batch
@@ -619,7 +672,8 @@ class MultimodalDataModule(ResumableDataModule):
                  on_bad_file: str = "error", clips_per_video: int = 1, clip_stride: Optional[int] = None,
                  mode: str = "rows", caption_media: Optional[list] = None, val_prompts: int = 32,
                  text_tokenizer: str = "bpe", alphabet_size: Optional[int] = None, bpe_dropout: float = 0.0,
-                 visual_tokenizer_stages: Optional[list] = None) -> None:
+                 visual_tokenizer_stages: Optional[list] = None, speakers: int = 0,
+                 speaker_dropout: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()  # checkpoints record the data config (tools rebuild the held-out split)
         if mode not in ("rows", "captions"):
@@ -654,6 +708,11 @@ class MultimodalDataModule(ResumableDataModule):
             raise ValueError(f"data.alphabet_size must be null or >= 1, and only with data.text_tokenizer=char_bpe; "
                              f"got {alphabet_size} with {text_tokenizer!r}")
         self.bpe_dropout = float(bpe_dropout)
+        if speakers < 0:
+            raise ValueError(f"data.speakers must be >= 0 (0 = no voices), got {speakers}")
+        if not 0.0 <= speaker_dropout < 1.0:
+            raise ValueError(f"data.speaker_dropout must be in [0, 1), got {speaker_dropout}")
+        self.speaker_dropout = float(speaker_dropout)
         for key, val in (("seq_len", seq_len), ("batch_size", batch_size), ("train_rows", train_rows),
                          ("val_rows", val_rows), ("text_len", text_len)):
             if val < 1:
@@ -670,7 +729,8 @@ class MultimodalDataModule(ResumableDataModule):
                                num_people=num_people, val_fraction=val_fraction, vocab_size=vocab_size,
                                data_seed=data_seed, eval_seed=eval_seed, text_seed=text_seed, source=str(source),
                                text_source=text_source, on_bad_file=on_bad_file, clips_per_video=clips_per_video,
-                               clip_stride=clip_stride, text_tokenizer=text_tokenizer, alphabet_size=alphabet_size)
+                               clip_stride=clip_stride, text_tokenizer=text_tokenizer, alphabet_size=alphabet_size,
+                               speakers=int(speakers))
         self.corpus: Optional[MultimodalCorpus] = None
         self.datasets: dict = {}
 
@@ -728,7 +788,8 @@ class MultimodalDataModule(ResumableDataModule):
             self.datasets[split] = RowDataset(self.corpus, split, rows, self.seq_len, self.task_weights,
                                               self.caption_dropout if split == "train" else 0.0, self.text_len,
                                               self.seed if split == "train" else 0,
-                                              self.bpe_dropout if split == "train" else 0.0)
+                                              self.bpe_dropout if split == "train" else 0.0,
+                                              self.speaker_dropout if split == "train" else 0.0)
 
     def longest_document(self) -> int:
         """Tokens of the longest non-text document a positive task weight can draw (longest caption)."""
@@ -736,6 +797,7 @@ class MultimodalDataModule(ResumableDataModule):
         tr = c.splits["train"]
         scales = c.info["scales"]
         per_frame = sum(h * w for h, w in scales)
+        spk = tr.get("audio_speakers")  # a speaker token opens audio generation documents
         cap_len = {k: max((len(c.vocab.encode(x)) for caps in tr[k] for x in caps), default=0)
                    for k in ("video_captions", "image_captions", "audio_captions")}
         lengths = {"text": 0,
@@ -745,7 +807,8 @@ class MultimodalDataModule(ResumableDataModule):
                    + cap_len["video_captions"],
                    "video_gen": 3 + tr["video"].shape[1] * per_frame + cap_len["video_captions"],
                    "audio_und": 4 + tr["audio"].shape[1] + cap_len["audio_captions"],
-                   "audio_gen": 3 + tr["audio"].shape[1] + cap_len["audio_captions"]}
+                   "audio_gen": 3 + int(spk is not None and bool((spk >= 0).any())) + tr["audio"].shape[1]
+                   + cap_len["audio_captions"]}
         return max(lengths[t] for t, w in self.task_weights.items() if w > 0)
 
     def train_dataloader(self) -> DataLoader:

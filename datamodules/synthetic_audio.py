@@ -12,6 +12,12 @@ clip; every clip is peak-normalised to a random peak in [0.5, 0.9]. Clip i is dr
 generator seeded with (seed, i), so it does not depend on `num_clips`; labels are balanced (each
 block of `num_classes` consecutive clips holds every class once). `audio_params(...)` (or
 `render_synthetic_audio(..., return_params=True)`) gives the parameters each clip was drawn with.
+
+Voices (`voices=N` > 0; 0 renders exactly the clips above): a fixed bank of N "speakers", each a
+timbre applied to whatever its clips play: a spectral tilt (+-4 dB per octave), a formant (a
+Gaussian boost in log-frequency, +12 dB around a centre log-spaced over 400-4000 Hz) and, for odd
+voices, a tremolo. Clip i's voice is drawn from its own generator (seed, 2, i), so the content draws
+are unchanged; `voice_params(v, N)` gives voice v's parameters and the clip params record "voice".
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["AUDIO_CLASSES", "audio_params", "render_synthetic_audio"]
+__all__ = ["AUDIO_CLASSES", "apply_voice", "audio_params", "render_synthetic_audio", "voice_params"]
 
 AUDIO_CLASSES = ("tone", "chord", "chirp", "clicks", "noise_burst")
 
@@ -158,6 +164,31 @@ def _noise_burst(rng: np.random.Generator, t: np.ndarray, sr: int, note: tuple[f
 _RENDERERS = (_tone, _chord, _chirp, _clicks, _noise_burst)
 
 
+def voice_params(voice: int, voices: int) -> dict:
+    """Voice `voice` of a bank of `voices`: formant centre (Hz) log-spaced over 400-4000 Hz, tilt
+    alternating -4 / +4 dB per octave (pairs of neighbours differ in both), tremolo on odd voices."""
+    if not 0 <= voice < voices:
+        raise ValueError(f"voice {voice} is not in [0, {voices})")
+    return {"voice": int(voice), "formant": 400.0 * 10.0 ** ((voice + 0.5) / voices), "formant_gain_db": 12.0,
+            "formant_octaves": 0.5, "tilt_db_per_octave": 4.0 if voice % 2 else -4.0,
+            "tremolo_hz": 6.0 + 2.0 * (voice // 2 % 3) if voice % 2 else 0.0, "tremolo_depth": 0.6}
+
+
+def apply_voice(x: np.ndarray, sr: int, vp: dict) -> np.ndarray:
+    """A clip [L] as voice `vp` (`voice_params`) says it: tilt and formant as one zero-phase spectral
+    gain, then the tremolo."""
+    n = len(x)
+    f = np.fft.rfftfreq(n, 1.0 / sr)
+    octaves = np.log2(np.maximum(f, 50.0) / 1000.0)
+    gain_db = vp["tilt_db_per_octave"] * octaves + vp["formant_gain_db"] * np.exp(
+        -0.5 * (np.log2(np.maximum(f, 1.0) / vp["formant"]) / vp["formant_octaves"]) ** 2)
+    y = np.fft.irfft(np.fft.rfft(x) * 10.0 ** (gain_db / 20.0), n)
+    if vp["tremolo_hz"] > 0:
+        t = np.arange(n) / sr
+        y = y * (1.0 - vp["tremolo_depth"] * 0.5 * (1.0 - np.cos(2 * math.pi * vp["tremolo_hz"] * t)))
+    return y
+
+
 def render_synthetic_audio(
     num_clips: int,
     seconds: float,
@@ -165,6 +196,7 @@ def render_synthetic_audio(
     seed: int = 0,
     num_classes: int | None = None,
     return_params: bool = False,
+    voices: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]] | tuple[torch.Tensor, torch.Tensor, list[str], list[dict]]:
     """Waveforms float32 [N, L] in [-1, 1], labels int64 [N] and the class names.
 
@@ -176,11 +208,13 @@ def render_synthetic_audio(
     chord: "root", "third" (4 major / 3 minor semitones), "extra" (None, 10, 11 or 12 semitones),
     "steps", "frequencies" (notes played); chirp: "start_frequency", "end_frequency",
     "sweep_start", "sweep_duration"; clicks: "rate" (per s), "click_frequency", "decay", "onsets";
-    noise_burst: "centre" (Hz), "width_octaves".
+    noise_burst: "centre" (Hz), "width_octaves"; with `voices` > 0 also "voice" (module docstring).
     """
     k = len(AUDIO_CLASSES) if num_classes is None else int(num_classes)
     if not 1 <= k <= len(AUDIO_CLASSES):
         raise ValueError(f"num_classes must be in [1, {len(AUDIO_CLASSES)}], got {num_classes}")
+    if voices < 0:
+        raise ValueError(f"voices must be >= 0, got {voices}")
     if num_clips < 0 or seconds <= 0 or sample_rate < 1000:
         raise ValueError(f"need num_clips >= 0, seconds > 0, sample_rate >= 1000; got "
                          f"{num_clips}, {seconds}, {sample_rate}")
@@ -200,6 +234,9 @@ def render_synthetic_audio(
         info = {"kind": AUDIO_CLASSES[labels[i]], "label": int(labels[i]), "seconds": n / sample_rate,
                 "sample_rate": int(sample_rate), "onset": float(onset), "release": float(release)}
         x = _RENDERERS[labels[i]](rng, t, sample_rate, (onset, release), info) * env
+        if voices:
+            info["voice"] = int(np.random.default_rng([seed, 2, i]).integers(voices))
+            x = apply_voice(x, sample_rate, voice_params(info["voice"], voices))
         peak = float(np.max(np.abs(x)))
         info["peak"] = 0.0
         if peak > 0:
@@ -213,7 +250,8 @@ def render_synthetic_audio(
 
 
 def audio_params(num_clips: int, seconds: float, sample_rate: int = 16000, seed: int = 0,
-                 num_classes: int | None = None) -> list[dict]:
+                 num_classes: int | None = None, voices: int = 0) -> list[dict]:
     """The per-clip parameters `render_synthetic_audio` draws for the same arguments (see its
     `return_params`). Renders the clips to get them, since some draws are interleaved with synthesis."""
-    return render_synthetic_audio(num_clips, seconds, sample_rate, seed, num_classes, return_params=True)[3]
+    return render_synthetic_audio(num_clips, seconds, sample_rate, seed, num_classes, return_params=True,
+                                  voices=voices)[3]

@@ -245,10 +245,13 @@ class Ernie5Module(TrunkModule):
                 setattr(cfg, k, val)
             elif (cur if k != "scales" else [list(s) for s in cur]) != val:
                 raise ValueError(f"model.net.{k}={cur} differs from the tokenizers' {val}")
+        if cfg.speaker is None:  # from the data: on when its sounds have speakers
+            spk = dm.corpus.splits["train"].get("audio_speakers") if getattr(dm, "corpus", None) is not None else None
+            cfg.speaker = bool(spk is not None and (spk >= 0).any())
         cfg.__post_init__()
         if dm is not None and getattr(dm, "corpus", None) is not None:
             self.vocab = dm.vocab
-        self.hparams["net"] = {**self.hparams["net"], "text_vocab": cfg.text_vocab, **given}
+        self.hparams["net"] = {**self.hparams["net"], "text_vocab": cfg.text_vocab, "speaker": cfg.speaker, **given}
         self.net = Ernie5(cfg)
         if self._bias_rate is not None:
             self.bias_update_rate = self._bias_rate
@@ -568,11 +571,15 @@ class Ernie5Module(TrunkModule):
 
     @torch.no_grad()
     def speak(self, description: str, frames: int, generator: Optional[torch.Generator] = None,
-              num_samples: Optional[int] = None, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
-        """Description -> (codes [1, frames, Q], waveform [1, samples])."""
+              num_samples: Optional[int] = None, reference: Optional[torch.Tensor] = None,
+              **overrides) -> tuple[torch.Tensor, torch.Tensor]:
+        """Description -> (codes [1, frames, Q], waveform [1, samples]); `reference`: the codes [F, Q] of a
+        clip in the voice to speak in (the speaker token; needs a network with `speaker`)."""
         v, o = self.vocab, self._opts(overrides)
-        codes = self.net.generate_audio([("text", v.encode(description) + [v[SPAN_TOKENS["audio"][0]]])], frames, o["temperature"],
-                                        o["top_k"] or None, o["top_p"] or None, generator)
+        prompt = [] if reference is None else [("speaker", reference)]
+        prompt.append(("text", v.encode(description) + [v[SPAN_TOKENS["audio"][0]]]))
+        codes = self.net.generate_audio(prompt, frames, o["temperature"], o["top_k"] or None, o["top_p"] or None,
+                                        generator)
         return codes, self._atok.decode_wave(codes, num_samples)
 
     def on_validation_epoch_end(self) -> None:
@@ -600,6 +607,16 @@ class Ernie5Module(TrunkModule):
             self._log_samples(writers, dm.corpus.splits["val"], n)
         finally:
             self.net.train(was)
+
+    def reference_clip(self, split: dict, index: int, voice: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Codes of a clip of a corpus split in voice `voice` (default: sound `index`'s own), other than
+        sound `index` when there is one; None when the network has no speaker embedding or the voice no clip."""
+        spk = split.get("audio_speakers")
+        if self.net is None or self.net.speaker_enc is None or spk is None:
+            return None
+        voice = int(spk[index]) if voice is None else int(voice)
+        same = [j for j in (spk == voice).nonzero().flatten().tolist() if j != index] if voice >= 0 else []
+        return split["audio"][same[0]] if same else None
 
     def stage_item(self, split: dict, medium: str, index: int) -> torch.Tensor:
         """Item `index` of a corpus split as the current visual stage encodes it (zero-padded to the
@@ -630,7 +647,7 @@ class Ernie5Module(TrunkModule):
         for i in range(min(n, len(split["video"]))):
             videos.append(self.render(split["video_captions"][i][0], "video", frames, gen)[1][0])
         audio_frames = split["audio"].shape[1]
-        waves = [self.speak(split["audio_captions"][i][0], audio_frames, gen)[1][0]
+        waves = [self.speak(split["audio_captions"][i][0], audio_frames, gen, reference=self.reference_clip(split, i))[1][0]
                  for i in range(min(n, len(split["audio"])))]
         prefix = self.vocab.decode(split["text"][0][:8]) if split["text"] else "The"
         text = f"{prefix} | {self.continue_text(prefix, gen)}"

@@ -15,6 +15,9 @@ F audio frames, Q audio code levels, G codebook size.
                earlier scales, downsampled; <SOS> for the first scale of the first frame) through
                `word_embed`, plus a scale embedding; it predicts the d bits of its own position
     audio      one audio frame: the sum of its Q code embeddings, e = sum_j Emb_j(c_j)
+    speaker    (TTS, `speaker=True`) one vector for the voice of a reference clip of the same speaker:
+               the mean over its frames of the same additive code embedding, through `speaker_enc`
+               (an MLP); it conditions audio generation from the document's first position
 so the id space is: text ids [0, V), visual bit vectors {0,1}^d, audio codes [0, G) per level;
 `modality` (text / image / video / audio) and `task` travel with the batch for losses and routing
 statistics only: the network never reads them (the router sees the hidden state alone).
@@ -26,7 +29,7 @@ Layouts of the seven tasks (`DocumentBuilder`):
     video_und   BOV I .. I EOV SEP T .. T EOS
     video_gen   T .. T BOV F1S1 .. F1SK F2S1 .. EOV EOS
     audio_und   BOA A .. A EOA SEP T .. T EOS
-    audio_gen   T .. T BOA A .. A EOA EOS
+    audio_gen   T .. T BOA A .. A EOA EOS          (with speakers: SPK T .. T BOA A .. A EOA EOS)
 Attention (`block_ids` per token, `models.layers.mask.AttentionMask.blocks`): causal for text and
 audio (one block per token), bidirectional inside an understanding span (one block), block-causal
 over the (frame, scale) blocks of a generation span; never across packed documents (`doc_ids`).
@@ -73,7 +76,7 @@ __all__ = ["BOUNDARY_TOKENS", "SPAN_TOKENS", "DocumentBuilder", "Ernie5", "Ernie
 
 BOUNDARY_TOKENS = ("<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>")
 SPAN_TOKENS = {"image": ("<boi>", "<eoi>"), "video": ("<bov>", "<eov>"), "audio": ("<boa>", "<eoa>")}  # open, close
-KINDS = {"pad": -1, "text": 0, "vis_und": 1, "vis_gen": 2, "audio": 3}
+KINDS = {"pad": -1, "text": 0, "vis_und": 1, "vis_gen": 2, "audio": 3, "speaker": 4}
 MODALITIES = ("text", "image", "video", "audio")
 TASKS = ("text", "image_und", "image_gen", "video_und", "video_gen", "audio_und", "audio_gen")
 IGNORE = -100
@@ -125,6 +128,7 @@ class UnifiedBatch:
     positions [B, S, 3] float: Uni-RoPE (t, h, w).  block_ids / doc_ids [B, S] int64: the mask.
     text_targets / mtp_targets [B, S] int64: the token at i + 1 / i + 2 (IGNORE where there is none).
     vis_und / vis_gen / audio: the media spans, grouped by task.
+    speakers: the speaker tokens' reference clips (AudioSpans with dest [n, 1]; conditioning, no target).
     """
 
     ids: torch.Tensor
@@ -139,6 +143,7 @@ class UnifiedBatch:
     vis_und: list = field(default_factory=list)
     vis_gen: list = field(default_factory=list)
     audio: list = field(default_factory=list)
+    speakers: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -147,7 +152,8 @@ class UnifiedBatch:
         t = {k: getattr(self, k).to(device) for k in ("ids", "kind", "modality", "task", "positions", "block_ids",
                                                          "doc_ids", "text_targets", "mtp_targets")}
         return UnifiedBatch(**t, vis_und=[s.to(device) for s in self.vis_und],
-                            vis_gen=[s.to(device) for s in self.vis_gen], audio=[s.to(device) for s in self.audio])
+                            vis_gen=[s.to(device) for s in self.vis_gen], audio=[s.to(device) for s in self.audio],
+                            speakers=[s.to(device) for s in self.speakers])
 
     def frame_ids(self) -> tuple[torch.Tensor, int]:
         """([B, S] frame id of every visual-generation token, -1 elsewhere; F the number of frames).
@@ -231,6 +237,15 @@ class DocumentBuilder:
         self.b += frames
         return self
 
+    def speaker(self) -> "DocumentBuilder":
+        """One speaker token (its embedding comes from a reference clip): a causal position like text."""
+        start = len(self.ids)
+        self._add("speaker", [0], torch.full((1, 3), self.p, dtype=torch.float64), [self.b])
+        self.spans.append(("speaker", start, 1))
+        self.p += 1
+        self.b += 1
+        return self
+
     def understanding(self, frames: int) -> "DocumentBuilder":
         h, w = und_grid(self.grid)
         pos = sequence_positions(0, [(h, w)], frames, "raw")
@@ -307,6 +322,8 @@ class Ernie5Config(TrunkConfig):
         merger's width. Its patches are tubelets of `time_stride` frames x `pixel_patch`^2 pixels, one
         per latent cell (both 0 = from the visual tokenizer: its temporal stride and spatial factor).
     mtp: one MTP module predicting t + 2; mtp_hidden: its dense FFN width (None = the trunk's rule).
+    speaker: the TTS speaker embedding (`speaker_enc`; papers.md 4.3): None = from the data (on when
+        its sounds have speakers, `data.speakers` > 0), false = none (checkpoints written before it).
     moe: MoEConfig fields over the preset's (None = the preset's); ERNIE 5.0's routing by default:
         aux-loss-free bias balancing at rate 1e-4, no auxiliary or z loss, dropless.
     rope_theta: 1e6 as in the paper; rope_split: fractions of rotated pairs for (t, h, w).
@@ -329,6 +346,7 @@ class Ernie5Config(TrunkConfig):
     mtp: bool = True
     mtp_hidden: Optional[int] = None
     max_frames: int = 16
+    speaker: Optional[bool] = None
     ffn: str = "moe"
     moe: Any = None
     rope_theta: float = 1e6
@@ -529,6 +547,9 @@ class Ernie5(nn.Module):
         self.vis_head = nn.Linear(C, 2 * cfg.bits)
         self.audio_norm = nn.ModuleList(nn.RMSNorm(C, eps=cfg.norm_eps) for _ in range(cfg.audio_levels))
         self.audio_head = nn.ModuleList(nn.Linear(C, cfg.audio_codebook) for _ in range(cfg.audio_levels))
+        self.speaker_enc = None
+        if cfg.speaker:
+            self.speaker_enc = nn.Sequential(nn.RMSNorm(C, eps=cfg.norm_eps), nn.Linear(C, C), nn.SiLU(), nn.Linear(C, C))
         self.mtp = None
         if cfg.mtp:
             mcfg = TrunkConfig(n_layers=1, d_model=C, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
@@ -548,6 +569,10 @@ class Ernie5(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.sos)
         nn.init.normal_(self.merger.slot, std=std)
+        if self.speaker_enc is not None:
+            for m in (self.speaker_enc[1], self.speaker_enc[3]):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
         if self.merger.vit_proj is not None:
             nn.init.normal_(self.merger.vit_proj.weight, std=std)
             nn.init.zeros_(self.merger.vit_proj.bias)
@@ -598,6 +623,14 @@ class Ernie5(nn.Module):
             out = out + self.audio_emb[j](codes[..., j])
         return out
 
+    def speaker_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Speaker vectors [n, C] of reference clips' codes [n, F, Q]: the MLP over the mean additive code
+        embedding (a clip-level summary: timbre, not content order)."""
+        if self.speaker_enc is None:
+            raise ValueError("the input has speaker tokens (data.speakers > 0) but the network was built without a "
+                             "speaker embedding (model.net.speaker=false)")
+        return self.speaker_enc(self.audio_embed(codes).mean(dim=-2))
+
     def und_embed(self, latents: torch.Tensor, pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Understanding tokens [n, N, C] of latents [n, T', D, H, W] (and their pixels
         [n, T, H_px, W_px, 3] for the ViT branch): the patch merger over 2x2 patches."""
@@ -629,6 +662,9 @@ class Ernie5(nn.Module):
         for spans in batch.audio:
             parts_idx.append(spans.dest.reshape(-1))
             parts_val.append(self.audio_embed(spans.codes).reshape(-1, x.shape[-1]))
+        for spans in batch.speakers:
+            parts_idx.append(spans.dest.reshape(-1))
+            parts_val.append(self.speaker_embed(spans.codes))
         if parts_idx:
             flat = flat.index_put((torch.cat(parts_idx),), torch.cat(parts_val).to(flat.dtype), accumulate=True)
         return flat.view(B, S, -1)
@@ -702,6 +738,8 @@ class Ernie5(nn.Module):
             unused += [self.word_embed, self.scale_emb, self.vis_head]
         if not batch.audio:
             unused += [self.audio_emb, self.audio_norm, self.audio_head]
+        if self.speaker_enc is not None and not batch.speakers:
+            unused.append(self.speaker_enc)
         if self.mtp is not None and (not mtp or mtp_targets is None or not mtp_targets.numel()):
             unused.append(self.mtp)
         balance = out.balance_loss
@@ -717,7 +755,8 @@ class Ernie5(nn.Module):
 
     def embed_document(self, pieces: Sequence[tuple[str, Any]]) -> tuple[torch.Tensor, "_Stream"]:
         """Embed one prompt document from pieces ('text', ids) / ('vis_und', latents [T', D, H, W], or
-        (latents, pixels [T, H_px, W_px, 3]) for the ViT branch) / ('audio', codes [F, Q]); returns
+        (latents, pixels [T, H_px, W_px, 3]) for the ViT branch) / ('audio', codes [F, Q]) / ('speaker', a
+        reference clip's codes [F, Q]); returns
         (x [1, T, C], a stream positioned after it, not yet fed)."""
         b = DocumentBuilder(0, 0, self.scales)
         dev = self.sos.device
@@ -734,8 +773,11 @@ class Ernie5(nn.Module):
             elif kind == "audio":
                 b.audio(val.shape[0])
                 embs.append(self.audio_embed(val.to(dev)))
+            elif kind == "speaker":
+                b.speaker()
+                embs.append(self.speaker_embed(val[None].to(dev)))
             else:
-                raise ValueError(f"prompt pieces are 'text', 'vis_und' or 'audio', got {kind!r}")
+                raise ValueError(f"prompt pieces are 'text', 'vis_und', 'audio' or 'speaker', got {kind!r}")
         d = b.finish()
         return torch.cat(embs)[None], _Stream(self, d["positions"].to(dev), d["block_ids"].to(dev), b.p, b.b)
 

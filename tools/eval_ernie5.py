@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from typing import Optional
 import sys
 from pathlib import Path
 
@@ -197,9 +198,21 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     truth = [{"kind": caption_fields(c[0]).get("sound")} for c in va["audio_captions"][:n]]
     real = accuracy(probe.predict(audio_features(va["audio"][:n], G)), truth)
     frames = va["audio"].shape[1]
-    codes = torch.cat([module.speak(va["audio_captions"][i][0], frames, gen)[0].cpu() for i in range(n)])
+    voices = speaker_targets(module, va, n)  # [(voice asked for, its reference clip)] or None
+    refs = [None] * n if voices is None else [r for _, r in voices]
+    codes = torch.cat([module.speak(va["audio_captions"][i][0], frames, gen, reference=refs[i])[0].cpu()
+                       for i in range(n)])
     gen_res["audio"] = {"probe_on_real": real, "generated": accuracy(probe.predict(audio_features(codes, G)), truth),
                         "chance": majority([{"kind": k} for k in kinds], truth, ["kind"])}
+    if voices is not None:  # did the speaker token set the voice? a voice probe on real sounds
+        vprobe = Probe(audio_features(tr["audio"], G), {"voice": tr["audio_speakers"].tolist()})
+        own = [{"voice": int(v)} for v in va["audio_speakers"][:n]]
+        asked = [{"voice": v} for v, _ in voices]
+        gen_res["audio"]["voice"] = {
+            "probe_on_real": accuracy(vprobe.predict(audio_features(va["audio"][:n], G)), own)["voice"],
+            "generated": accuracy(vprobe.predict(audio_features(codes, G)), asked)["voice"],
+            "generated_matches_caption_item": accuracy(vprobe.predict(audio_features(codes, G)), own)["voice"],
+            "chance": majority([{"voice": int(v)} for v in tr["audio_speakers"]], asked, ["voice"])["voice"]}
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
@@ -209,6 +222,20 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
     return res
+
+
+def speaker_targets(module, split: dict, n: int) -> Optional[list]:
+    """For held-out description i < n: the voice to speak it in, cycling through the voices independently of
+    the sound the description came from, and a reference clip in that voice (None: no speakers)."""
+    spk = split.get("audio_speakers")
+    if module.net.speaker_enc is None or spk is None or not bool((spk >= 0).any()):
+        return None
+    voices = sorted({int(v) for v in spk.tolist() if v >= 0})
+    out = []
+    for i in range(n):
+        v = voices[i % len(voices)]
+        out.append((v, module.reference_clip(split, i, voice=v)))
+    return out
 
 
 ATTRIBUTE_WORDS = {"colour": COLOUR_NAMES, "shape": SHAPE_WORDS}

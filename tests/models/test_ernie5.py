@@ -489,3 +489,68 @@ def test_captioning_with_the_vit_branch_kv_cache_equals_uncached(temperature):
         assert not torch.allclose(net.embed_document(other)[0], net.embed_document(prompt)[0])
     with pytest.raises(ValueError, match="vit_layers"):
         net.generate_text([prompt[0], ("vis_und", prompt[1][1][0]), prompt[2]], 2)
+
+
+# ------------------------------------------------------------------------------ TTS speaker token
+
+
+def speaker_batch(ref: torch.Tensor, codes: torch.Tensor):
+    """One row: an audio generation document opened by a speaker token (reference codes `ref`), then a
+    text document; returns the batch and the speaker token's and audio span's flat indices."""
+    S = 20
+    rows = [[DocumentBuilder(3, 6, SCALES).speaker().text([7, 8, 92]).audio(codes.shape[0]).text([93, EOS]),
+             DocumentBuilder(0, 0, SCALES).text([11, 12, EOS])]]
+    spk, aud = [], []
+
+    def on_span(r, start, kind, first, count):
+        dest = r * S + start + first + torch.arange(count)
+        (spk if kind == "speaker" else aud).append(dest)
+
+    fields = pack_rows(rows, S, on_span)
+    batch = UnifiedBatch(**fields, audio=[AudioSpans("audio_gen", codes[None], aud[0][None])],
+                         speakers=[AudioSpans("audio_gen", ref[None], spk[0][None])])
+    return batch, spk[0], aud[0]
+
+
+def test_speaker_token_layout_and_its_embedding_from_the_reference_clip():
+    d = DocumentBuilder(3, 6, SCALES).speaker().text([7, 8, 92]).audio(3).text([93, EOS]).finish()
+    SPK = KINDS["speaker"]
+    assert d["kind"].tolist() == [SPK] + [TXT] * 3 + [AU] * 3 + [TXT] * 2
+    assert d["positions"][:, 0].tolist() == list(range(9)) and d["block_ids"].tolist() == list(range(9))  # causal
+    assert d["spans"] == [("speaker", 0, 1), ("audio", 4, 3)]
+    assert int(d["text_targets"][0]) == IGNORE  # the speaker token predicts no text
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg(speaker=True))
+    g = torch.Generator().manual_seed(1)
+    ref, ref2, codes = (torch.randint(16, (n, 2), generator=g) for n in (6, 6, 4))
+    batch, spk, aud = speaker_batch(ref, codes)
+    x = net.embed(batch, []).reshape(-1, net.cfg.d_model)
+    # the speaker vector: an MLP over the mean of the reference's additive code embeddings
+    want = net.speaker_enc(torch.stack([net.audio_emb[0].weight[ref[f, 0]] + net.audio_emb[1].weight[ref[f, 1]]
+                                        for f in range(6)]).mean(0))
+    assert torch.allclose(x[spk[0]], want, atol=1e-6)
+    assert torch.allclose(x[aud], net.audio_embed(codes), atol=1e-6)
+    # it conditions the audio that follows (and only what follows: the text document is untouched)
+    out = net(batch, [])
+    other = net(speaker_batch(ref2, codes)[0], [])
+    assert not torch.allclose(out.audio["audio_gen"][0][0], other.audio["audio_gen"][0][0])
+    assert torch.allclose(out.text_logits[-2:], other.text_logits[-2:], atol=1e-5)
+    # the reference's frame order does not matter (a clip-level voice summary)
+    same = net(speaker_batch(ref.flip(0), codes)[0], [])
+    assert torch.allclose(out.audio["audio_gen"][0][0], same.audio["audio_gen"][0][0], atol=1e-5)
+    # speaker tokens need a network built with the speaker embedding
+    with pytest.raises(ValueError, match="model.net.speaker=false"):
+        Ernie5(tiny_cfg()).embed(batch, [])
+
+
+def test_audio_generation_with_a_speaker_reference_kv_cache_equals_uncached():
+    torch.manual_seed(0)
+    net = Ernie5(tiny_cfg(speaker=True)).eval()
+    g = torch.Generator().manual_seed(1)
+    ref, ref2 = torch.randint(16, (6, 2), generator=g), torch.randint(16, (6, 2), generator=g)
+    prompt = [("speaker", ref), ("text", [7, 8, 92])]
+    a = net.generate_audio(prompt, 6, generator=gen())
+    b = net.generate_audio(prompt, 6, generator=gen(), use_cache=False)
+    c = net.generate_audio([("speaker", ref2), ("text", [7, 8, 92])], 6, generator=gen())
+    assert a.shape == (1, 6, 2) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, net.generate_audio(prompt, 6, generator=gen()))  # deterministic under the generator

@@ -1,0 +1,161 @@
+"""ERNIE 5.0's TTS speaker token (papers.md 4.3) end to end: synthetic voices, the reference each audio
+generation document draws, the network it switches on, training, `generate.py --reference` and the
+voice probe of `tools/eval_ernie5.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from datamodules.multimodal import MultimodalDataModule, RowDataset, collate_rows
+from datamodules.synthetic_audio import apply_voice, render_synthetic_audio, voice_params
+from models.ernie5 import KINDS, TASKS
+from tests.lit_modules.test_ernie5_module import QUIET, SMALL_DATA, cfg_for
+
+VOICES = 3
+
+
+def test_voices_keep_the_content_draws_and_colour_the_spectrum():
+    plain, labels, _, p0 = render_synthetic_audio(12, 0.5, seed=3, return_params=True)
+    voiced, labels_v, _, pv = render_synthetic_audio(12, 0.5, seed=3, return_params=True, voices=VOICES)
+    again = render_synthetic_audio(12, 0.5, seed=3, voices=VOICES)[0]
+    assert torch.equal(labels, labels_v) and torch.equal(voiced, again) and "voice" not in p0[0]
+    assert {p["voice"] for p in pv} <= set(range(VOICES)) and len({p["voice"] for p in pv}) > 1
+    for a, b in zip(p0, pv):  # the content is drawn as without voices
+        assert {k: v for k, v in b.items() if k not in ("voice", "peak")} == {k: v for k, v in a.items() if k != "peak"}
+    # a voice's gain, by hand: tilt (dB per octave from 1 kHz) plus a +12 dB Gaussian formant; odd voices add tremolo
+    sr, n = 16000, 16000
+    x = np.random.default_rng(0).standard_normal(n)
+    f = np.fft.rfftfreq(n, 1 / sr)
+    for v in range(VOICES):
+        vp = voice_params(v, VOICES)
+        y = apply_voice(x, sr, vp)
+        if not vp["tremolo_hz"]:
+            for hz in (250, vp["formant"], 3000):
+                i = int(round(hz))
+                db = vp["tilt_db_per_octave"] * np.log2(f[i] / 1000) + 12 * np.exp(
+                    -0.5 * (np.log2(f[i] / vp["formant"]) / vp["formant_octaves"]) ** 2)
+                assert abs(np.fft.rfft(y)[i]) / abs(np.fft.rfft(x)[i]) == pytest.approx(10 ** (db / 20), rel=1e-6)
+        else:  # loudness swings at the tremolo rate: 50 ms windows range over more than 2x in RMS
+            rms = np.sqrt((y[: n // 800 * 800].reshape(-1, 800) ** 2).mean(1))
+            assert rms.max() > 2 * rms.min()
+    assert len({round(voice_params(v, 8)["formant"]) for v in range(8)}) == 8
+    with pytest.raises(ValueError, match="voices must be >= 0"):
+        render_synthetic_audio(2, 0.5, voices=-1)
+
+
+@pytest.fixture(scope="module")
+def speaker_dm(tiny_tokenizer, tiny_audio_tokenizer, tmp_path_factory):
+    d = MultimodalDataModule(str(tiny_tokenizer), str(tiny_audio_tokenizer), cache_dir=str(tmp_path_factory.mktemp("spk")),
+                             **{**SMALL_DATA, "speakers": VOICES, "speaker_dropout": 0.5})
+    d.setup()
+    return d
+
+
+def test_audio_generation_documents_open_with_a_reference_of_the_same_speaker(speaker_dm):
+    split = speaker_dm.corpus.splits["train"]
+    spk = split["audio_speakers"]
+    assert spk.shape == (len(split["audio"]),) and bool((spk >= 0).all())
+    for name, dropout in (("train", 0.5), ("val", 0.0)):
+        ds = RowDataset(speaker_dm.corpus, name, 8, speaker_dm.seq_len, {"audio_gen": 1.0}, 0.0, speaker_dm.text_len,
+                        0, speaker_dropout=dropout)
+        data = speaker_dm.corpus.splits[name]
+        with_token = without = 0
+        for i in range(8):
+            g = torch.Generator().manual_seed(i)
+            doc, media = ds.document("audio_gen", g)
+            if media[0][0] == "speaker":
+                with_token += 1
+                assert int(doc["kind"][0]) == KINDS["speaker"] and doc["spans"][0] == ("speaker", 0, 1)
+                ref, item = media[0][2], media[1][2]
+                # the reference: another clip of the same speaker (the clip's codes, looked up in the split)
+                ri = next(j for j in range(len(data["audio"])) if torch.equal(data["audio"][j], ref))
+                ii = next(j for j in range(len(data["audio"])) if torch.equal(data["audio"][j], item))
+                assert int(data["audio_speakers"][ri]) == int(data["audio_speakers"][ii])
+                assert ri != ii or int((data["audio_speakers"] == data["audio_speakers"][ii]).sum()) == 1
+            else:
+                without += 1
+                assert int(doc["kind"][0]) == KINDS["text"]
+        assert with_token > 0 and (without > 0 if dropout else without == 0)
+    # collation: the speaker tokens are their own group, not audio targets
+    batch = collate_rows([speaker_dm.datasets["val"][i] for i in range(4)])
+    if batch.speakers:
+        (s,) = batch.speakers
+        assert s.dest.shape == (s.codes.shape[0], 1)
+        assert (batch.kind.reshape(-1)[s.dest.reshape(-1)] == KINDS["speaker"]).all()
+    # rows are a pure function of (seed, split, index)
+    ds = speaker_dm.datasets["train"]
+    a, b = ds[3], ds[3]
+    assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["kind"], b["kind"])
+
+
+def test_data_without_speakers_draws_nothing_for_them(speaker_dm):
+    """A corpus without speaker ids (caches written before the option) gives the rows it always gave."""
+    import copy
+
+    corpus = copy.copy(speaker_dm.corpus)
+    corpus.splits = {k: {kk: vv for kk, vv in v.items() if kk != "audio_speakers"} for k, v in corpus.splits.items()}
+    unknown = copy.copy(speaker_dm.corpus)  # ... and one whose sounds have no known speaker
+    unknown.splits = {k: {**v, "audio_speakers": torch.full((len(v["audio"]),), -1)} for k, v in corpus.splits.items()}
+    weights = {t: 1.0 for t in TASKS}
+    rows = [RowDataset(c, "train", 6, 192, weights, 0.1, 48, 0, speaker_dropout=0.5) for c in (corpus, unknown)]
+    for i in range(6):
+        a, b = rows[0][i], rows[1][i]
+        assert torch.equal(a["ids"], b["ids"]) and (a["kind"] != KINDS["speaker"]).all()
+
+
+def test_bad_speaker_config_names_the_key(tiny_tokenizer, tiny_audio_tokenizer, tmp_path):
+    for kw, match in (({"speakers": -1}, "data.speakers"), ({"speaker_dropout": 1.0}, "data.speaker_dropout")):
+        with pytest.raises(ValueError, match=match):
+            MultimodalDataModule(str(tiny_tokenizer), str(tiny_audio_tokenizer), cache_dir=str(tmp_path), **kw)
+
+
+def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_reference_voice(
+        tmp_path, tiny_tokenizer, tiny_audio_tokenizer, speaker_dm):
+    import generate
+    from datamodules.media_io import read_audio, write_audio
+    from tools import eval_ernie5
+
+    cache = Path(speaker_dm.cache_dir)
+    cfg = cfg_for(tmp_path, tiny_tokenizer, tiny_audio_tokenizer, cache, "trainer.max_steps=2",
+                  "trainer.limit_val_batches=1", "trainer.val_check_interval=2", "test=false",
+                  f"data.speakers={VOICES}", "data.speaker_dropout=0.5")
+    _, objs = train.run(cfg)
+    module = objs["model"]
+    assert module.net.speaker_enc is not None and module.hparams["net"]["speaker"] is True
+    # the audio loss reaches the speaker encoder through the token
+    batch = next(b for b in objs["datamodule"].train_dataloader() if b.speakers)
+    module.zero_grad(set_to_none=True)
+    module._losses(batch, corrupt=False)["terms"]["audio"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.speaker_enc.parameters())
+    ckpt = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    # generate.py --reference: a sound file in the voice to speak in
+    va = speaker_dm.corpus.splits["val"]
+    atok = module.audio_tokenizer
+    ref_wav = write_audio(tmp_path / "ref.wav", atok.decode_wave(va["audio"][:1])[0].clamp(-1, 1),
+                          int(atok.cfg.sample_rate))
+    common = ["--device", "cpu", "--out", str(tmp_path / "samples"), "--task", "audio", "--prompt", "a tone",
+              "--seconds", "0.5"]
+    (a,) = generate.main([ckpt, *common, "--reference", str(ref_wav)])
+    (b,) = generate.main([ckpt, *common, "--reference", str(ref_wav)])
+    assert torch.equal(read_audio(a), read_audio(b))  # deterministic under --seed
+    with pytest.raises(ValueError, match="--reference gives the voice of --task audio"):
+        generate.main([ckpt, "--task", "text", "--prompt", "The", "--device", "cpu", "--reference", str(ref_wav)])
+    # eval: a voice probe on real sounds scores the voices the generated sounds were asked for
+    res = eval_ernie5.main([ckpt, "--num", "3", "--text-rows", "4"])
+    voice = res["generation"]["audio"]["voice"]
+    assert set(voice) == {"probe_on_real", "generated", "generated_matches_caption_item", "chance"}
+    assert all(0.0 <= v <= 1.0 for v in voice.values())
+
+
+def test_speaker_data_with_model_net_speaker_false_is_an_error(tmp_path, tiny_tokenizer, tiny_audio_tokenizer,
+                                                                speaker_dm):
+    cfg = cfg_for(tmp_path, tiny_tokenizer, tiny_audio_tokenizer, Path(speaker_dm.cache_dir), "trainer.max_steps=1",
+                  "trainer.limit_val_batches=0", "test=false", f"data.speakers={VOICES}", "model.net.speaker=false",
+                  "data.task_weights={audio_gen: 1.0}")
+    with pytest.raises(ValueError, match="model.net.speaker=false"):
+        train.run(cfg)
