@@ -311,6 +311,43 @@ def target_bytes(vocab, ids) -> int:
     return total - 1  # the sentinel EOS
 
 
+@torch.no_grad()
+def heldout_text_nll(module, dm, max_docs: Optional[int] = None, batch_size: int = 8) -> dict:
+    """Teacher-forced NLL of every held-out text document, whole: each is cut into consecutive windows of
+    `data.text_len` tokens (a training text document's length), packed into rows. The first token of a
+    window has no context and is not scored. Every tokenizer thus scores the same characters, and bits
+    per UTF-8 byte compares them (`unscored_bytes` are the windows' first tokens)."""
+    from datamodules.multimodal import collate_rows, pack_documents
+    from models.ernie5 import TASKS, DocumentBuilder
+
+    vocab, W, S = dm.corpus.vocab, dm.text_len, dm.seq_len
+    docs = dm.corpus.splits["val"]["text"][:max_docs]
+    scales = [tuple(x) for x in dm.corpus.info["scales"]]
+    rows, cur, used, unscored = [], [], 0, 0
+    for ids in docs:
+        for s in range(0, len(ids), min(W, S)):
+            w = ids[s:s + min(W, S)]
+            unscored += target_bytes(vocab, w[:1])
+            if len(w) < 2:
+                continue
+            if used + len(w) > S:
+                rows.append(pack_documents(cur, S))
+                cur, used = [], 0
+            cur.append((DocumentBuilder(0, TASKS.index("text"), scales).text(w).finish(), [], used))
+            used += len(w)
+    if cur:
+        rows.append(pack_documents(cur, S))
+    total, count, nbytes = 0.0, 0, 0
+    for s in range(0, len(rows), batch_size):
+        batch = collate_rows(rows[s:s + batch_size]).to(module.device)
+        out = module.net(module.stage_view(batch), [], mtp=False)
+        total += float(F.cross_entropy(out.text_logits.float(), out.text_targets, reduction="sum"))
+        count += out.text_targets.numel()
+        nbytes += target_bytes(vocab, out.text_targets.tolist())
+    return {"nats_per_token": total / max(1, count), "bits_per_byte": total / math.log(2) / max(1, nbytes),
+            "tokens": count, "bytes": nbytes, "unscored_bytes": unscored, "documents": len(docs)}
+
+
 def text_nll(module, dm, rows: int, task: str = "text") -> dict:
     """Teacher-forced NLL of the text targets of `rows` held-out rows of `task` documents only: nats per
     token and bits per UTF-8 byte (tokenizer-independent), with the counts."""
@@ -401,7 +438,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--understanding-only", action="store_true", help="captioning (greedy and teacher-forced) only")
     p.add_argument("--text-only", action="store_true",
-                   help="held-out biography NLL only: nats per token and bits per UTF-8 byte (compares text tokenizers)")
+                   help="held-out text NLL only, every held-out document whole: nats per token and bits per UTF-8 "
+                        "byte (compares text tokenizers)")
+    p.add_argument("--max-docs", type=int, default=None, help="--text-only: the first N held-out documents")
     p.add_argument("--grid", action="store_true", help="evaluate elastic sub-models only (see above)")
     p.add_argument("--depths", type=int, nargs="+", default=None)
     p.add_argument("--experts", type=int, nargs="+", default=None, help="routed experts kept per layer")
@@ -416,7 +455,7 @@ def main(argv=None) -> dict:
     if args.text_only:
         return _emit({"ckpt": str(args.ckpt), "step": module.checkpoint_step,
                       "text_tokenizer": module.vocab.bpe.kind, "text_vocab": len(module.vocab),
-                      **text_nll(module, dm, args.text_rows)}, args.out)
+                      **heldout_text_nll(module, dm, args.max_docs)}, args.out)
     baseline = None
     if args.text_baseline:
         from lit_modules.ernie5 import Ernie5Module
