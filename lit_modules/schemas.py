@@ -99,6 +99,8 @@ class VisualTokenizerModuleSchema:
     inflate_from: Optional[str] = None
     init_ckpt: Optional[str] = None
     log_samples: int = 4
+    image_steps: int = 0
+    image_batch_factor: int = 4
 
 
 AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)

@@ -19,6 +19,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from lit_modules.base import ExperimentModule, OptimConfig, param_groups
 from models.config import config_from_dict
+from models.tokenizers.causal_conv import per_frame_start_
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.metrics import colour_metrics
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer, inflate_2d_to_3d
@@ -109,6 +110,11 @@ class VisualTokenizerModule(ExperimentModule):
     inflate_from: a 2D tokenizer checkpoint whose weights initialise this (video) tokenizer.
     init_ckpt: a tokenizer checkpoint of the same architecture to start from (weights only).
     log_samples: clips logged to TensorBoard at each validation end (0 = none).
+    image_steps: (3D, from scratch) the first K steps train on single frames of the batch's clips,
+        `image_batch_factor` x as many frames as clips, drawn from (seed, step), with the network held
+        per-frame (`per_frame_start_`: past temporal slices zero, temporal resampling subsample / repeat,
+        all temporal weights frozen); then every weight trains on clips. The image -> inflate -> video
+        path in one run, from random weights (docs/results.md, issue 10: clips from the first step go grey).
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class VisualTokenizerModule(ExperimentModule):
         inflate_from: Optional[str] = None,
         init_ckpt: Optional[str] = None,
         log_samples: int = 4,
+        image_steps: int = 0,
+        image_batch_factor: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,6 +144,17 @@ class VisualTokenizerModule(ExperimentModule):
                              "on demand); outside train.py give a 2D tokenizer checkpoint, or null for scratch")
         if inflate_from and not self.net_cfg.video:
             raise ValueError("model.inflate_from needs model.net.video=true (it inflates a 2D tokenizer into 3D)")
+        if image_steps < 0 or image_batch_factor < 1:
+            raise ValueError(f"model.image_steps must be >= 0 and model.image_batch_factor >= 1, got {image_steps}, "
+                             f"{image_batch_factor}")
+        if image_steps and not self.net_cfg.video:
+            raise ValueError("model.image_steps is the image stage of a 3D tokenizer (model.net.video=true); a 2D "
+                             "tokenizer trains on images throughout")
+        if image_steps and (inflate_from or init_ckpt):
+            raise ValueError("model.image_steps starts a 3D tokenizer from random weights; it does not combine with "
+                             "model.inflate_from or model.init_ckpt (those start from a trained network)")
+        self.image_steps, self.image_batch_factor = int(image_steps), int(image_batch_factor)
+        self._frozen: dict[str, torch.Tensor] = {}
         self.seed = seed
         self.inflate_from = inflate_from
         self.init_ckpt = init_ckpt
@@ -156,6 +175,8 @@ class VisualTokenizerModule(ExperimentModule):
             self.net.requires_grad_(True).train()
         else:
             self.net = VisualTokenizer(self.net_cfg)
+            if self.image_steps:
+                self._frozen = per_frame_start_(self.net)
         if self.init_ckpt:
             src = load_visual_tokenizer(self.init_ckpt)
             try:
@@ -203,8 +224,26 @@ class VisualTokenizerModule(ExperimentModule):
     def _gan_active(self) -> bool:
         return self.disc is not None and self.trainer.global_step >= self.gan_cfg.start_step
 
+    def image_stage(self) -> bool:
+        """Whether this step is in the image stage (`image_steps`)."""
+        return self.global_step < self.image_steps
+
+    def stage_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips [B, 3, T, H, W] -> the image stage's frames [factor * B, 3, H, W]: (clip, frame) pairs drawn
+        from (seed, step), so a resumed run draws the same ones."""
+        if x.dim() != 5:
+            return x
+        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.global_step)) & ((1 << 62) - 1))
+        n = self.image_batch_factor * x.shape[0]
+        b = torch.randint(x.shape[0], (n,), generator=g).to(x.device)
+        t = torch.randint(x.shape[2], (n,), generator=g).to(x.device)
+        return x[b, :, t]
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch.pixels
+        image_stage = self.image_stage()
+        if image_stage:
+            x = self.stage_frames(x)
         opts = self.optimizers()
         scheds = self.lr_schedulers()
         opt_g = opts[0] if isinstance(opts, list) else opts
@@ -224,6 +263,14 @@ class VisualTokenizerModule(ExperimentModule):
             raise FloatingPointError(f"non-finite tokenizer loss {loss.item()} at step {self.global_step}")
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if image_stage and self._frozen:  # the temporal weights stay per-frame through the image stage
+            for name, p in self.net.named_parameters():
+                mask = self._frozen.get(name)
+                if mask is not None and p.grad is not None:
+                    if mask.any():
+                        p.grad.mul_(mask.to(p.grad.device))
+                    else:
+                        p.grad = None
         grad_norm = self._clip(self.net)
         opt_g.step()
         sched_g.step()
@@ -257,6 +304,8 @@ class VisualTokenizerModule(ExperimentModule):
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs["train/grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         logs["train/lr"] = torch.tensor(float(lr))
+        if self.image_steps:
+            logs["train/image_stage"] = torch.tensor(float(x.dim() == 4))
         with torch.no_grad():
             logs["train/psnr"] = peak_signal_noise_ratio(_to_unit(out["recon"]), _to_unit(x), data_range=1.0)
         for k, st in enumerate(out["stats"]):

@@ -130,24 +130,10 @@ def build(args) -> VisualTokenizer:
 
 
 def _per_frame_start(net: VisualTokenizer) -> None:
-    """Temporal slices to zero, resampling to subsample / repeat; mark what the warm-up freezes."""
-    for m in net.modules():
-        if isinstance(m, causal_conv.TimeUpsample):
-            causal_conv._dirac_last_slice_(m.conv.conv, out_offset=0)
-            causal_conv._dirac_last_slice_(m.conv.conv, out_offset=m.conv.conv.in_channels)
-    for m in net.modules():
-        if isinstance(m, causal_conv.CausalConv3d) and m.kt > 1:
-            with torch.no_grad():
-                m.conv.weight[:, :, :-1].zero_()
-            mask = torch.ones_like(m.conv.weight)
-            mask[:, :, :-1] = 0
-            resampler = m.time_stride > 1 or m.conv.out_channels == 2 * m.conv.in_channels and any(
-                isinstance(p, causal_conv.TimeUpsample) and p.conv is m for p in net.modules())
-            if resampler:
-                mask.zero_()
-            m.conv.weight._warmup_mask = mask
-            if m.conv.bias is not None and resampler:
-                m.conv.bias._warmup_mask = torch.zeros_like(m.conv.bias)
+    """`per_frame_start_`, with each masked parameter marked for the warm-up (`_warmup_mask`)."""
+    params = dict(net.named_parameters())
+    for name, mask in causal_conv.per_frame_start_(net).items():
+        params[name]._warmup_mask = mask
 
 
 def clips(n: int, seed: int) -> torch.Tensor:

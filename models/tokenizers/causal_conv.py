@@ -30,6 +30,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "FrameGroupNorm",
+    "per_frame_start_",
     "inflate_state_dict",
 ]
 
@@ -202,6 +203,39 @@ class Upsample(nn.Module):
         flat = x if x.dim() == 4 else _frames_to_batch(x)
         out = self.conv(F.interpolate(flat, scale_factor=2.0, mode="nearest"))
         return out if x.dim() == 4 else _batch_to_frames(out, x.shape[0])
+
+
+@torch.no_grad()
+def per_frame_start_(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn a causal 3D network into a per-frame one, in place: every temporal kernel's past slices zero,
+    temporal downsampling = keep the last frame of each pair, upsampling = repeat each latent frame.
+
+    Returns {parameter name: gradient mask} (1 = may train) over the temporal weights: past slices,
+    and the whole of each temporal resampler. An image stage (`VisualTokenizerModule.image_steps`)
+    keeps them there, so the network stays exactly per-frame while it learns from single frames,
+    the start inflation gives a 3D tokenizer (`inflate_state_dict`), reached without a 2D model.
+    """
+    resamplers = {}
+    for m in net.modules():
+        if isinstance(m, TimeUpsample):
+            _dirac_last_slice_(m.conv.conv, out_offset=0)
+            _dirac_last_slice_(m.conv.conv, out_offset=m.conv.conv.in_channels)
+            resamplers[m.conv] = True
+        elif isinstance(m, TimeDownsample):
+            resamplers[m.conv] = True
+    masks = {}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for m in net.modules():
+        if isinstance(m, CausalConv3d) and m.kt > 1:
+            m.conv.weight[:, :, :-1].zero_()
+            mask = torch.ones_like(m.conv.weight)
+            mask[:, :, :-1] = 0
+            if m in resamplers:
+                mask.zero_()
+                if m.conv.bias is not None:
+                    masks[names[id(m.conv.bias)]] = torch.zeros_like(m.conv.bias)
+            masks[names[id(m.conv.weight)]] = mask
+    return masks
 
 
 class Encoder(nn.Module):

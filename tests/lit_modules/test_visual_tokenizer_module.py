@@ -150,3 +150,56 @@ def test_a_few_dozen_steps_keep_colour_far_above_a_grey_reconstruction(tmp_path)
     logged = trainer.validate(objects["model"], dataloaders=objects["datamodule"].train_dataloader(), verbose=False)[0]
     assert logged["val/chroma_ratio"] == pytest.approx(got["chroma_ratio"], rel=1e-4)
     assert {"val/chroma_error", "val/psnr_r", "val/psnr_y", "val/psnr_cbcr", "val/chroma_ratio_scales_3"} <= set(logged)
+
+
+def test_image_stage_trains_a_per_frame_network_on_frames_then_everything_on_clips(tmp_path):
+    """model.image_steps (issue 10): the first K steps see single frames of the batch's clips and leave
+    the temporal weights where `per_frame_start_` put them; from step K every weight trains on clips."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen: list[tuple[int, int]] = []
+    snapshots: dict[int, dict] = {}
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            x = module.stage_frames(batch.pixels) if module.image_stage() else batch.pixels
+            seen.append((trainer.global_step, x.dim()))
+            if trainer.global_step in (0, 3):
+                snapshots[trainer.global_step] = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+
+    cfg = video_cfg(tmp_path, "model.image_steps=3", "model.image_batch_factor=2", "trainer.max_steps=5",
+                    "trainer.limit_val_batches=0", "test=false")
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    module.configure_model()
+    frozen = set(module._frozen)
+    assert frozen and all(("time" in n) or n.endswith("conv.weight") for n in frozen)
+    # the start is exactly per-frame: a clip's latents are its kept frames' latents, each encoded alone
+    x = torch.randn(2, 3, 5, 16, 16)
+    with torch.no_grad():
+        z = module.net.encode_features(x)
+        alone = torch.stack([module.net.encode_features(x[:, :, t])[:, :, 0] for t in (0, 2, 4)], dim=2)
+    assert torch.allclose(z, alone, atol=1e-6)
+    # the frames: factor x clips, each one frame of one clip, drawn from (seed, step)
+    clips = torch.randn(3, 3, 5, 16, 16)
+    frames = module.stage_frames(clips)
+    assert frames.shape == (6, 3, 16, 16)
+    assert all(any(torch.equal(f, clips[b, :, t]) for b in range(3) for t in range(5)) for f in frames)
+    assert torch.equal(frames, module.stage_frames(clips))
+
+    import lightning as L
+
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[Spy()])
+    trainer.fit(module, datamodule=dm)
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 5), (4, 5)]
+    params = dict(module.net.named_parameters())
+    for name, mask in module._frozen.items():
+        before, at3 = snapshots[0][name], snapshots[3][name]
+        assert torch.equal(before * (1 - mask), at3 * (1 - mask)), name  # frozen through the image stage
+    changed = [n for n in module._frozen if not torch.equal(snapshots[3][n], params[n].detach())]
+    assert changed  # ... and trained on clips afterwards
+    with pytest.raises(ValueError, match="model.image_steps starts a 3D tokenizer from random weights"):
+        VisualTokenizerModule(net={"preset": "tiny"}, image_steps=2, inflate_from="x.ckpt")
+    with pytest.raises(ValueError, match="model.image_steps is the image stage of a 3D tokenizer"):
+        VisualTokenizerModule(net={"preset": "tiny", "video": False}, image_steps=2)
