@@ -1,10 +1,14 @@
 """LightningModule training the mel residual-VQ audio tokenizer on `AudioBatch.waveform`.
 
-Loss: L1 + L2 between normalised log-mels, plus the residual VQ's commitment (codebooks follow EMAs).
+Loss: L1 + L2 between normalised log-mels, plus the residual VQ's commitment (codebooks follow EMAs),
+plus, with `semantic.teacher`, the first code's distillation (papers.md 4.3): a linear projection of the
+level-1 quantized vectors (straight-through to the encoder) should point where the teacher's frame
+features, average-pooled to the codec's frame rate, point: weight x (1 - cosine), per frame.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,7 +17,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_modules.base import ExperimentModule, OptimConfig
 from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+from models.config import config_from_dict
 from models.tokenizers.checkpoint import load_media_tokenizer
+from models.tokenizers.semantic import load_teacher, pool_to
 
 __all__ = ["AudioTokenizerModule", "load_audio_tokenizer"]
 
@@ -29,15 +35,32 @@ def snr_db(ref: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(ref.pow(2).sum() / (ref - est).pow(2).sum().clamp_min(1e-12))
 
 
+@dataclass
+class SemanticConfig:
+    """teacher: a Whisper directory or an `experiment=audio_teacher` checkpoint (null = no distillation;
+    `auto` is filled by train.py's `requires`). weight: of the 1 - cosine term."""
+
+    teacher: Optional[str] = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"model.semantic.weight must be >= 0, got {self.weight}")
+        if self.teacher == "auto":
+            raise ValueError("model.semantic.teacher=auto is filled by train.py's `requires` (experiment="
+                             "audio_teacher); outside train.py give a teacher path, or null")
+
+
 class AudioTokenizerModule(ExperimentModule):
     """Trains `models.tokenizers.audio.AudioTokenizer`.
 
     net: AudioTokenizerConfig fields. l1 / l2: weights of the mel reconstruction terms.
     log_samples: clips logged to TensorBoard (original and Griffin-Lim reconstruction) per validation.
+    semantic: SemanticConfig (module docstring); the projection lives here, not in the exported tokenizer.
     """
 
     def __init__(self, net: dict, optim: Optional[dict] = None, l1: float = 1.0, l2: float = 1.0, seed: int = 0,
-                 log_samples: int = 2) -> None:
+                 log_samples: int = 2, semantic: Optional[dict] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         try:
@@ -50,12 +73,32 @@ class AudioTokenizerModule(ExperimentModule):
         self.l1, self.l2 = l1, l2
         self.seed = seed
         self.log_samples = log_samples
+        self.semantic_cfg = config_from_dict(SemanticConfig, dict(semantic or {}), "model.semantic")
+        self.semantic_proj: Optional[torch.nn.Linear] = None
         self.net: AudioTokenizer | None = None
         self._samples: Optional[torch.Tensor] = None
 
     def configure_model(self) -> None:
         if self.net is None:
             self.net = AudioTokenizer(self.net_cfg)
+        if self.semantic_cfg.teacher and self.semantic_proj is None:
+            teacher = load_teacher(self.semantic_cfg.teacher, expect_rate=self.net_cfg.sample_rate)
+            object.__setattr__(self, "_teacher", teacher)  # frozen, outside the module tree and checkpoints
+            self.semantic_proj = torch.nn.Linear(self.net_cfg.latent_dim, teacher.dim)
+
+    @property
+    def teacher(self):
+        return self.__dict__.get("_teacher")
+
+    def semantic_cosine(self, wave: torch.Tensor, out: dict) -> torch.Tensor:
+        """Mean cosine between the projected level-1 vectors and the teacher's pooled frame features."""
+        teacher = self.teacher
+        if next(teacher.parameters()).device != wave.device:
+            teacher.to(wave.device)
+        with torch.no_grad():
+            target = pool_to(teacher.features(wave).float(), out["codes"].shape[1])
+        pred = self.semantic_proj(self.net.first_level(out["latent"], out["codes"]))
+        return F.cosine_similarity(pred, target, dim=-1).mean()
 
     def _losses(self, wave: torch.Tensor) -> tuple[dict, dict]:
         out = self.net(wave)
@@ -63,7 +106,12 @@ class AudioTokenizerModule(ExperimentModule):
         l1 = (mel_hat - mel).abs().mean()
         l2 = F.mse_loss(mel_hat, mel)
         loss = self.l1 * l1 + self.l2 * l2 + out["vq_loss"]
-        return {"loss": loss, "mel_l1": l1, "mel_l2": l2, "vq": out["vq_loss"]}, out
+        terms = {"mel_l1": l1, "mel_l2": l2, "vq": out["vq_loss"]}
+        if self.semantic_proj is not None:
+            cos = self.semantic_cosine(wave, out)
+            loss = loss + self.semantic_cfg.weight * (1 - cos)
+            terms["semantic_cos"] = cos
+        return {"loss": loss, **terms}, out
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         losses, out = self._losses(batch.waveform)
@@ -86,6 +134,8 @@ class AudioTokenizerModule(ExperimentModule):
         self.log(f"{stage}/loss", losses["loss"], prog_bar=True, **kw)
         self.log(f"{stage}/mel_l1", losses["mel_l1"], **kw)
         self.log(f"{stage}/mel_snr_db", snr_db(out["mel"], out["mel_hat"]), **kw)
+        if "semantic_cos" in losses:
+            self.log(f"{stage}/semantic_cos", losses["semantic_cos"], **kw)
         codes = out["codes"]
         for q in range(codes.shape[-1]):
             counts = torch.bincount(codes[..., q].flatten(), minlength=self.net_cfg.codebook_size).float()

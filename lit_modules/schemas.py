@@ -16,7 +16,9 @@ from hydra.core.config_store import ConfigStore
 from lit_modules.base import OptimConfig
 from lit_modules.data_schemas import register_data_schemas
 from lit_modules.visual_tokenizer import GANConfig, TokenizerLossConfig
+from lit_modules.audio_tokenizer import SemanticConfig
 from models.tokenizers.audio import AudioTokenizerConfig
+from models.tokenizers.semantic import FrameClassifierConfig
 from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
@@ -106,6 +108,18 @@ class VisualTokenizerModuleSchema:
 AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)
 
 
+AudioSemanticSchema = schema_of(SemanticConfig)
+FrameClassifierSchema = schema_of(FrameClassifierConfig)
+
+
+@dataclass
+class AudioTeacherModuleSchema:
+    _target_: str = "lit_modules.audio_teacher.AudioTeacherModule"
+    net: FrameClassifierSchema = field(default_factory=FrameClassifierSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    seed: int = 0
+
+
 @dataclass
 class AudioTokenizerModuleSchema:
     _target_: str = "lit_modules.audio_tokenizer.AudioTokenizerModule"
@@ -115,6 +129,7 @@ class AudioTokenizerModuleSchema:
     l2: float = 1.0
     seed: int = 0
     log_samples: int = 2
+    semantic: AudioSemanticSchema = field(default_factory=AudioSemanticSchema)
 
 
 VideoARNetSchema = schema_of(VideoARConfig)
@@ -307,6 +322,7 @@ def register_schemas() -> None:
     register_data_schemas(cs)  # text / image / video / audio / tokens, derived from the constructors
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
     cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
+    cs.store(group="model", name="audio_teacher_schema", node=AudioTeacherModuleSchema)
     cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)
     cs.store(group="model", name="ernie3_schema", node=Ernie3ModuleSchema)
     cs.store(group="model", name="ernie3_finetune_schema", node=Ernie3FinetuneModuleSchema)

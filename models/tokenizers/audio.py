@@ -179,7 +179,13 @@ class AudioTokenizer(nn.Module):
         q = self.rvq(z)
         mel_hat = self.decoder(q.quantized.transpose(1, 2))
         return {"mel": mel, "mel_hat": mel_hat, "codes": q.indices, "vq_loss": q.loss,
-                "perplexity": q.perplexity, "usage": q.usage}
+                "perplexity": q.perplexity, "usage": q.usage, "latent": z}
+
+    def first_level(self, latent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Level 1's quantized vectors [B, F, D] with the straight-through gradient to the encoder's
+        `latent` [B, F, D]: what a semantic loss on the first code trains (papers.md 4.3)."""
+        q1 = self.rvq.levels[0].lookup(codes[..., 0])
+        return latent + (q1 - latent).detach()
 
     @torch.no_grad()
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
