@@ -78,6 +78,8 @@ def test_distillation_trains_the_first_level_towards_the_teacher(teacher_ckpt, t
     res = probe_levels(tok, train_clips=20, eval_clips=10, seconds=0.5)
     assert set(res["accuracy"]) == {f"level_{j + 1}" for j in range(res["levels"])} | {"all_levels"}
     assert all(0 <= v <= 1 for v in res["accuracy"].values()) and res["mel_l1_levels_1"] > 0
+    assert set(res["frame_accuracy"]) == {f"level_{j + 1}" for j in range(res["levels"])}
+    assert all(0 <= v <= 1 for v in res["frame_accuracy"].values())
 
 
 def test_a_local_whisper_checkpoint_is_a_teacher(tmp_path):
