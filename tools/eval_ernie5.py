@@ -212,7 +212,8 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             "probe_on_real": accuracy(vprobe.predict(audio_features(va["audio"][:n], G)), own)["voice"],
             "generated": accuracy(vprobe.predict(audio_features(codes, G)), asked)["voice"],
             "generated_matches_caption_item": accuracy(vprobe.predict(audio_features(codes, G)), own)["voice"],
-            "chance": majority([{"voice": int(v)} for v in tr["audio_speakers"]], asked, ["voice"])["voice"]}
+            "chance": majority([{"voice": int(v)} for v in tr["audio_speakers"]], asked, ["voice"])["voice"],
+            "nll": speaker_nll(module, dm, n)}
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
@@ -221,6 +222,49 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     if text_baseline is not None:
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
+    return res
+
+
+@torch.no_grad()
+def speaker_nll(module, dm, n: int) -> dict:
+    """Teacher-forced audio NLL (mean over frames and code levels) of the first n held-out descriptions'
+    sounds, their document opened by a reference of the sound's own voice (`matched`), of the next voice
+    in the bank (`other_voice`), or by no speaker token (`none`): whether the network reads the voice
+    from the reference at all, more sensitively than sampling does."""
+    from datamodules.multimodal import collate_rows, pack_documents
+    from models.ernie5 import MODALITIES, SPAN_TOKENS, TASKS, DocumentBuilder
+
+    split, v = dm.corpus.splits["val"], dm.corpus.vocab
+    spk = split["audio_speakers"]
+    voices = sorted({int(x) for x in spk.tolist() if x >= 0})
+    scales = [tuple(x) for x in dm.corpus.info["scales"]]
+    open_, close = SPAN_TOKENS["audio"]
+    res = {}
+    for mode in ("matched", "other_voice", "none"):
+        rows = []
+        for i in [i for i in range(min(n, len(spk))) if int(spk[i]) >= 0]:
+            b = DocumentBuilder(MODALITIES.index("audio"), TASKS.index("audio_gen"), scales)
+            media = []
+            if mode != "none":
+                own = voices.index(int(spk[i]))
+                ref = module.reference_clip(split, i, voices[own if mode == "matched" else (own + 1) % len(voices)])
+                if ref is None:
+                    continue
+                b.speaker()
+                media.append(("speaker", "audio_gen", ref))
+            b.text(v.encode(split["audio_captions"][i][0]) + [v[open_]]).audio(split["audio"][i].shape[0])
+            media.append(("audio", "audio_gen", split["audio"][i]))
+            rows.append((b.text([v[close], v.eos]).finish(), media))
+        S = max((len(d["ids"]) for d, _ in rows), default=1)
+        rows = [pack_documents([(d, media, 0)], S) for d, media in rows]
+        total, count = 0.0, 0
+        for s in range(0, len(rows), 8):
+            out = module.net(collate_rows(rows[s:s + 8]).to(module.device), [], mtp=False)
+            logits, codes = out.audio["audio_gen"]
+            for j, lg in enumerate(logits):
+                total += float(F.cross_entropy(lg.flatten(0, 1).float(), codes[..., j].flatten(), reduction="sum"))
+            count += codes[..., 0].numel() * len(logits)
+        res[mode] = total / max(1, count)
     return res
 
 

@@ -148,8 +148,12 @@ def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_r
     # eval: a voice probe on real sounds scores the voices the generated sounds were asked for
     res = eval_ernie5.main([ckpt, "--num", "3", "--text-rows", "4"])
     voice = res["generation"]["audio"]["voice"]
-    assert set(voice) == {"probe_on_real", "generated", "generated_matches_caption_item", "chance"}
-    assert all(0.0 <= v <= 1.0 for v in voice.values())
+    assert set(voice) == {"probe_on_real", "generated", "generated_matches_caption_item", "chance", "nll"}
+    assert all(0.0 <= v <= 1.0 for k, v in voice.items() if k != "nll")
+    # teacher-forced: the reference changes the audio NLL (the untrained network already reads it)
+    nll = voice["nll"]
+    assert set(nll) == {"matched", "other_voice", "none"} and all(x > 0 for x in nll.values())
+    assert nll["matched"] != pytest.approx(nll["none"], abs=1e-6)
 
 
 def test_speaker_data_with_model_net_speaker_false_is_an_error(tmp_path, tiny_tokenizer, tiny_audio_tokenizer,
