@@ -103,6 +103,7 @@ class VisualTokenizerModuleSchema:
     log_samples: int = 4
     image_steps: int = 0
     image_batch_factor: int = 4
+    clips_per_step: Optional[int] = None
 
 
 AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)

@@ -115,6 +115,9 @@ class VisualTokenizerModule(ExperimentModule):
         per-frame (`per_frame_start_`: past temporal slices zero, temporal resampling subsample / repeat,
         all temporal weights frozen); then every weight trains on clips. The image -> inflate -> video
         path in one run, from random weights (docs/results.md, issue 10: clips from the first step go grey).
+    clips_per_step: train on the first N clips of each batch only (None = all). With a larger
+        data.batch_size the image stage then draws its frames from more clips (colour diversity: a 2D
+        tokenizer keeps colour at 32 images per batch and can lose it at 8), while clips train at N.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class VisualTokenizerModule(ExperimentModule):
         log_samples: int = 4,
         image_steps: int = 0,
         image_batch_factor: int = 4,
+        clips_per_step: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -153,7 +157,10 @@ class VisualTokenizerModule(ExperimentModule):
         if image_steps and (inflate_from or init_ckpt):
             raise ValueError("model.image_steps starts a 3D tokenizer from random weights; it does not combine with "
                              "model.inflate_from or model.init_ckpt (those start from a trained network)")
+        if clips_per_step is not None and clips_per_step < 1:
+            raise ValueError(f"model.clips_per_step must be >= 1 or null, got {clips_per_step}")
         self.image_steps, self.image_batch_factor = int(image_steps), int(image_batch_factor)
+        self.clips_per_step = clips_per_step
         self._frozen: dict[str, torch.Tensor] = {}
         self.seed = seed
         self.inflate_from = inflate_from
@@ -235,7 +242,9 @@ class VisualTokenizerModule(ExperimentModule):
             return x
         g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.global_step)) & ((1 << 62) - 1))
         n = self.image_batch_factor * x.shape[0]
-        b = torch.randint(x.shape[0], (n,), generator=g).to(x.device)
+        # each clip gives one frame first (a permutation), then clips are drawn again for the rest
+        b = torch.cat([torch.randperm(x.shape[0], generator=g),
+                       torch.randint(x.shape[0], (max(0, n - x.shape[0]),), generator=g)])[:n].to(x.device)
         t = torch.randint(x.shape[2], (n,), generator=g).to(x.device)
         return x[b, :, t]
 
@@ -244,6 +253,8 @@ class VisualTokenizerModule(ExperimentModule):
         image_stage = self.image_stage()
         if image_stage:
             x = self.stage_frames(x)
+        elif self.clips_per_step is not None and x.dim() == 5:
+            x = x[: self.clips_per_step]
         opts = self.optimizers()
         scheds = self.lr_schedulers()
         opt_g = opts[0] if isinstance(opts, list) else opts

@@ -162,13 +162,13 @@ def test_image_stage_trains_a_per_frame_network_on_frames_then_everything_on_cli
 
     class Spy(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            x = module.stage_frames(batch.pixels) if module.image_stage() else batch.pixels
-            seen.append((trainer.global_step, x.dim()))
+            if trainer.global_step in (0, 3):
+                snapshots[trainer.global_step] = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
             if trainer.global_step in (0, 3):
                 snapshots[trainer.global_step] = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
 
     cfg = video_cfg(tmp_path, "model.image_steps=3", "model.image_batch_factor=2", "trainer.max_steps=5",
-                    "trainer.limit_val_batches=0", "test=false")
+                    "trainer.limit_val_batches=0", "test=false", "model.clips_per_step=2")
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
     module.configure_model()
     frozen = set(module._frozen)
@@ -185,14 +185,27 @@ def test_image_stage_trains_a_per_frame_network_on_frames_then_everything_on_cli
     assert frames.shape == (6, 3, 16, 16)
     assert all(any(torch.equal(f, clips[b, :, t]) for b in range(3) for t in range(5)) for f in frames)
     assert torch.equal(frames, module.stage_frames(clips))
+    # every clip gives a frame before any gives two
+    one_each = module.stage_frames(clips)[:3]
+    src = [next(b for b in range(3) for t in range(5) if torch.equal(f, clips[b, :, t])) for f in one_each]
+    assert sorted(src) == [0, 1, 2]
 
     import lightning as L
 
+    forward = module.net.forward
+
+    def recording(x, *a, **k):  # what the network is trained on, step by step
+        if module.net.training:
+            seen.append((module.global_step, tuple(x.shape[:2]) if x.dim() == 5 else (x.shape[0],)))
+        return forward(x, *a, **k)
+
+    module.net.forward = recording
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[Spy()])
     trainer.fit(module, datamodule=dm)
-    assert seen == [(0, 4), (1, 4), (2, 4), (3, 5), (4, 5)]
+    # batches of 4 clips: 8 single frames for 3 steps, then the first 2 clips (model.clips_per_step)
+    assert seen == [(0, (8,)), (1, (8,)), (2, (8,)), (3, (2, 3)), (4, (2, 3))]
     params = dict(module.net.named_parameters())
     for name, mask in module._frozen.items():
         before, at3 = snapshots[0][name], snapshots[3][name]
