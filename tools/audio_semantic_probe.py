@@ -16,7 +16,6 @@ levels (what the distillation costs the reconstruction). Prints JSON (and writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from datamodules.synthetic_audio import render_synthetic_audio  # noqa: E402
-from models.io import atomic_write_text  # noqa: E402
 from models.tokenizers.checkpoint import load_media_tokenizer  # noqa: E402
-from tools.eval_ernie5 import Probe, accuracy  # noqa: E402
+from tools.eval_ernie5 import Probe, _emit, accuracy  # noqa: E402
 
 
 def probe_levels(tok, train_clips: int = 1024, eval_clips: int = 512, seconds: float = 1.0, batch: int = 64) -> dict:
@@ -78,12 +76,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tok, _ = load_media_tokenizer(args.ckpt, expect_kind="audio")
-    res = {"ckpt": str(args.ckpt), **probe_levels(tok, args.train_clips, args.eval_clips, args.seconds)}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    return res
+    return _emit({"ckpt": str(args.ckpt), **probe_levels(tok, args.train_clips, args.eval_clips, args.seconds)},
+                 args.out)
 
 
 if __name__ == "__main__":
