@@ -68,7 +68,8 @@ def ablation_args(**kw):
     """The namespace tools/colour_ablation.build reads, at its defaults unless overridden."""
     import argparse
 
-    base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0)
+    base = dict(video=1, time_stride=4, time_kernel=3, current_init="3d", past_rate=1.0, temporal_warmup=0, ch=None,
+                ch_mult=None, dim=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -92,6 +93,14 @@ def test_colour_ablation_knobs_change_the_3d_kernels_as_documented():
     assert all(m.kt == 1 for m in net.modules() if isinstance(m, cc.CausalConv3d))
     res = main(["--steps", "1", "--batch", "2", "--train-clips", "2", "--eval-clips", "2", "--eval-every", "1"])
     assert [h["step"] for h in res["history"]] == [0, 1] and 0 <= res["final"]["chroma_ratio"] < 5
+    # width and code knobs reach the network
+    net = build(ablation_args(ch=8, ch_mult=[1, 2, 2], dim=12))
+    assert net.cfg.ch == 8 and net.cfg.ch_mult == [1, 2, 2] and net.cfg.dim == 12
+    assert net.encoder.conv_in.conv.out_channels == 8
+    # still clips: training reports the chroma of still held-out clips too
+    res = main(["--steps", "1", "--static-steps", "1", "--batch", "2", "--train-clips", "2", "--eval-clips", "2",
+                "--eval-every", "1"])
+    assert all("chroma_ratio_still" in h for h in res["history"])
 
 
 def test_colour_ablation_image_steps_train_only_the_current_frame_slices():
