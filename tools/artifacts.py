@@ -174,13 +174,36 @@ def artifacts_dir(cfg: DictConfig) -> Path:
 
 def _drop_inert(content: dict) -> dict:
     """Leave out config keys that cannot change what is built, so that adding an option with a
-    default that keeps the old behaviour does not rebuild every artifact: `model.optim.schedule`
-    when it is `cosine` (the only schedule before the option existed) and, with it, its
-    `decay_fraction` (read by `wsd` only)."""
-    optim = content.get("model", {}).get("optim") if isinstance(content.get("model"), dict) else None
+    default that keeps the old behaviour does not rebuild every artifact:
+
+    - `model.optim.schedule` when it is `cosine` (the only schedule before the option existed) and,
+      with it, its `decay_fraction` (read by `wsd` only);
+    - the visual tokenizer's image stage when off (`model.image_steps` 0, with `image_batch_factor`,
+      and `clips_per_step` when null);
+    - the audio tokenizer's `model.semantic` when it has no teacher;
+    - ERNIE 5.0's speakers when off (`data.speakers` 0, with `speaker_dropout`) and `model.net.speaker`
+      when null (from the data).
+    """
+    model = content.get("model") if isinstance(content.get("model"), dict) else {}
+    data = content.get("data") if isinstance(content.get("data"), dict) else {}
+    optim = model.get("optim")
     if isinstance(optim, dict) and optim.get("schedule", "cosine") == "cosine":
         optim.pop("schedule", None)
         optim.pop("decay_fraction", None)
+    if model.get("image_steps", None) == 0:
+        model.pop("image_steps")
+        model.pop("image_batch_factor", None)
+        if model.get("clips_per_step", 0) is None:
+            model.pop("clips_per_step")
+    semantic = model.get("semantic")
+    if isinstance(semantic, dict) and semantic.get("teacher") is None:
+        model.pop("semantic")
+    if data.get("speakers", None) == 0:
+        data.pop("speakers")
+        data.pop("speaker_dropout", None)
+    net = model.get("net")
+    if isinstance(net, dict) and "speaker" in net and net["speaker"] is None:
+        net.pop("speaker")
     return content
 
 
