@@ -217,8 +217,8 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
-    res["text_loss"] = text_loss(module, dm, text_rows)
-    res["text_bits_per_byte"] = text_nll(module, dm, text_rows)["bits_per_byte"]
+    nll = text_nll(module, dm, text_rows)  # scored once: nats per token and bits per byte
+    res["text_loss"], res["text_bits_per_byte"] = nll["nats_per_token"], nll["bits_per_byte"]
     if text_baseline is not None:
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
@@ -361,7 +361,7 @@ def heldout_text_nll(module, dm, max_docs: Optional[int] = None, batch_size: int
     `data.text_len` tokens (a training text document's length), packed into rows. The first token of a
     window has no context and is not scored. Every tokenizer thus scores the same characters, and bits
     per UTF-8 byte compares them (`unscored_bytes` are the windows' first tokens)."""
-    from datamodules.multimodal import collate_rows, pack_documents
+    from datamodules.multimodal import pack_documents
     from models.ernie5 import TASKS, DocumentBuilder
 
     vocab, W, S = dm.corpus.vocab, dm.text_len, dm.seq_len
@@ -381,6 +381,15 @@ def heldout_text_nll(module, dm, max_docs: Optional[int] = None, batch_size: int
             used += len(w)
     if cur:
         rows.append(pack_documents(cur, S))
+    return {**score_text(module, vocab, rows, batch_size), "unscored_bytes": unscored, "documents": len(docs)}
+
+
+@torch.no_grad()
+def score_text(module, vocab, rows: list, batch_size: int = 8) -> dict:
+    """Teacher-forced NLL of the text targets of packed rows: nats per token and bits per UTF-8 byte
+    (tokenizer-independent), with the token and byte counts."""
+    from datamodules.multimodal import collate_rows
+
     total, count, nbytes = 0.0, 0, 0
     for s in range(0, len(rows), batch_size):
         batch = collate_rows(rows[s:s + batch_size]).to(module.device)
@@ -389,24 +398,15 @@ def heldout_text_nll(module, dm, max_docs: Optional[int] = None, batch_size: int
         count += out.text_targets.numel()
         nbytes += target_bytes(vocab, out.text_targets.tolist())
     return {"nats_per_token": total / max(1, count), "bits_per_byte": total / math.log(2) / max(1, nbytes),
-            "tokens": count, "bytes": nbytes, "unscored_bytes": unscored, "documents": len(docs)}
+            "tokens": count, "bytes": nbytes}
 
 
 def text_nll(module, dm, rows: int, task: str = "text") -> dict:
-    """Teacher-forced NLL of the text targets of `rows` held-out rows of `task` documents only: nats per
-    token and bits per UTF-8 byte (tokenizer-independent), with the counts."""
-    from datamodules.multimodal import RowDataset, collate_rows
+    """`score_text` of `rows` held-out rows of `task` documents only."""
+    from datamodules.multimodal import RowDataset
 
     ds = RowDataset(dm.corpus, "val", rows, dm.seq_len, {task: 1.0}, 0.0, dm.text_len, 0)
-    total, count, nbytes = 0.0, 0, 0
-    for s in range(0, rows, 8):
-        batch = collate_rows([ds[i] for i in range(s, min(rows, s + 8))]).to(module.device)
-        out = module.net(module.stage_view(batch), [], mtp=False)
-        total += float(F.cross_entropy(out.text_logits.float(), out.text_targets, reduction="sum"))
-        count += out.text_targets.numel()
-        nbytes += target_bytes(dm.corpus.vocab, out.text_targets.tolist())
-    return {"nats_per_token": total / max(1, count), "bits_per_byte": total / math.log(2) / max(1, nbytes),
-            "tokens": count, "bytes": nbytes}
+    return score_text(module, dm.corpus.vocab, [ds[i] for i in range(rows)])
 
 
 @torch.no_grad()
