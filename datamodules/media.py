@@ -1123,7 +1123,10 @@ class AudioDataModule(MediaDataModule):
     one clip is zero-padded ("pad") or left out and counted in `num_short_skipped` ("skip").
     decode="lazy": setup counts each file's clips from its header; a clip decodes its whole file
     (kept while the next clip of the same file is loaded).
-    Synthetic: `num_clips` clips of the five synthetic sound classes (the first num_classes of them).
+    Synthetic: `num_clips` clips of the five synthetic sound classes (the first num_classes of them);
+    `speakers` N > 0 renders them in a bank of N voices (`synthetic_audio.voice_params`; 0 = the plain
+    clips), as the multimodal corpus does with its `speakers`, so a tokenizer can learn the voices
+    ERNIE 5.0's speaker token conditions on. Labels stay the sound classes.
     """
 
     modality = "audio"
@@ -1150,11 +1153,17 @@ class AudioDataModule(MediaDataModule):
         labels_from_dirs: bool = False,
         num_classes: int = len(AUDIO_CLASSES),
         num_clips: int = 256,
+        speakers: int = 0,
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
                          num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
         self.save_hyperparameters()
         _check_short_clip(short_clip)
+        if not isinstance(speakers, int) or isinstance(speakers, bool) or speakers < 0:
+            raise ValueError(f"data.speakers must be an integer >= 0, got {speakers!r}")
+        if speakers and source != "synthetic":
+            raise ValueError(f"data.speakers={speakers} renders the synthetic sounds in voices; with "
+                             f"data.source={source!r} the voices are the files' own: set data.speakers=0")
         if sample_rate < 1000:
             raise ValueError(f"data.sample_rate must be >= 1000, got {sample_rate}")
         self.clip_len = int(round(clip_seconds * sample_rate))
@@ -1166,6 +1175,7 @@ class AudioDataModule(MediaDataModule):
         self.clip_seconds = clip_seconds
         self.short_clip = short_clip
         self.num_clips = num_clips
+        self.speakers = speakers
 
     def _item_shape(self) -> tuple[int, ...]:
         return (self.clip_len,)
@@ -1181,7 +1191,8 @@ class AudioDataModule(MediaDataModule):
 
     def _synthetic_groups(self):
         waves, labels, names = render_synthetic_audio(self.num_clips, self.clip_len / self.sample_rate,
-                                                      self.sample_rate, self.data_seed, self.num_classes)
+                                                      self.sample_rate, self.data_seed, self.num_classes,
+                                                      voices=self.speakers)
         return list(waves.unsqueeze(1).unbind(0)), labels.tolist(), names
 
     def _file_decoder(self) -> Callable[[Path], torch.Tensor]:

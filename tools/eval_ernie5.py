@@ -1,7 +1,7 @@
 """Evaluate an ERNIE 5.0 checkpoint on the held-out split of its multimodal corpus (other seeds).
 
     python tools/eval_ernie5.py RUN/checkpoints/last.ckpt [--num 32] [--text-baseline TEXT_ONLY.ckpt] [--out X.json]
-        [--understanding-only]
+        [--understanding-only] [--audio-only] [--audio-judge AUDIO_TEACHER.ckpt]
 
 Understanding: the greedy caption of each held-out image / video / sound, parsed back into fields
 (`datamodules.captions.caption_fields`) and compared with the truth: the main (large) object's colour
@@ -15,6 +15,10 @@ Generation: caption -> image / video (classifier-free guidance) and description 
 probe classifiers trained on the REAL tokenized train split (visual: the main object's colour, shape,
 the background and the video's direction from the quantized latent; audio: the sound's kind from the
 codes); each probe's own accuracy on the real held-out items is reported beside it (the ceiling).
+`--audio-only` evaluates the sound tasks alone (e.g. a run on audio documents only). `--audio-judge`
+(an `experiment=audio_teacher` checkpoint) also names the kind of each decoded generated sound with that
+frame classifier, one judge for every audio tokenizer (the code probes are each tokenizer's own), with
+its accuracy on the decoded real held-out sounds beside it.
 Text: the model's next-token loss on held-out biography rows; with --text-baseline, the same for a
 text-only model (the "seesaw" question).
 Elastic sub-models (`--grid`, e.g. after `experiment=ernie5_elastic`): for every (depth, routed experts
@@ -138,8 +142,13 @@ def audio_features(codes: torch.Tensor, codebook: int) -> torch.Tensor:
 
 
 def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = None,
-             text_baseline=None, text_rows: int = 32, understanding_only: bool = False) -> dict:
+             text_baseline=None, text_rows: int = 32, understanding_only: bool = False,
+             audio_only: bool = False, audio_judge=None) -> dict:
+    """audio_only: the sound tasks only (no image or video understanding or generation).
+    audio_judge: an `AudioFrameClassifier` (`experiment=audio_teacher`) that names the kind of the decoded
+    waveforms of generated and of real held-out sounds: one judge for every audio tokenizer."""
     dev = module.device
+    media = ("audio",) if audio_only else ("image", "video", "audio")
     tr, va = dm.corpus.splits["train"], dm.corpus.splits["val"]
     vtok, atok = module.visual_tokenizer, module.audio_tokenizer
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -148,7 +157,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
 
     # understanding: caption each held-out item greedily and parse it
     und = {}
-    for medium in ("image", "video", "audio"):
+    for medium in media:
         n = min(num, len(va[medium]))
         hits: dict[str, list] = {}
         for i in range(n):
@@ -168,15 +177,15 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             und[medium]["chance"] = majority(lab_tr, lab_va, VISUAL_FIELDS)
     res["understanding"] = und
     # teacher-forced: the NLL of the true captions of held-out images / videos / sounds
-    res["caption_loss"] = {m: text_loss(module, dm, text_rows, f"{m}_und") for m in ("image", "video", "audio")}
-    res["attribute_ranking"] = {m: attribute_ranking(module, va, m, num) for m in ("image", "video")}
+    res["caption_loss"] = {m: text_loss(module, dm, text_rows, f"{m}_und") for m in media}
+    res["attribute_ranking"] = {m: attribute_ranking(module, va, m, num) for m in media if m != "audio"}
     if understanding_only:
         res["params"] = module.net.num_params()
         return res
 
     # generation: probes trained on real tokenized train items, scored on real held-out items and on samples
     gen_res = {}
-    for medium in ("image", "video"):
+    for medium in media[:-1]:
         n = min(num, len(va[medium]))
         x_tr = quantized(vtok, tr[medium].to(dev)).cpu()
         y_tr = [visual_labels(c[0]) for c in tr[f"{medium}_captions"]]
@@ -214,6 +223,8 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             "generated_matches_caption_item": accuracy(vprobe.predict(audio_features(codes, G)), own)["voice"],
             "chance": majority([{"voice": int(v)} for v in tr["audio_speakers"]], asked, ["voice"])["voice"],
             "nll": speaker_nll(module, dm, n)}
+    if audio_judge is not None:
+        gen_res["audio"]["judge"] = judge_sounds(audio_judge, atok, va["audio"][:n], codes, truth)
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
@@ -223,6 +234,26 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
         res["text_loss_baseline"] = text_loss(text_baseline, dm, text_rows)
     res["params"] = module.net.num_params()
     return res
+
+
+@torch.no_grad()
+def judge_sounds(judge, atok, real_codes: torch.Tensor, generated_codes: torch.Tensor, truth: list[dict]) -> dict:
+    """Accuracy of a frame classifier of the synthetic sound classes at naming the kind of waveforms
+    decoded from codes (the clip's class = argmax of its frames' mean logits): on the real held-out
+    sounds' codes (the tokenizer's and the judge's ceiling together) and on the generated ones. Unlike
+    the code probes this judge is the same for every audio tokenizer."""
+    from datamodules.synthetic_audio import AUDIO_CLASSES
+
+    def kinds(codes):
+        dev = next(judge.parameters()).device
+        out = []
+        for s in range(0, len(codes), 16):
+            wave = atok.decode_wave(codes[s:s + 16].to(next(atok.parameters()).device)).to(dev)
+            out += [AUDIO_CLASSES[int(i)] for i in judge(wave).float().mean(1).argmax(-1)]
+        return {"kind": out}
+
+    return {"on_decoded_real": accuracy(kinds(real_codes), truth)["kind"],
+            "generated": accuracy(kinds(generated_codes), truth)["kind"]}
 
 
 @torch.no_grad()
@@ -481,6 +512,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--understanding-only", action="store_true", help="captioning (greedy and teacher-forced) only")
+    p.add_argument("--audio-only", action="store_true", help="the sound tasks only (no image or video)")
+    p.add_argument("--audio-judge", default=None,
+                   help="an experiment=audio_teacher checkpoint that names the kind of decoded generated sounds")
     p.add_argument("--text-only", action="store_true",
                    help="held-out text NLL only, every held-out document whole: nats per token and bits per UTF-8 "
                         "byte (compares text tokenizers)")
@@ -508,7 +542,16 @@ def main(argv=None) -> dict:
                                                      weights_only=True).eval()
         if baseline.vocab is None or baseline.vocab.bpe.hf_tokenizer.to_str() != module.vocab.bpe.hf_tokenizer.to_str():
             raise ValueError("--text-baseline must share the model's text vocabulary (the same corpus config)")
-    res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows, args.understanding_only)
+    judge = None
+    if args.audio_judge:
+        from models.tokenizers.semantic import load_teacher
+
+        judge = load_teacher(args.audio_judge, expect_rate=module.audio_tokenizer.cfg.sample_rate).to(args.device)
+        if not hasattr(judge, "head"):
+            raise ValueError(f"--audio-judge {args.audio_judge}: needs a frame classifier (experiment=audio_teacher), "
+                             "not a feature-only teacher")
+    res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows, args.understanding_only,
+                   args.audio_only, judge)
     res["ckpt"] = str(args.ckpt)
     return _emit(res, args.out)
 

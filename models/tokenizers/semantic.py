@@ -143,7 +143,8 @@ def load_teacher(path: str | Path, expect_rate: Optional[int] = None) -> nn.Modu
             raise ValueError(f"semantic teacher {p} is neither a Whisper directory nor an audio_teacher checkpoint")
         teacher = AudioFrameClassifier(FrameClassifierConfig.from_dict(info["config"]))
         state = blob["state_dict"]
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")} or state
+        if set(state) != set(teacher.state_dict()):  # a Lightning checkpoint: the module holds it as `net`
+            state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         teacher.load_state_dict(state)
         rate = teacher.cfg.sample_rate
     if expect_rate is not None and int(rate) != int(expect_rate):

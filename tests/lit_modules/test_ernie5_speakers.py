@@ -154,6 +154,30 @@ def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_r
     nll = voice["nll"]
     assert set(nll) == {"matched", "other_voice", "none"} and all(x > 0 for x in nll.values())
     assert nll["matched"] != pytest.approx(nll["none"], abs=1e-6)
+    # --audio-only with a judge: a frame classifier names the kind of decoded sounds, for any tokenizer
+    from datamodules.synthetic_audio import AUDIO_CLASSES
+    from datamodules.captions import caption_fields
+    from models.tokenizers.semantic import AudioFrameClassifier, FrameClassifierConfig
+
+    torch.manual_seed(0)
+    judge = AudioFrameClassifier(FrameClassifierConfig(sample_rate=int(atok.cfg.sample_rate), channels=8, dim=8))
+    judge_path = tmp_path / "judge.ckpt"
+    torch.save({"teacher": {"kind": "frame_classifier", "config": judge.cfg.to_dict()},
+                "state_dict": judge.state_dict()}, judge_path)
+    res = eval_ernie5.main([ckpt, "--num", "3", "--text-rows", "4", "--audio-only", "--audio-judge", str(judge_path)])
+    assert set(res["understanding"]) == set(res["generation"]) == set(res["caption_loss"]) == {"audio"}
+    assert res["attribute_ranking"] == {}
+    got = res["generation"]["audio"]["judge"]
+    assert set(got) == {"on_decoded_real", "generated"} and 0.0 <= got["generated"] <= 1.0
+    # by hand on the real held-out sounds: decode, classify each frame, average the logits
+    named = judge.eval()(atok.decode_wave(va["audio"][:3])).mean(1).argmax(-1)
+    truth = [caption_fields(c[0])["sound"] for c in va["audio_captions"][:3]]
+    assert got["on_decoded_real"] == pytest.approx(
+        sum(AUDIO_CLASSES[int(i)] == t for i, t in zip(named, truth)) / 3)
+    with pytest.raises(ValueError, match="takes 8000 Hz audio"):
+        torch.save({"teacher": {"kind": "frame_classifier", "config": {**judge.cfg.to_dict(), "sample_rate": 8000}},
+                    "state_dict": judge.state_dict()}, tmp_path / "judge8k.ckpt")
+        eval_ernie5.main([ckpt, "--num", "1", "--audio-only", "--audio-judge", str(tmp_path / "judge8k.ckpt")])
 
 
 def test_speaker_data_with_model_net_speaker_false_is_an_error(tmp_path, tiny_tokenizer, tiny_audio_tokenizer,
@@ -163,3 +187,36 @@ def test_speaker_data_with_model_net_speaker_false_is_an_error(tmp_path, tiny_to
                   "data.task_weights={audio_gen: 1.0}")
     with pytest.raises(ValueError, match="model.net.speaker=false"):
         train.run(cfg)
+
+
+def test_audio_tokenizer_data_renders_the_voices_ernie5_asks_for(monkeypatch, tmp_path):
+    """`data.speakers` on the audio DataModule renders the same voiced clips as the multimodal corpus, and
+    ERNIE 5.0's `requires` passes its own `data.speakers` to the audio tokenizer build (only when on, so
+    the default build's fingerprint is unchanged)."""
+    from omegaconf import OmegaConf, open_dict
+
+    import tools.artifacts as artifacts
+    from datamodules.media import AudioDataModule
+
+    voiced = AudioDataModule(clip_seconds=0.5, num_clips=12, speakers=VOICES)
+    plain = AudioDataModule(clip_seconds=0.5, num_clips=12)
+    want, labels, _ = render_synthetic_audio(12, 0.5, seed=0, voices=VOICES)
+    groups, group_labels, _ = voiced._synthetic_groups()
+    assert torch.equal(torch.cat(groups), want) and group_labels == labels.tolist()
+    assert not torch.equal(torch.cat(plain._synthetic_groups()[0]), want)
+    assert torch.equal(torch.cat(plain._synthetic_groups()[0]), render_synthetic_audio(12, 0.5, seed=0)[0])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="data.speakers must be an integer"):
+            AudioDataModule(speakers=bad)
+    with pytest.raises(ValueError, match="data.speakers=2 .* data.source"):
+        AudioDataModule(source=str(tmp_path), speakers=2)
+
+    built = []
+    monkeypatch.setattr(artifacts, "_build_once", lambda target, build, what, fp: built.append(what) or target)
+    for speakers in (0, 4):
+        cfg = artifacts.compose(["experiment=ernie5", f"data.speakers={speakers}",
+                                 f"paths.artifacts_dir={tmp_path}", "data.visual_tokenizer=v.ckpt"])
+        with open_dict(cfg):  # a parent with no debug mode and a cpu trainer, whatever another test left
+            cfg.hydra = OmegaConf.create({"runtime": {"choices": {}}})
+        artifacts.ensure_requirements(cfg)
+    assert built == ["experiment=audio_tokenizer", "experiment=audio_tokenizer data.speakers=4"]
