@@ -138,6 +138,25 @@ def audio_features(codes: torch.Tensor, codebook: int) -> torch.Tensor:
     return one.flatten(1)
 
 
+def code_information(codes: torch.Tensor, labels: torch.Tensor, codebook: int) -> dict:
+    """Plug-in mutual information (nats) between one code and a per-sound label (e.g. the voice), per RVQ
+    level, over every frame of codes [N, F, Q] (each frame carries its sound's label), with each level's
+    code entropy: how much a single code can say about the label."""
+    N, Fr, Q = codes.shape
+    lab = labels.long().view(N, 1).expand(N, Fr).reshape(-1)
+    L = int(lab.max()) + 1
+    out = {"mi": [], "code_entropy": []}
+    for q in range(Q):
+        joint = torch.zeros(codebook * L, dtype=torch.float64)
+        joint.index_add_(0, codes[:, :, q].reshape(-1).long() * L + lab, torch.ones(N * Fr, dtype=torch.float64))
+        p = (joint / joint.sum()).view(codebook, L)
+        pc, pl = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+        nz = p > 0
+        out["mi"].append(float((p[nz] * (p[nz] / (pc * pl).expand_as(p)[nz]).log()).sum()))
+        out["code_entropy"].append(float(-(pc[pc > 0] * pc[pc > 0].log()).sum()))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 
@@ -222,7 +241,8 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             "generated": accuracy(vprobe.predict(audio_features(codes, G)), asked)["voice"],
             "generated_matches_caption_item": accuracy(vprobe.predict(audio_features(codes, G)), own)["voice"],
             "chance": majority([{"voice": int(v)} for v in tr["audio_speakers"]], asked, ["voice"])["voice"],
-            "nll": speaker_nll(module, dm, n)}
+            "nll": speaker_nll(module, dm, n),
+            "code_information": code_information(tr["audio"], tr["audio_speakers"], G)}
     if audio_judge is not None:
         gen_res["audio"]["judge"] = judge_sounds(audio_judge, atok, va["audio"][:n], codes, truth)
     res["generation"] = gen_res

@@ -19,6 +19,18 @@ from tests.lit_modules.test_ernie5_module import QUIET, SMALL_DATA, cfg_for
 VOICES = 3
 
 
+def test_code_information_by_hand():
+    from tools.eval_ernie5 import code_information
+
+    # level 0 names the label exactly (I = H(label) = log 2); level 1 is the same code everywhere (I = 0)
+    codes = torch.tensor([[[0, 3], [0, 3]], [[1, 3], [1, 3]], [[0, 3], [0, 3]], [[1, 3], [1, 3]]])
+    info = code_information(codes, torch.tensor([0, 1, 0, 1]), 4)
+    assert info["mi"] == pytest.approx([np.log(2), 0.0]) and info["code_entropy"] == pytest.approx([np.log(2), 0.0])
+    # independent: every (code, label) pair equally often
+    codes = torch.tensor([[[0], [1]], [[0], [1]]])
+    assert code_information(codes, torch.tensor([0, 1]), 2)["mi"] == pytest.approx([0.0])
+
+
 def test_voices_keep_the_content_draws_and_colour_the_spectrum():
     plain, labels, _, p0 = render_synthetic_audio(12, 0.5, seed=3, return_params=True)
     voiced, labels_v, _, pv = render_synthetic_audio(12, 0.5, seed=3, return_params=True, voices=VOICES)
@@ -148,8 +160,12 @@ def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_r
     # eval: a voice probe on real sounds scores the voices the generated sounds were asked for
     res = eval_ernie5.main([ckpt, "--num", "3", "--text-rows", "4"])
     voice = res["generation"]["audio"]["voice"]
-    assert set(voice) == {"probe_on_real", "generated", "generated_matches_caption_item", "chance", "nll"}
-    assert all(0.0 <= v <= 1.0 for k, v in voice.items() if k != "nll")
+    assert set(voice) == {"probe_on_real", "generated", "generated_matches_caption_item", "chance", "nll",
+                          "code_information"}
+    assert all(0.0 <= v <= 1.0 for k, v in voice.items() if k not in ("nll", "code_information"))
+    info = voice["code_information"]
+    assert len(info["mi"]) == len(info["code_entropy"]) == atok.cfg.num_quantizers
+    assert all(0.0 <= m <= h + 1e-9 for m, h in zip(info["mi"], info["code_entropy"]))
     # teacher-forced: the reference changes the audio NLL (the untrained network already reads it)
     nll = voice["nll"]
     assert set(nll) == {"matched", "other_voice", "none"} and all(x > 0 for x in nll.values())
