@@ -247,6 +247,38 @@ _INNER_RADIUS = (1.0, 0.85, 0.65)
 _OUTER_RADIUS = (1.0, 0.85 * math.sqrt(2.0), 1.3)
 
 
+ATTRIBUTES = {"colour": COLOUR_NAMES, "shape": SHAPE_WORDS, "background": tuple(BACKGROUND_WORDS)}
+
+
+def attribute_label(params: dict) -> int:
+    """The main object's colour and shape and the background of a clip (`synthetic_shapes.clip_params`) as
+    one mixed-radix class: (colour * 3 + shape) * 5 + background, over `ATTRIBUTES` in order. A classifier
+    with one head per attribute reads it back with `split_attribute_label`."""
+    values = (COLOUR_NAMES.index(_object_words(params, 0)["colour"]), int(np.asarray(params["shape"])[0]),
+              tuple(BACKGROUND_WORDS).index(_background(params)))
+    label = 0
+    for v, names in zip(values, ATTRIBUTES.values()):
+        label = label * len(names) + v
+    return label
+
+
+def attribute_names() -> list[str]:
+    """Class names of `attribute_label` in label order ("red circle plain", ...)."""
+    names = [""]
+    for words in ATTRIBUTES.values():
+        names = [f"{n} {w}".strip() for n in names for w in words]
+    return names
+
+
+def split_attribute_label(label: Any, sizes: Sequence[int]) -> list:
+    """A mixed-radix label (int or int tensor) -> one value per attribute of the given sizes."""
+    out = []
+    for size in reversed(list(sizes)):
+        out.append(label % size)
+        label = label // size
+    return out[::-1]
+
+
 def _background(params: dict) -> str:
     bg = params.get("background")
     if bg is None:  # a raw parameter dict: derive from the texture index

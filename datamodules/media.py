@@ -65,7 +65,7 @@ from datamodules.media_io import (
 from datamodules.resumable import ResumableDataModule
 from datamodules.sampler import ResumableSampler
 from datamodules.synthetic_audio import AUDIO_CLASSES, render_synthetic_audio
-from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, render_moving_shapes
+from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, clip_params, render_moving_shapes
 
 __all__ = [
     "AudioDataModule",
@@ -854,7 +854,10 @@ class ImageDataModule(MediaDataModule):
 
     Files (png, jpg/jpeg, webp) are resized (shorter side) and centre-cropped to image_size.
     Synthetic: every frame of `num_clips` moving-shapes clips of `num_frames` frames is an image,
-    labelled with its clip's class (shape x motion, of which a still frame shows the shape).
+    labelled with its clip's class (shape x motion, of which a still frame shows the shape), or with
+    `labels=attributes` by its main object's colour and shape and its background as one mixed-radix
+    class (`captions.attribute_label`; the class names are `captions.attribute_names()`), the targets of
+    the visual tokenizer's semantic teacher (`experiment=visual_teacher`).
     """
 
     modality = "image"
@@ -881,6 +884,7 @@ class ImageDataModule(MediaDataModule):
         num_clips: int = 64,
         num_frames: int = 8,
         background: str = "mixed",
+        labels: str = "class",
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
                          num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
@@ -889,19 +893,31 @@ class ImageDataModule(MediaDataModule):
             raise ValueError(f"data.image_size must be >= 4, got {image_size}")
         if num_clips < 1 or num_frames < 1:
             raise ValueError(f"data.num_clips and data.num_frames must be >= 1, got {num_clips}, {num_frames}")
+        if labels not in ("class", "attributes"):
+            raise ValueError(f"data.labels must be 'class' or 'attributes', got {labels!r}")
+        if labels == "attributes" and source != "synthetic":
+            raise ValueError("data.labels=attributes reads the synthetic clips' parameters; it needs data.source=synthetic")
         self.image_size = image_size
         self.num_clips = num_clips
         self.num_frames = num_frames
         self.background = background
+        self.labels = labels
+        self.shape_classes = num_classes  # what the clips are drawn with (num_classes becomes the label count)
 
     def _item_shape(self) -> tuple[int, ...]:
         return (3, self.image_size, self.image_size)
 
     def _synthetic_groups(self):
         videos, labels = render_moving_shapes(self.num_clips, self.num_frames, self.image_size, self.data_seed,
-                                              self.num_classes, self.background)
+                                              self.shape_classes, self.background)
         groups = list(videos.permute(0, 1, 4, 2, 3).contiguous().unbind(0))  # clip -> [T, 3, H, W]
-        return groups, labels.tolist(), class_names(self.num_classes)
+        if self.labels == "attributes":
+            from datamodules.captions import attribute_label, attribute_names
+
+            params = clip_params(self.num_clips, self.num_frames, self.image_size, self.data_seed, self.shape_classes,
+                                 self.background)
+            return groups, [attribute_label(p) for p in params], attribute_names()
+        return groups, labels.tolist(), class_names(self.shape_classes)
 
     def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
         return partial(decode_image_file, image_size=self.image_size)

@@ -19,7 +19,7 @@ from lit_modules.base import ExperimentModule, OptimConfig
 from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 from models.config import config_from_dict
 from models.tokenizers.checkpoint import load_media_tokenizer
-from models.tokenizers.semantic import load_teacher, pool_to
+from models.tokenizers.semantic import SemanticConfig, load_teacher, pool_to
 
 __all__ = ["AudioTokenizerModule", "load_audio_tokenizer"]
 
@@ -33,22 +33,6 @@ def load_audio_tokenizer(path: str) -> AudioTokenizer:
 def snr_db(ref: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     """10 log10(|ref|^2 / |ref - est|^2), over all elements."""
     return 10 * torch.log10(ref.pow(2).sum() / (ref - est).pow(2).sum().clamp_min(1e-12))
-
-
-@dataclass
-class SemanticConfig:
-    """teacher: a Whisper directory or an `experiment=audio_teacher` checkpoint (null = no distillation;
-    `auto` is filled by train.py's `requires`). weight: of the 1 - cosine term."""
-
-    teacher: Optional[str] = None
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"model.semantic.weight must be >= 0, got {self.weight}")
-        if self.teacher == "auto":
-            raise ValueError("model.semantic.teacher=auto is filled by train.py's `requires` (experiment="
-                             "audio_teacher); outside train.py give a teacher path, or null")
 
 
 class AudioTokenizerModule(ExperimentModule):

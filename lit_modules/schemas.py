@@ -16,9 +16,8 @@ from hydra.core.config_store import ConfigStore
 from lit_modules.base import OptimConfig
 from lit_modules.data_schemas import register_data_schemas
 from lit_modules.visual_tokenizer import GANConfig, TokenizerLossConfig
-from lit_modules.audio_tokenizer import SemanticConfig
 from models.tokenizers.audio import AudioTokenizerConfig
-from models.tokenizers.semantic import FrameClassifierConfig
+from models.tokenizers.semantic import AttributeClassifierConfig, FrameClassifierConfig, SemanticConfig
 from models.tokenizers.visual import TokenizerConfig
 from models.videoar import CFECConfig, VideoARConfig
 from models.transformer import TransformerConfig
@@ -87,6 +86,7 @@ class LMModuleSchema:
 
 TokenizerLossSchema = schema_of(TokenizerLossConfig)
 GANSchema = schema_of(GANConfig)
+SemanticSchema = schema_of(SemanticConfig)
 VisualTokenizerNetSchema = schema_of(TokenizerConfig)
 
 
@@ -104,13 +104,22 @@ class VisualTokenizerModuleSchema:
     image_steps: int = 0
     image_batch_factor: int = 4
     clips_per_step: Optional[int] = None
+    semantic: SemanticSchema = field(default_factory=SemanticSchema)
 
 
 AudioTokenizerNetSchema = schema_of(AudioTokenizerConfig)
 
 
-AudioSemanticSchema = schema_of(SemanticConfig)
 FrameClassifierSchema = schema_of(FrameClassifierConfig)
+AttributeClassifierSchema = schema_of(AttributeClassifierConfig)
+
+
+@dataclass
+class VisualTeacherModuleSchema:
+    _target_: str = "lit_modules.visual_teacher.VisualTeacherModule"
+    net: AttributeClassifierSchema = field(default_factory=AttributeClassifierSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    seed: int = 0
 
 
 @dataclass
@@ -130,7 +139,7 @@ class AudioTokenizerModuleSchema:
     l2: float = 1.0
     seed: int = 0
     log_samples: int = 2
-    semantic: AudioSemanticSchema = field(default_factory=AudioSemanticSchema)
+    semantic: SemanticSchema = field(default_factory=SemanticSchema)
 
 
 VideoARNetSchema = schema_of(VideoARConfig)
@@ -324,6 +333,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="visual_tokenizer_schema", node=VisualTokenizerModuleSchema)
     cs.store(group="model", name="audio_tokenizer_schema", node=AudioTokenizerModuleSchema)
     cs.store(group="model", name="audio_teacher_schema", node=AudioTeacherModuleSchema)
+    cs.store(group="model", name="visual_teacher_schema", node=VisualTeacherModuleSchema)
     cs.store(group="model", name="videoar_schema", node=VideoARModuleSchema)
     cs.store(group="model", name="ernie3_schema", node=Ernie3ModuleSchema)
     cs.store(group="model", name="ernie3_finetune_schema", node=Ernie3FinetuneModuleSchema)

@@ -3,7 +3,12 @@
 Loss (per frame, VideoAR Eq. 4 without the perceptual term, which would need a downloaded network):
     L = l1 * |x - x_hat| + l2 * (x - x_hat)^2 + commit * L_commit + quant * L_quant
         + entropy * L_entropy [+ gan * L_G after gan.start_step]
-with an optional patch discriminator (hinge loss, LeCAM regularisation), off by default.
+with an optional patch discriminator (hinge loss, LeCAM regularisation), off by default, and an optional
+semantic branch (ERNIE 5.0, papers.md 4.2: "a semantic regularization loss from a vision foundation
+model"): with `semantic.teacher`, + semantic.weight * (1 - cosine) between a 1x1 projection of the
+quantized latent (straight-through to the encoder) and the teacher's feature map of the frames, average-
+pooled to the latent grid and, for video, over the frames each latent frame covers (frame 0, then
+`time_stride` frames each). The projection and the teacher stay out of the exported tokenizer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from models.config import config_from_dict
 from models.tokenizers.causal_conv import per_frame_start_
 from models.tokenizers.checkpoint import load_media_tokenizer
 from models.tokenizers.metrics import colour_metrics
+from models.tokenizers.semantic import SemanticConfig, load_teacher
 from models.tokenizers.visual import TokenizerConfig, VisualTokenizer, inflate_2d_to_3d
 
 __all__ = ["GANConfig", "TokenizerLossConfig", "VisualTokenizerModule", "load_visual_tokenizer"]
@@ -118,6 +124,8 @@ class VisualTokenizerModule(ExperimentModule):
     clips_per_step: train on the first N clips of each batch only (None = all). With a larger
         data.batch_size the image stage then draws its frames from more clips (colour diversity: a 2D
         tokenizer keeps colour at 32 images per batch and can lose it at 8), while clips train at N.
+    semantic: SemanticConfig ({teacher, weight}): the semantic branch (module docstring); the teacher is an
+        `experiment=visual_teacher` checkpoint (`auto`: built by `requires`).
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class VisualTokenizerModule(ExperimentModule):
         image_steps: int = 0,
         image_batch_factor: int = 4,
         clips_per_step: Optional[int] = None,
+        semantic: Optional[dict] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +152,8 @@ class VisualTokenizerModule(ExperimentModule):
         self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
         self.loss_cfg = config_from_dict(TokenizerLossConfig, dict(loss or {}), "model.loss")
         self.gan_cfg = config_from_dict(GANConfig, dict(gan or {}), "model.gan")
+        self.semantic_cfg = config_from_dict(SemanticConfig, dict(semantic or {}), "model.semantic")
+        self.semantic_proj: Optional[nn.Conv2d] = None
         if inflate_from == "auto":
             raise ValueError("model.inflate_from=auto is filled by train.py's `requires` (an image tokenizer built "
                              "on demand); outside train.py give a 2D tokenizer checkpoint, or null for scratch")
@@ -192,12 +203,48 @@ class VisualTokenizerModule(ExperimentModule):
                 raise ValueError(f"model.init_ckpt={self.init_ckpt} does not match model.net: {e}") from e
         if self.gan_cfg.enabled:
             self.disc = PatchDiscriminator(self.net_cfg.in_channels, self.gan_cfg.channels, self.gan_cfg.layers)
+        if self.semantic_cfg.teacher and self.semantic_proj is None:
+            teacher = load_teacher(self.semantic_cfg.teacher)
+            if not hasattr(teacher, "feature_map"):
+                raise ValueError(f"model.semantic.teacher={self.semantic_cfg.teacher} is an audio teacher; the visual "
+                                 "tokenizer needs a visual one (experiment=visual_teacher)")
+            object.__setattr__(self, "_teacher", teacher)  # frozen, outside the module tree and checkpoints
+            self.semantic_proj = nn.Conv2d(self.net_cfg.dim, teacher.dim, 1)
+
+    @property
+    def teacher(self):
+        return self.__dict__.get("_teacher")
+
+    def _generator(self) -> nn.Module:
+        """What the generator's optimiser trains: the tokenizer, and the semantic projection when on."""
+        return self.net if self.semantic_proj is None else nn.ModuleList([self.net, self.semantic_proj])
+
+    @torch.no_grad()
+    def semantic_target(self, x: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The teacher's feature map of images [B, 3, H, W] or clips [B, 3, T, H, W], average-pooled to the
+        latent grid and, for clips, over the frames of each latent frame: [B * T', D, H', W'] (the
+        quantizer's frame order)."""
+        teacher = self.teacher
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        b, t = x.shape[0], 1 if x.dim() == 4 else x.shape[2]
+        fm = F.adaptive_avg_pool2d(teacher.feature_map(_frames(x)).float(), latent_hw)
+        fm = fm.view(b, t, *fm.shape[1:])
+        tau = self.net_cfg.time_stride if self.net_cfg.video else 1
+        groups = [fm[:, :1]] + [fm[:, s:s + tau] for s in range(1, t, tau)]
+        return torch.stack([g.mean(1) for g in groups], 1).flatten(0, 1)
+
+    def semantic_cosine(self, x: torch.Tensor, out: dict) -> torch.Tensor:
+        """Mean cosine between the projected quantized latent and the teacher's pooled features."""
+        f_hat = out["f_hat"]
+        target = self.semantic_target(x, tuple(f_hat.shape[-2:]))
+        return F.cosine_similarity(self.semantic_proj(f_hat).float(), target, dim=1).mean()
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
         total = cfg.total_steps or int(self.trainer.estimated_stepping_batches)
         opts, scheds = [], []
-        groups = [param_groups(self.net, cfg.weight_decay)]
+        groups = [param_groups(self._generator(), cfg.weight_decay)]
         if self.disc is not None:
             groups.append(param_groups(self.disc, cfg.weight_decay))
         for i, g in enumerate(groups):
@@ -225,8 +272,13 @@ class VisualTokenizerModule(ExperimentModule):
         l2 = F.mse_loss(recon, x)
         total = c.l1 * l1 + c.l2 * l2 + c.commit * out["commit_loss"] + c.quant * out["quant_loss"] \
             + c.entropy * out["entropy_loss"]
-        return {"loss": total, "l1": l1, "l2": l2, "commit": out["commit_loss"], "quant": out["quant_loss"],
-                "entropy": out["entropy_loss"]}
+        terms = {"l1": l1, "l2": l2, "commit": out["commit_loss"], "quant": out["quant_loss"],
+                 "entropy": out["entropy_loss"]}
+        if self.semantic_proj is not None:
+            cos = self.semantic_cosine(x, out)
+            total = total + self.semantic_cfg.weight * (1 - cos)
+            terms["semantic_cos"] = cos
+        return {"loss": total, **terms}
 
     def _gan_active(self) -> bool:
         return self.disc is not None and self.trainer.global_step >= self.gan_cfg.start_step
@@ -282,7 +334,7 @@ class VisualTokenizerModule(ExperimentModule):
                         p.grad.mul_(mask.to(p.grad.device))
                     else:
                         p.grad = None
-        grad_norm = self._clip(self.net)
+        grad_norm = self._clip(self._generator())
         opt_g.step()
         sched_g.step()
         if gan_on:
@@ -340,6 +392,8 @@ class VisualTokenizerModule(ExperimentModule):
         n = x.shape[0]
         for name, v in (("loss", losses["loss"]), ("psnr", psnr), ("ssim", ssim), ("l1", losses["l1"])):
             self.log(f"{stage}/{name}", v, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=name == "psnr")
+        if "semantic_cos" in losses:
+            self.log(f"{stage}/semantic_cos", losses["semantic_cos"], on_epoch=True, batch_size=n, sync_dist=True)
         # colour: PSNR over RGB barely sees a grey reconstruction of a colourful input
         for name, v in colour_metrics(out["recon"], x).items():
             if name != "chroma_real":

@@ -281,10 +281,15 @@ def test_artifact_fingerprint_ignores_only_options_that_cannot_change_the_build(
     ({"model": {"semantic": {"teacher": None, "weight": 1.0}}}, {"model": {"semantic": {"teacher": "t.ckpt", "weight": 1.0}}}),
     ({"data": {"speakers": 0, "speaker_dropout": 0.1}}, {"data": {"speakers": 4, "speaker_dropout": 0.1}}),
     ({"model": {"net": {"speaker": None}}}, {"model": {"net": {"speaker": True}}}),
+    ({"data": {"labels": "class"}}, {"data": {"labels": "attributes"}}),
+    ({"model": {"semantic": {"teacher": None, "weight": 1.0}},
+      "requires": {"model.semantic.teacher": {"experiment": "visual_teacher", "when": "auto"}}},
+     {"model": {"semantic": {"teacher": "auto", "weight": 1.0}},
+      "requires": {"model.semantic.teacher": {"experiment": "visual_teacher", "when": "auto"}}}),
 ])
 def test_artifact_fingerprint_ignores_new_options_left_at_their_old_behaviour(off, on):
-    """The image stage, the semantic audio code and the speakers, left off, fingerprint like the configs
-    written before them (the cached tokenizers and checkpoints are reused); switched on, they differ.
+    """The image stage, the semantic audio code, the speakers, the image labels and an optional requirement
+    switched off, left off, fingerprint like the configs written before them (the cached tokenizers and checkpoints are reused); switched on, they differ.
     Measured on this repo: `requires` fingerprints of video_tokenizer, audio_tokenizer, image_tokenizer and
     ernie5 equal those of the commit before the options."""
     import copy
@@ -292,9 +297,11 @@ def test_artifact_fingerprint_ignores_new_options_left_at_their_old_behaviour(of
     from tools.artifacts import fingerprint
 
     def content(extra):
-        base = {"model": {"net": {"preset": "small"}, "optim": {"lr": 2e-3}}, "data": {"batch_size": 8}, "seed": 0}
+        base = {"model": {"net": {"preset": "small"}, "optim": {"lr": 2e-3}}, "data": {"batch_size": 8}, "seed": 0,
+                "requires": {}}  # conf/train.yaml's default
         out = copy.deepcopy(base)
         for k, v in extra.items():
+            out.setdefault(k, {})
             for kk, vv in v.items():
                 if isinstance(vv, dict) and isinstance(out[k].get(kk), dict):
                     out[k][kk] = {**out[k][kk], **vv}

@@ -181,11 +181,22 @@ def _drop_inert(content: dict) -> dict:
     - the visual tokenizer's image stage when off (`model.image_steps` 0, with `image_batch_factor`,
       and `clips_per_step` when null);
     - the audio tokenizer's `model.semantic` when it has no teacher;
+    - the image DataModule's `labels` at `class` (the labels before the option);
+    - a `requires` entry with `when: auto` whose key is null (the option it builds for is off: e.g. the
+      visual tokenizer's semantic teacher);
     - ERNIE 5.0's speakers when off (`data.speakers` 0, with `speaker_dropout`) and `model.net.speaker`
       when null (from the data).
     """
     model = content.get("model") if isinstance(content.get("model"), dict) else {}
     data = content.get("data") if isinstance(content.get("data"), dict) else {}
+    requires = content.get("requires")
+    if isinstance(requires, dict):
+        for key in [k for k, spec in requires.items() if isinstance(spec, dict) and spec.get("when") == "auto"]:
+            node: Any = content
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:  # an optional requirement switched off: nothing is built for it
+                requires.pop(key)
     optim = model.get("optim")
     if isinstance(optim, dict) and optim.get("schedule", "cosine") == "cosine":
         optim.pop("schedule", None)
@@ -198,6 +209,8 @@ def _drop_inert(content: dict) -> dict:
     semantic = model.get("semantic")
     if isinstance(semantic, dict) and semantic.get("teacher") is None:
         model.pop("semantic")
+    if data.get("labels", None) == "class":  # the image DataModule's labels; tokenizers never read them
+        data.pop("labels")
     if data.get("speakers", None) == 0:
         data.pop("speakers")
         data.pop("speaker_dropout", None)

@@ -1,4 +1,5 @@
-"""Semantic teachers for the audio tokenizer's first RVQ level (papers.md 4.3).
+"""Semantic teachers for the audio tokenizer's first RVQ level (papers.md 4.3) and for the visual
+tokenizer's semantic branch (papers.md 4.2).
 
 ERNIE 5.0's codec distils its first code from Whisper encoder outputs, average-pooled to the codec's
 frame rate, so that level 1 carries linguistic / phonetic content and the later levels the residual
@@ -12,6 +13,13 @@ them onto the codec's F frames. Two teachers load from a path (`load_teacher`):
   convolutional net over log-mel frames, trained to name the sound class of every frame of the embedded
   synthetic audio. Offline there is no Whisper, so this is the runnable stand-in: the semantics it
   distils are the synthetic sounds' class, where Whisper's are speech.
+
+ERNIE 5.0's visual tokenizer adds "a semantic branch with a semantic regularization loss from a vision
+foundation model". A visual teacher maps frames [B, 3, H, W] to a feature map [B, D, h, w]
+(`feature_map`). Offline there is no pretrained vision model, so the runnable teacher is an
+`ImageAttributeClassifier` (`experiment=visual_teacher`): a small convolutional net whose pooled feature
+map names the main object's colour and shape and the background of the embedded moving-shapes frames
+(one head per attribute). Its semantics are those few attributes, where a foundation model's are open.
 
 Pure PyTorch (no Lightning); a teacher is frozen and in eval mode.
 """
@@ -30,7 +38,25 @@ from torch import nn
 
 from models.config import config_from_dict
 
-__all__ = ["AudioFrameClassifier", "FrameClassifierConfig", "WhisperTeacher", "load_teacher", "pool_to"]
+__all__ = ["AttributeClassifierConfig", "AudioFrameClassifier", "FrameClassifierConfig", "ImageAttributeClassifier",
+           "SemanticConfig", "WhisperTeacher", "load_teacher", "pool_to"]
+
+
+@dataclass
+class SemanticConfig:
+    """A tokenizer's semantic distillation (`model.semantic`). teacher: a teacher path for `load_teacher`
+    (null = no distillation; `auto` is filled by train.py's `requires`, which builds the family's teacher
+    experiment). weight: of the 1 - cosine term."""
+
+    teacher: Optional[str] = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"model.semantic.weight must be >= 0, got {self.weight}")
+        if self.teacher == "auto":
+            raise ValueError("model.semantic.teacher=auto is filled by train.py's `requires` (experiment="
+                             "audio_teacher or visual_teacher); outside train.py give a teacher path, or null")
 
 
 def pool_to(features: torch.Tensor, frames: int) -> torch.Tensor:
@@ -98,6 +124,69 @@ class AudioFrameClassifier(nn.Module):
         return self.head(self.features(wave))
 
 
+@dataclass
+class AttributeClassifierConfig:
+    """The image attribute classifier: `layers` 3x3 conv blocks of `channels` (the first `downsample` of them
+    with stride 2) -> a `dim` feature map -> global average pool -> one linear head per attribute, of the
+    sizes `heads` (e.g. colour 12, shape 3, background 5: `datamodules.captions.ATTRIBUTES`)."""
+
+    in_channels: int = 3
+    channels: int = 64
+    layers: int = 4
+    downsample: int = 2
+    dim: int = 64
+    heads: tuple = (12, 3, 5)
+    head_names: tuple = ("colour", "shape", "background")
+
+    def __post_init__(self) -> None:
+        self.heads, self.head_names = tuple(int(h) for h in self.heads), tuple(str(n) for n in self.head_names)
+        for name in ("in_channels", "channels", "layers", "dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.net.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.downsample <= self.layers:
+            raise ValueError(f"model.net.downsample must be in [0, model.net.layers={self.layers}], got {self.downsample}")
+        if not self.heads or min(self.heads) < 2 or len(self.heads) != len(self.head_names):
+            raise ValueError(f"model.net.heads must be class counts >= 2, one per model.net.head_names, got "
+                             f"{list(self.heads)} for {list(self.head_names)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {**d, "heads": list(self.heads), "head_names": list(self.head_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttributeClassifierConfig":
+        return config_from_dict(cls, d)
+
+
+class ImageAttributeClassifier(nn.Module):
+    """Images [B, 3, H, W] in [-1, 1] -> feature map [B, dim, H / 2^downsample, W / 2^downsample]
+    (`feature_map`) and, pooled, one logit vector per attribute head (`forward`)."""
+
+    def __init__(self, cfg: AttributeClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        c = cfg.in_channels
+        for i in range(cfg.layers):
+            layers += [nn.Conv2d(c, cfg.channels, 3, stride=2 if i < cfg.downsample else 1, padding=1),
+                       nn.GroupNorm(1, cfg.channels), nn.SiLU()]
+            c = cfg.channels
+        layers.append(nn.Conv2d(c, cfg.dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(cfg.dim, n) for n in cfg.heads)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.float())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        pooled = self.feature_map(images).mean((2, 3))
+        return [head(pooled) for head in self.heads]
+
+
 class WhisperTeacher(nn.Module):
     """A Hugging Face Whisper encoder from a local directory, as a frame-feature teacher (50 frames / s)."""
 
@@ -139,14 +228,20 @@ def load_teacher(path: str | Path, expect_rate: Optional[int] = None) -> nn.Modu
 
         blob = load_checkpoint(p, what="semantic teacher")
         info = blob.get("teacher")
-        if not isinstance(info, dict) or info.get("kind") != "frame_classifier":
-            raise ValueError(f"semantic teacher {p} is neither a Whisper directory nor an audio_teacher checkpoint")
-        teacher = AudioFrameClassifier(FrameClassifierConfig.from_dict(info["config"]))
+        kinds = {"frame_classifier": (AudioFrameClassifier, FrameClassifierConfig),
+                 "attribute_classifier": (ImageAttributeClassifier, AttributeClassifierConfig)}
+        if not isinstance(info, dict) or info.get("kind") not in kinds:
+            raise ValueError(f"semantic teacher {p} is neither a Whisper directory nor an audio_teacher or "
+                             "visual_teacher checkpoint")
+        net_cls, cfg_cls = kinds[info["kind"]]
+        teacher = net_cls(cfg_cls.from_dict(info["config"]))
         state = blob["state_dict"]
         if set(state) != set(teacher.state_dict()):  # a Lightning checkpoint: the module holds it as `net`
             state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         teacher.load_state_dict(state)
-        rate = teacher.cfg.sample_rate
+        rate = getattr(teacher.cfg, "sample_rate", None)
+        if expect_rate is not None and rate is None:
+            raise ValueError(f"semantic teacher {p} is a visual teacher; the audio tokenizer needs an audio one")
     if expect_rate is not None and int(rate) != int(expect_rate):
         raise ValueError(f"semantic teacher {p} takes {rate} Hz audio, the tokenizer {expect_rate} Hz")
     return teacher.eval().requires_grad_(False)

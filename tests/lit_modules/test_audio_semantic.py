@@ -99,7 +99,7 @@ def test_a_local_whisper_checkpoint_is_a_teacher(tmp_path):
         load_teacher(tmp_path)
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
-    with pytest.raises(ValueError, match="neither a Whisper directory nor an audio_teacher checkpoint"):
+    with pytest.raises(ValueError, match="neither a Whisper directory nor an audio_teacher or visual_teacher checkpoint"):
         load_teacher(other)
 
 
