@@ -116,6 +116,18 @@ def test_semantic_branch_trains_the_latent_towards_the_teacher(teacher_ckpt, tmp
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     tok = load_visual_tokenizer(str(ckpt))
     assert not any("semantic" in k for k in tok.state_dict())
+    # the probe tool: linear probes of the attributes from the latent, against the majority answer
+    from tools.visual_semantic_probe import clip_labels, main as probe_main
+
+    res = probe_main([str(ckpt), "--train-clips", "16", "--eval-clips", "8", "--frames", "5", "--size", "16",
+                      "--out", str(tmp_path / "probe.json")])
+    assert set(res["latent"]) == set(res["pooled"]) == set(res["chance"]) == {"colour", "shape", "background"}
+    assert all(0.0 <= v <= 1.0 for k in ("latent", "pooled", "chance") for v in res[k].values())
+    assert (tmp_path / "probe.json").is_file()
+    labels = clip_labels(8, 5, 16, 2000)
+    assert res["chance"]["shape"] == pytest.approx(
+        sum(y["shape"] == max(set(t["shape"] for t in clip_labels(16, 5, 16, 1000)),
+                              key=[t["shape"] for t in clip_labels(16, 5, 16, 1000)].count) for y in labels) / 8)
     # the checkpoint resumes into a module with the branch (the projection is in its state dict)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert {"semantic_proj.weight", "semantic_proj.bias"} <= set(state)
