@@ -4,34 +4,19 @@ classified as the clip's sound class (cross-entropy over frames; unlabelled clip
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from lit_modules.base import ExperimentModule, OptimConfig
+from lit_modules.teacher import TeacherModule
 from models.tokenizers.semantic import AudioFrameClassifier, FrameClassifierConfig
 
 __all__ = ["AudioTeacherModule"]
 
 
-class AudioTeacherModule(ExperimentModule):
+class AudioTeacherModule(TeacherModule):
     """net: FrameClassifierConfig fields. Logs loss and frame / clip accuracy (clip: mean logits)."""
 
-    def __init__(self, net: dict, optim: Optional[dict] = None, seed: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        try:
-            self.net_cfg = FrameClassifierConfig.from_dict(dict(net))
-        except ValueError as e:
-            raise ValueError(f"invalid model.net: {e}") from e
-        self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
-        self.seed = seed
-        self.net: Optional[AudioFrameClassifier] = None
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            self.net = AudioFrameClassifier(self.net_cfg)
+    config_cls, net_cls, kind = FrameClassifierConfig, AudioFrameClassifier, "frame_classifier"
 
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keep = batch.labels >= 0
@@ -57,13 +42,3 @@ class AudioTeacherModule(ExperimentModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
         self.log(f"{stage}/frame_acc", (logits.argmax(-1) == y[:, None]).float().mean(), **kw)
         self.log(f"{stage}/clip_acc", (logits.mean(1).argmax(-1) == y).float().mean(), **kw)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["teacher"] = {"kind": "frame_classifier", "config": self.net_cfg.to_dict()}

@@ -7,35 +7,21 @@ loss is the sum of the heads' cross-entropies. Unlabelled images are skipped."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from datamodules.captions import split_attribute_label
-from lit_modules.base import ExperimentModule, OptimConfig
+from lit_modules.teacher import TeacherModule
 from models.tokenizers.semantic import AttributeClassifierConfig, ImageAttributeClassifier
 
 __all__ = ["VisualTeacherModule"]
 
 
-class VisualTeacherModule(ExperimentModule):
+class VisualTeacherModule(TeacherModule):
     """net: AttributeClassifierConfig fields. Logs the loss and each head's accuracy (`val/acc_colour`, ...)."""
 
-    def __init__(self, net: dict, optim: Optional[dict] = None, seed: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        try:
-            self.net_cfg = AttributeClassifierConfig.from_dict(dict(net))
-        except ValueError as e:
-            raise ValueError(f"invalid model.net: {e}") from e
-        self.optim_cfg = OptimConfig.from_dict(dict(optim or {}))
-        self.seed = seed
-        self.net: Optional[ImageAttributeClassifier] = None
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            self.net = ImageAttributeClassifier(self.net_cfg)
+    config_cls, net_cls, kind = AttributeClassifierConfig, ImageAttributeClassifier, "attribute_classifier"
 
     def _step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         keep = batch.labels >= 0
@@ -64,13 +50,3 @@ class VisualTeacherModule(ExperimentModule):
         kw = dict(on_epoch=True, batch_size=int((batch.labels >= 0).sum()), sync_dist=True)
         self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
         self.log_dict({f"{stage}/acc_{k}": v for k, v in acc.items()}, **kw)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["teacher"] = {"kind": "attribute_classifier", "config": self.net_cfg.to_dict()}
