@@ -250,15 +250,20 @@ _OUTER_RADIUS = (1.0, 0.85 * math.sqrt(2.0), 1.3)
 ATTRIBUTES = {"colour": COLOUR_NAMES, "shape": SHAPE_WORDS, "background": tuple(BACKGROUND_WORDS)}
 
 
+def main_attributes(params: dict) -> dict[str, str]:
+    """The main object's colour and shape and the background of a clip (`synthetic_shapes.clip_params`):
+    {"colour", "shape", "background"}, each one of `ATTRIBUTES`' words."""
+    words = _object_words(params, 0)
+    return {"colour": words["colour"], "shape": words["shape"], "background": _background(params)}
+
+
 def attribute_label(params: dict) -> int:
-    """The main object's colour and shape and the background of a clip (`synthetic_shapes.clip_params`) as
-    one mixed-radix class: (colour * 3 + shape) * 5 + background, over `ATTRIBUTES` in order. A classifier
-    with one head per attribute reads it back with `split_attribute_label`."""
-    values = (COLOUR_NAMES.index(_object_words(params, 0)["colour"]), int(np.asarray(params["shape"])[0]),
-              tuple(BACKGROUND_WORDS).index(_background(params)))
+    """`main_attributes` as one mixed-radix class: (colour * 3 + shape) * 5 + background, over `ATTRIBUTES`
+    in order. A classifier with one head per attribute reads it back with `split_attribute_label`."""
+    attrs = main_attributes(params)
     label = 0
-    for v, names in zip(values, ATTRIBUTES.values()):
-        label = label * len(names) + v
+    for name, words in ATTRIBUTES.items():
+        label = label * len(words) + words.index(attrs[name])
     return label
 
 

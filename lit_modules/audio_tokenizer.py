@@ -8,7 +8,6 @@ features, average-pooled to the codec's frame rate, point: weight x (1 - cosine)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -168,6 +168,7 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     waveforms of generated and of real held-out sounds: one judge for every audio tokenizer."""
     dev = module.device
     media = ("audio",) if audio_only else ("image", "video", "audio")
+    visual = [m for m in media if m != "audio"]
     tr, va = dm.corpus.splits["train"], dm.corpus.splits["val"]
     vtok, atok = module.visual_tokenizer, module.audio_tokenizer
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -197,14 +198,14 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
     res["understanding"] = und
     # teacher-forced: the NLL of the true captions of held-out images / videos / sounds
     res["caption_loss"] = {m: text_loss(module, dm, text_rows, f"{m}_und") for m in media}
-    res["attribute_ranking"] = {m: attribute_ranking(module, va, m, num) for m in media if m != "audio"}
+    res["attribute_ranking"] = {m: attribute_ranking(module, va, m, num) for m in visual}
     if understanding_only:
         res["params"] = module.net.num_params()
         return res
 
     # generation: probes trained on real tokenized train items, scored on real held-out items and on samples
     gen_res = {}
-    for medium in media[:-1]:
+    for medium in visual:
         n = min(num, len(va[medium]))
         x_tr = quantized(vtok, tr[medium].to(dev)).cpu()
         y_tr = [visual_labels(c[0]) for c in tr[f"{medium}_captions"]]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from datamodules.captions import video_fields  # noqa: E402
+from datamodules.captions import main_attributes  # noqa: E402
 from datamodules.synthetic_shapes import clip_params  # noqa: E402
 from lit_modules.visual_tokenizer import load_visual_tokenizer  # noqa: E402
 from tools.eval_ernie5 import Probe, _emit, accuracy, majority  # noqa: E402
@@ -32,11 +32,7 @@ FIELDS = ("colour", "shape", "background")
 
 def clip_labels(n: int, frames: int, size: int, seed: int) -> list[dict]:
     """The main object's colour and shape and the background of each fresh clip (`fresh_clips`' draws)."""
-    out = []
-    for p in clip_params(n, frames, size, seed):
-        main = video_fields(p)["objects"][0]
-        out.append({"colour": main["colour"], "shape": main["shape"], "background": p["background"]})
-    return out
+    return [main_attributes(p) for p in clip_params(n, frames, size, seed)]
 
 
 def probe_attributes(tok, train_clips: int = 1024, eval_clips: int = 512, frames: int = 9, size: int = 32,
