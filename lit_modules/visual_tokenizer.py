@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from lit_modules.base import ExperimentModule, OptimConfig, param_groups
+from lit_modules.base import ExperimentModule, OptimConfig, param_groups, step_seed
 from models.config import config_from_dict
 from models.tokenizers.causal_conv import per_frame_start_
 from models.tokenizers.checkpoint import load_media_tokenizer
@@ -289,10 +289,10 @@ class VisualTokenizerModule(ExperimentModule):
 
     def stage_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Clips [B, 3, T, H, W] -> the image stage's frames [factor * B, 3, H, W]: (clip, frame) pairs drawn
-        from (seed, step), so a resumed run draws the same ones."""
+        from (seed, step, rank) by `step_seed`, so a resumed run draws the same ones and ranks draw their own."""
         if x.dim() != 5:
             return x
-        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.global_step)) & ((1 << 62) - 1))
+        g = torch.Generator().manual_seed(step_seed(int(self.seed), int(self.global_step), int(self.global_rank)))
         n = self.image_batch_factor * x.shape[0]
         # each clip gives one frame first (a permutation), then clips are drawn again for the rest
         b = torch.cat([torch.randperm(x.shape[0], generator=g),
