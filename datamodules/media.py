@@ -68,6 +68,7 @@ from datamodules.synthetic_audio import AUDIO_CLASSES, render_synthetic_audio
 from datamodules.synthetic_shapes import NUM_SHAPE_CLASSES, class_names, clip_params, render_moving_shapes
 
 __all__ = [
+    "AUDIO_LABELS",
     "AudioDataModule",
     "EpochTaggedSampler",
     "ImageDataModule",
@@ -76,6 +77,7 @@ __all__ = [
     "MediaDataset",
     "VideoClipDataset",
     "VideoDataModule",
+    "audio_label_count",
     "clip_layout",
     "resolve_media_files",
     "split_groups",
@@ -1131,6 +1133,21 @@ class VideoDataModule(MediaDataModule):
 # ---------------------------------------------------------------------------
 
 
+AUDIO_LABELS = ("class", "voice", "class_voice")
+
+
+def audio_label_count(labels: str, num_classes: int, speakers: int) -> int:
+    """How many labels the audio DataModule's `labels` gives: the sound classes, the voices, or
+    one per (class, voice) pair. Raises, naming the keys, for an unknown kind or voices without speakers."""
+    if labels not in AUDIO_LABELS:
+        raise ValueError(f"data.labels must be one of {AUDIO_LABELS}, got {labels!r}")
+    if labels == "class":
+        return int(num_classes)
+    if int(speakers) < 1:
+        raise ValueError(f"data.labels={labels!r} labels the voices: it needs data.speakers >= 1, got {speakers}")
+    return int(speakers) if labels == "voice" else int(num_classes) * int(speakers)
+
+
 class AudioDataModule(MediaDataModule):
     """`AudioBatch`: waveform float32 [B, clip_seconds * sample_rate] in [-1, 1], mono.
 
@@ -1142,7 +1159,11 @@ class AudioDataModule(MediaDataModule):
     Synthetic: `num_clips` clips of the five synthetic sound classes (the first num_classes of them);
     `speakers` N > 0 renders them in a bank of N voices (`synthetic_audio.voice_params`; 0 = the plain
     clips), as the multimodal corpus does with its `speakers`, so a tokenizer can learn the voices
-    ERNIE 5.0's speaker token conditions on. Labels stay the sound classes.
+    ERNIE 5.0's speaker token conditions on.
+    `labels` (synthetic): "class" = the sound class (default); "voice" = the voice (needs `speakers`);
+    "class_voice" = both as one label, class * speakers + voice (`audio_label_count` gives how many), so a
+    teacher trained on them (`experiment=audio_teacher data.labels=class_voice data.speakers=4`) names
+    the voice as well as the sound.
     """
 
     modality = "audio"
@@ -1170,6 +1191,7 @@ class AudioDataModule(MediaDataModule):
         num_classes: int = len(AUDIO_CLASSES),
         num_clips: int = 256,
         speakers: int = 0,
+        labels: str = "class",
     ) -> None:
         super().__init__(source, batch_size, val_fraction, test_fraction, split_seed, seed, data_seed,
                          num_workers, pin_memory, on_bad_file, labels_from_dirs, num_classes, decode=decode)
@@ -1180,6 +1202,7 @@ class AudioDataModule(MediaDataModule):
         if speakers and source != "synthetic":
             raise ValueError(f"data.speakers={speakers} renders the synthetic sounds in voices; with "
                              f"data.source={source!r} the voices are the files' own: set data.speakers=0")
+        audio_label_count(labels, num_classes, speakers)  # voices need speakers, which need the synthetic source
         if sample_rate < 1000:
             raise ValueError(f"data.sample_rate must be >= 1000, got {sample_rate}")
         self.clip_len = int(round(clip_seconds * sample_rate))
@@ -1192,6 +1215,7 @@ class AudioDataModule(MediaDataModule):
         self.short_clip = short_clip
         self.num_clips = num_clips
         self.speakers = speakers
+        self.labels = labels
 
     def _item_shape(self) -> tuple[int, ...]:
         return (self.clip_len,)
@@ -1206,10 +1230,19 @@ class AudioDataModule(MediaDataModule):
         return collate_audio
 
     def _synthetic_groups(self):
-        waves, labels, names = render_synthetic_audio(self.num_clips, self.clip_len / self.sample_rate,
-                                                      self.sample_rate, self.data_seed, self.num_classes,
-                                                      voices=self.speakers)
-        return list(waves.unsqueeze(1).unbind(0)), labels.tolist(), names
+        waves, labels, names, params = render_synthetic_audio(
+            self.num_clips, self.clip_len / self.sample_rate, self.sample_rate, self.data_seed, self.num_classes,
+            return_params=True, voices=self.speakers)
+        labels = labels.tolist()
+        if self.labels != "class":
+            voices = [p["voice"] for p in params]
+            voice_names = [f"voice{v}" for v in range(self.speakers)]
+            if self.labels == "voice":
+                labels, names = voices, voice_names
+            else:
+                labels = [c * self.speakers + v for c, v in zip(labels, voices)]
+                names = [f"{c}/{v}" for c in names for v in voice_names]
+        return list(waves.unsqueeze(1).unbind(0)), labels, names
 
     def _file_decoder(self) -> Callable[[Path], torch.Tensor]:
         return partial(decode_audio_file, sample_rate=self.sample_rate, clip_len=self.clip_len,

@@ -289,6 +289,12 @@ def _product(*values) -> int:
     return out
 
 
+def _audio_label_count(labels, num_classes, speakers) -> int:
+    from datamodules.media import audio_label_count
+
+    return audio_label_count(str(labels), int(num_classes), int(speakers))
+
+
 def _launchers_from_conf(cs: ConfigStore) -> None:
     """conf/hydra/launcher/submitit_{local,slurm}.yaml replace hydra-submitit-launcher's configs of
     the same name (they add a `trainer` field and target hydra_plugins/sparse_ar_launchers.py).
@@ -322,10 +328,12 @@ class RefinerModuleSchema:
 
 
 def register_schemas() -> None:
-    """Idempotent: safe to call from train.py, generate.py and tests. Also registers `${mul:a,b}`."""
+    """Idempotent: safe to call from train.py, generate.py and tests. Also registers `${mul:a,b}` and
+    `${audio_label_count:labels,num_classes,speakers}` (how many labels the audio DataModule gives)."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("mul", _product, replace=True)
+    OmegaConf.register_new_resolver("audio_label_count", _audio_label_count, replace=True)
     cs = ConfigStore.instance()
     _launchers_from_conf(cs)
     cs.store(group="model", name="lm_schema", node=LMModuleSchema)

@@ -12,8 +12,9 @@ import torch
 
 import train
 from datamodules.multimodal import MultimodalDataModule, RowDataset, collate_rows
-from datamodules.synthetic_audio import apply_voice, render_synthetic_audio, voice_params
+from datamodules.synthetic_audio import apply_voice, audio_params, render_synthetic_audio, voice_params
 from models.ernie5 import KINDS, TASKS
+from tests.conftest import compose_train_cfg
 from tests.lit_modules.test_ernie5_module import QUIET, SMALL_DATA, cfg_for
 
 VOICES = 3
@@ -236,3 +237,48 @@ def test_audio_tokenizer_data_renders_the_voices_ernie5_asks_for(monkeypatch, tm
             cfg.hydra = OmegaConf.create({"runtime": {"choices": {}}})
         artifacts.ensure_requirements(cfg)
     assert built == ["experiment=audio_tokenizer", "experiment=audio_tokenizer data.speakers=4"]
+
+
+def test_audio_labels_name_the_voice_or_the_sound_and_voice(tmp_path):
+    """`data.labels` = voice / class_voice labels each synthetic clip with the voice it was rendered in (as its
+    params record it) or with one label per (sound, voice) pair; `audio_label_count` gives the count the
+    audio teacher's head needs, and bad values name their keys."""
+    from datamodules.media import AudioDataModule, audio_label_count
+
+    params = audio_params(24, 0.25, seed=0, voices=VOICES)
+    by_kind = {"class": [p["label"] for p in params], "voice": [p["voice"] for p in params],
+               "class_voice": [p["label"] * VOICES + p["voice"] for p in params]}
+    for kind, want in by_kind.items():
+        dm = AudioDataModule(clip_seconds=0.25, num_clips=24, speakers=VOICES, labels=kind)
+        waves, labels, names = dm._synthetic_groups()
+        assert labels == want and len(names) == audio_label_count(kind, 5, VOICES)
+        assert max(labels) < len(names)
+    assert names[VOICES + 1] == "chord/voice1"  # class 1 (chord), voice 1
+    assert len(set(by_kind["class_voice"])) > 5  # the pairs are not the classes again
+    assert audio_label_count("class", 3, 0) == 3 and audio_label_count("class_voice", 3, 4) == 12
+    with pytest.raises(ValueError, match="data.labels must be one of"):
+        AudioDataModule(labels="speaker")
+    with pytest.raises(ValueError, match="data.labels='voice' .* data.speakers >= 1"):
+        AudioDataModule(labels="voice")
+    with pytest.raises(ValueError, match="data.labels='class_voice' .* data.speakers >= 1"):
+        AudioDataModule(source=str(tmp_path), labels="class_voice")
+
+
+def test_a_voice_teacher_trains_on_sound_and_voice_labels(tmp_path):
+    """`experiment=audio_teacher data.labels=class_voice data.speakers=N` sizes its head by the resolver
+    (5 x N classes) and trains on the pair labels; the semantic codec's teacher build inherits both keys."""
+    from lit_modules.audio_teacher import AudioTeacherModule
+
+    cfg = compose_train_cfg(["experiment=audio_teacher", f"data.speakers={VOICES}", "data.labels=class_voice",
+                             "data.num_clips=24", "data.batch_size=8", "data.clip_seconds=0.25", "trainer.max_steps=2",
+                             "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.net.channels=8",
+                             "model.net.dim=8", "test=false", "logger=csv", "extras.print_config=false",
+                             "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"], tmp_path)
+    assert cfg.model.net.num_classes == 5 * VOICES
+    metrics, objs = train.run(cfg)
+    module: AudioTeacherModule = objs["model"]
+    assert module.net_cfg.num_classes == 5 * VOICES and "val/clip_acc" in metrics
+    batch = next(iter(objs["datamodule"].train_dataloader()))
+    assert int(batch.labels.max()) < 5 * VOICES
+    semantic = compose_train_cfg(["experiment=audio_tokenizer_semantic"], tmp_path / "sem")
+    assert {"data.speakers", "data.labels"} <= set(semantic.requires["model.semantic.teacher"].inherit)
