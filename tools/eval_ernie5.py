@@ -1,7 +1,7 @@
 """Evaluate an ERNIE 5.0 checkpoint on the held-out split of its multimodal corpus (other seeds).
 
     python tools/eval_ernie5.py RUN/checkpoints/last.ckpt [--num 32] [--text-baseline TEXT_ONLY.ckpt] [--out X.json]
-        [--understanding-only] [--audio-only] [--audio-judge AUDIO_TEACHER.ckpt]
+        [--understanding-only] [--audio-only] [--audio-judge AUDIO_TEACHER.ckpt] [--voice-judge VOICE_TEACHER.ckpt]
 
 Understanding: the greedy caption of each held-out image / video / sound, parsed back into fields
 (`datamodules.captions.caption_fields`) and compared with the truth: the main (large) object's colour
@@ -18,7 +18,9 @@ codes); each probe's own accuracy on the real held-out items is reported beside 
 `--audio-only` evaluates the sound tasks alone (e.g. a run on audio documents only). `--audio-judge`
 (an `experiment=audio_teacher` checkpoint) also names the kind of each decoded generated sound with that
 frame classifier, one judge for every audio tokenizer (the code probes are each tokenizer's own), with
-its accuracy on the decoded real held-out sounds beside it.
+its accuracy on the decoded real held-out sounds beside it. With speakers, `--voice-judge` (an
+`experiment=audio_teacher data.labels=voice` checkpoint) names the voice of the decoded sounds the same
+way, per kind of sound, and the teacher-forced speaker NLL is split by kind too.
 Text: the model's next-token loss on held-out biography rows; with --text-baseline, the same for a
 text-only model (the "seesaw" question).
 Elastic sub-models (`--grid`, e.g. after `experiment=ernie5_elastic`): for every (depth, routed experts
@@ -162,10 +164,11 @@ def code_information(codes: torch.Tensor, labels: torch.Tensor, codebook: int) -
 
 def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = None,
              text_baseline=None, text_rows: int = 32, understanding_only: bool = False,
-             audio_only: bool = False, audio_judge=None) -> dict:
+             audio_only: bool = False, audio_judge=None, voice_judge=None) -> dict:
     """audio_only: the sound tasks only (no image or video understanding or generation).
     audio_judge: an `AudioFrameClassifier` (`experiment=audio_teacher`) that names the kind of the decoded
-    waveforms of generated and of real held-out sounds: one judge for every audio tokenizer."""
+    waveforms of generated and of real held-out sounds: one judge for every audio tokenizer.
+    voice_judge: the same for the voices (`experiment=audio_teacher data.labels=voice data.speakers=N`)."""
     dev = module.device
     media = ("audio",) if audio_only else ("image", "video", "audio")
     visual = [m for m in media if m != "audio"]
@@ -246,6 +249,17 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
             "code_information": code_information(tr["audio"], tr["audio_speakers"], G)}
     if audio_judge is not None:
         gen_res["audio"]["judge"] = judge_sounds(audio_judge, atok, va["audio"][:n], codes, truth)
+    if voice_judge is not None:
+        if voices is None:
+            raise ValueError("--voice-judge needs a checkpoint trained with speakers (data.speakers > 0)")
+        bank = int(tr["audio_speakers"].max()) + 1
+        if voice_judge.cfg.num_classes != bank:
+            raise ValueError(f"--voice-judge names {voice_judge.cfg.num_classes} classes, the corpus has {bank} "
+                             "voices: train it with experiment=audio_teacher data.labels=voice "
+                             f"data.speakers={bank}")
+        gen_res["audio"]["voice"]["judge"] = judge_voices(
+            voice_judge, atok, va["audio"][:n], [int(v) for v in va["audio_speakers"][:n]], codes,
+            [v for v, _ in voices], [t["kind"] for t in truth])
     res["generation"] = gen_res
 
     # text: next-token loss on held-out biography rows (text documents only)
@@ -258,23 +272,48 @@ def evaluate(module, dm, num: int = 32, seed: int = 0, guidance: float | None = 
 
 
 @torch.no_grad()
+def judged_classes(judge, atok, codes: torch.Tensor) -> list[int]:
+    """The class a frame classifier gives each sound decoded from codes [N, F, Q] (argmax of its frames'
+    mean logits)."""
+    dev = next(judge.parameters()).device
+    out = []
+    for s in range(0, len(codes), 16):
+        wave = atok.decode_wave(codes[s:s + 16].to(next(atok.parameters()).device)).to(dev)
+        out += [int(i) for i in judge(wave).float().mean(1).argmax(-1)]
+    return out
+
+
 def judge_sounds(judge, atok, real_codes: torch.Tensor, generated_codes: torch.Tensor, truth: list[dict]) -> dict:
     """Accuracy of a frame classifier of the synthetic sound classes at naming the kind of waveforms
-    decoded from codes (the clip's class = argmax of its frames' mean logits): on the real held-out
-    sounds' codes (the tokenizer's and the judge's ceiling together) and on the generated ones. Unlike
-    the code probes this judge is the same for every audio tokenizer."""
+    decoded from codes: on the real held-out sounds' codes (the tokenizer's and the judge's ceiling
+    together) and on the generated ones. Unlike the code probes this judge is the same for every audio
+    tokenizer."""
     from datamodules.synthetic_audio import AUDIO_CLASSES
 
     def kinds(codes):
-        dev = next(judge.parameters()).device
-        out = []
-        for s in range(0, len(codes), 16):
-            wave = atok.decode_wave(codes[s:s + 16].to(next(atok.parameters()).device)).to(dev)
-            out += [AUDIO_CLASSES[int(i)] for i in judge(wave).float().mean(1).argmax(-1)]
-        return {"kind": out}
+        return {"kind": [AUDIO_CLASSES[i] for i in judged_classes(judge, atok, codes)]}
 
     return {"on_decoded_real": accuracy(kinds(real_codes), truth)["kind"],
             "generated": accuracy(kinds(generated_codes), truth)["kind"]}
+
+
+def judge_voices(judge, atok, real_codes: torch.Tensor, own: list[int], generated_codes: torch.Tensor,
+                 asked: list[int], kinds: list[str]) -> dict:
+    """A frame classifier of the voices (`experiment=audio_teacher data.labels=voice`) on decoded sounds:
+    how often it names the real held-out sounds' own voice (its ceiling with this tokenizer) and the voice
+    each generated sound was asked for, overall and per kind of sound (the voices are a filter on the
+    sound, audible on broadband kinds and much less on pure tones)."""
+    real, generated = judged_classes(judge, atok, real_codes), judged_classes(judge, atok, generated_codes)
+
+    def rate(pred, want, keep):
+        hits = [p == w for p, w, k in zip(pred, want, keep) if k]
+        return sum(hits) / len(hits) if hits else float("nan")
+
+    every = [True] * len(kinds)
+    return {"on_decoded_real": rate(real, own, every), "generated": rate(generated, asked, every),
+            "by_kind": {k: {"on_decoded_real": rate(real, own, [x == k for x in kinds]),
+                            "generated": rate(generated, asked, [x == k for x in kinds]),
+                            "n": kinds.count(k)} for k in sorted(set(kinds))}}
 
 
 @torch.no_grad()
@@ -282,7 +321,9 @@ def speaker_nll(module, dm, n: int) -> dict:
     """Teacher-forced audio NLL (mean over frames and code levels) of the first n held-out descriptions'
     sounds, their document opened by a reference of the sound's own voice (`matched`), of the next voice
     in the bank (`other_voice`), or by no speaker token (`none`): whether the network reads the voice
-    from the reference at all, more sensitively than sampling does."""
+    from the reference at all, more sensitively than sampling does. Every mode scores the same `n` sounds
+    (those with a reference clip of both voices). `by_kind` splits it by the kind of sound (the voice is
+    audible on broadband kinds, far less on pure tones)."""
     from datamodules.multimodal import collate_rows, pack_documents
     from models.ernie5 import MODALITIES, SPAN_TOKENS, TASKS, DocumentBuilder
 
@@ -291,32 +332,39 @@ def speaker_nll(module, dm, n: int) -> dict:
     voices = sorted({int(x) for x in spk.tolist() if x >= 0})
     scales = [tuple(x) for x in dm.corpus.info["scales"]]
     open_, close = SPAN_TOKENS["audio"]
-    res = {}
+    def ref(i: int, mode: str):
+        own = voices.index(int(spk[i]))
+        return module.reference_clip(split, i, voices[own if mode == "matched" else (own + 1) % len(voices)])
+
+    # the same sounds in every mode: those with a reference of their own voice and of the next one
+    items = [i for i in range(min(n, len(spk)))
+             if int(spk[i]) >= 0 and ref(i, "matched") is not None and ref(i, "other_voice") is not None]
+    res: dict = {"n": len(items), "by_kind": {}}
     for mode in ("matched", "other_voice", "none"):
-        rows = []
-        for i in [i for i in range(min(n, len(spk))) if int(spk[i]) >= 0]:
+        rows, kinds = [], []
+        for i in items:
             b = DocumentBuilder(MODALITIES.index("audio"), TASKS.index("audio_gen"), scales)
             media = []
             if mode != "none":
-                own = voices.index(int(spk[i]))
-                ref = module.reference_clip(split, i, voices[own if mode == "matched" else (own + 1) % len(voices)])
-                if ref is None:
-                    continue
                 b.speaker()
-                media.append(("speaker", "audio_gen", ref))
+                media.append(("speaker", "audio_gen", ref(i, mode)))
             b.text(v.encode(split["audio_captions"][i][0]) + [v[open_]]).audio(split["audio"][i].shape[0])
             media.append(("audio", "audio_gen", split["audio"][i]))
             rows.append((b.text([v[close], v.eos]).finish(), media))
+            kinds.append(caption_fields(split["audio_captions"][i][0]).get("sound"))
         S = max((len(d["ids"]) for d, _ in rows), default=1)
         rows = [pack_documents([(d, media, 0)], S) for d, media in rows]
-        total, count = 0.0, 0
+        per_row = []  # (summed NLL, codes) of each row's one sound
         for s in range(0, len(rows), 8):
             out = module.net(collate_rows(rows[s:s + 8]).to(module.device), [], mtp=False)
             logits, codes = out.audio["audio_gen"]
-            for j, lg in enumerate(logits):
-                total += float(F.cross_entropy(lg.flatten(0, 1).float(), codes[..., j].flatten(), reduction="sum"))
-            count += codes[..., 0].numel() * len(logits)
-        res[mode] = total / max(1, count)
+            nll = sum(F.cross_entropy(lg.transpose(1, 2).float(), codes[..., j], reduction="none").sum(1)
+                      for j, lg in enumerate(logits))  # [rows]
+            per_row += [(float(x), codes[r, :, 0].numel() * len(logits)) for r, x in enumerate(nll)]
+        res[mode] = sum(t for t, _ in per_row) / max(1, sum(c for _, c in per_row))
+        for k in sorted(set(kinds)):
+            sel = [pr for pr, kk in zip(per_row, kinds) if kk == k]
+            res["by_kind"].setdefault(k, {})[mode] = sum(t for t, _ in sel) / max(1, sum(c for _, c in sel))
     return res
 
 
@@ -534,6 +582,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--understanding-only", action="store_true", help="captioning (greedy and teacher-forced) only")
     p.add_argument("--audio-only", action="store_true", help="the sound tasks only (no image or video)")
+    p.add_argument("--voice-judge", default=None,
+                   help="a frame classifier of the voices (experiment=audio_teacher data.labels=voice data.speakers=N) "
+                        "naming the voice of decoded real and generated sounds, overall and per kind")
     p.add_argument("--audio-judge", default=None,
                    help="an experiment=audio_teacher checkpoint that names the kind of decoded generated sounds")
     p.add_argument("--text-only", action="store_true",
@@ -563,16 +614,17 @@ def main(argv=None) -> dict:
                                                      weights_only=True).eval()
         if baseline.vocab is None or baseline.vocab.bpe.hf_tokenizer.to_str() != module.vocab.bpe.hf_tokenizer.to_str():
             raise ValueError("--text-baseline must share the model's text vocabulary (the same corpus config)")
-    judge = None
-    if args.audio_judge:
-        from models.tokenizers.semantic import load_teacher
+    judges = {}
+    for flag, path in (("--audio-judge", args.audio_judge), ("--voice-judge", args.voice_judge)):
+        if path:
+            from models.tokenizers.semantic import load_teacher
 
-        judge = load_teacher(args.audio_judge, expect_rate=module.audio_tokenizer.cfg.sample_rate).to(args.device)
-        if not hasattr(judge, "head"):
-            raise ValueError(f"--audio-judge {args.audio_judge}: needs a frame classifier (experiment=audio_teacher), "
-                             "not a feature-only teacher")
+            judges[flag] = load_teacher(path, expect_rate=module.audio_tokenizer.cfg.sample_rate).to(args.device)
+            if not hasattr(judges[flag], "head"):
+                raise ValueError(f"{flag} {path}: needs a frame classifier (experiment=audio_teacher), "
+                                 "not a feature-only teacher")
     res = evaluate(module, dm, args.num, args.seed, args.guidance, baseline, args.text_rows, args.understanding_only,
-                   args.audio_only, judge)
+                   args.audio_only, judges.get("--audio-judge"), judges.get("--voice-judge"))
     res["ckpt"] = str(args.ckpt)
     return _emit(res, args.out)
 

@@ -169,8 +169,20 @@ def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_r
     assert all(0.0 <= m <= h + 1e-9 for m, h in zip(info["mi"], info["code_entropy"]))
     # teacher-forced: the reference changes the audio NLL (the untrained network already reads it)
     nll = voice["nll"]
-    assert set(nll) == {"matched", "other_voice", "none"} and all(x > 0 for x in nll.values())
+    assert set(nll) == {"matched", "other_voice", "none", "by_kind", "n"} and nll["n"] >= 1
+    assert all(nll[m] > 0 for m in ("matched", "other_voice", "none"))
     assert nll["matched"] != pytest.approx(nll["none"], abs=1e-6)
+    # per kind: each kind's sounds alone; their mean weighted by count is the overall NLL (equal-length sounds)
+    from datamodules.captions import caption_fields
+    spk = va["audio_speakers"]
+    scored = [i for i in range(3) if all(module.reference_clip(va, i, v) is not None
+                                         for v in (int(spk[i]), (int(spk[i]) + 1) % VOICES))]
+    assert nll["n"] == len(scored)
+    kinds = [caption_fields(va["audio_captions"][i][0])["sound"] for i in scored]
+    assert set(nll["by_kind"]) == set(kinds)
+    for m in ("matched", "other_voice", "none"):
+        assert sum(kinds.count(k) * nll["by_kind"][k][m] for k in set(kinds)) / len(kinds) == pytest.approx(nll[m], rel=1e-5)
+    kinds = [caption_fields(c[0])["sound"] for c in va["audio_captions"][:3]]
     # --audio-only with a judge: a frame classifier names the kind of decoded sounds, for any tokenizer
     from datamodules.synthetic_audio import AUDIO_CLASSES
     from datamodules.captions import caption_fields
@@ -186,11 +198,39 @@ def test_training_with_speakers_switches_the_embedding_on_and_generates_in_the_r
     assert res["attribute_ranking"] == {}
     got = res["generation"]["audio"]["judge"]
     assert set(got) == {"on_decoded_real", "generated"} and 0.0 <= got["generated"] <= 1.0
-    # by hand on the real held-out sounds: decode, classify each frame, average the logits
-    named = judge.eval()(atok.decode_wave(va["audio"][:3])).mean(1).argmax(-1)
+    # by hand on the real held-out sounds: decode, classify each frame, average the logits (Griffin-Lim starts
+    # from random phases: the same seed for both decodes)
     truth = [caption_fields(c[0])["sound"] for c in va["audio_captions"][:3]]
+    torch.manual_seed(0)
+    got = eval_ernie5.judge_sounds(judge.eval(), atok, va["audio"][:3], va["audio"][:3], [{"kind": t} for t in truth])
+    torch.manual_seed(0)
+    named = judge(atok.decode_wave(va["audio"][:3])).mean(1).argmax(-1)
     assert got["on_decoded_real"] == pytest.approx(
         sum(AUDIO_CLASSES[int(i)] == t for i, t in zip(named, truth)) / 3)
+    # --voice-judge: a frame classifier of the voices names the voice of decoded real and generated sounds
+    vjudge = AudioFrameClassifier(FrameClassifierConfig(sample_rate=int(atok.cfg.sample_rate), channels=8, dim=8,
+                                                        num_classes=VOICES))
+    torch.save({"teacher": {"kind": "frame_classifier", "config": vjudge.cfg.to_dict()},
+                "state_dict": vjudge.state_dict()}, tmp_path / "voice.ckpt")
+    res = eval_ernie5.main([ckpt, "--num", "3", "--text-rows", "4", "--audio-only", "--voice-judge",
+                            str(tmp_path / "voice.ckpt")])
+    vj = res["generation"]["audio"]["voice"]["judge"]
+    assert set(vj["by_kind"]) == set(kinds) and sum(v["n"] for v in vj["by_kind"].values()) == 3
+    assert all(0.0 <= vj[k] <= 1.0 for k in ("on_decoded_real", "generated"))
+    # by hand (Griffin-Lim starts from random phases: the same seed for both decodes)
+    own = [int(x) for x in va["audio_speakers"][:3]]
+    asked = [(v + 1) % VOICES for v in own]
+    codes = va["audio"][:3]
+    torch.manual_seed(0)
+    got = eval_ernie5.judge_voices(vjudge.eval(), atok, codes, own, codes, asked, kinds)
+    torch.manual_seed(0)
+    named = [int(i) for i in vjudge(atok.decode_wave(codes)).mean(1).argmax(-1)]
+    assert got["on_decoded_real"] == pytest.approx(sum(a == b for a, b in zip(named, own)) / 3)
+    for k in set(kinds):
+        sel = [i for i in range(3) if kinds[i] == k]
+        assert got["by_kind"][k]["on_decoded_real"] == pytest.approx(sum(named[i] == own[i] for i in sel) / len(sel))
+    with pytest.raises(ValueError, match="--voice-judge names 5 classes, the corpus has 3 voices"):
+        eval_ernie5.main([ckpt, "--num", "1", "--audio-only", "--voice-judge", str(judge_path)])
     with pytest.raises(ValueError, match="takes 8000 Hz audio"):
         torch.save({"teacher": {"kind": "frame_classifier", "config": {**judge.cfg.to_dict(), "sample_rate": 8000}},
                     "state_dict": judge.state_dict()}, tmp_path / "judge8k.ckpt")
