@@ -125,7 +125,8 @@ class VisualTokenizerModule(ExperimentModule):
         data.batch_size the image stage then draws its frames from more clips (colour diversity: a 2D
         tokenizer keeps colour at 32 images per batch and can lose it at 8), while clips train at N.
     semantic: SemanticConfig ({teacher, weight}): the semantic branch (module docstring); the teacher is an
-        `experiment=visual_teacher` checkpoint (`auto`: built by `requires`).
+        `experiment=visual_teacher` checkpoint (`auto`: built by `requires`) or a local Hugging Face vision
+        encoder directory (ViT, DINOv2, CLIP or SigLIP: `models.tokenizers.semantic.VisionFoundationTeacher`).
     """
 
     def __init__(

@@ -20,6 +20,8 @@ foundation model". A visual teacher maps frames [B, 3, H, W] to a feature map [B
 `ImageAttributeClassifier` (`experiment=visual_teacher`): a small convolutional net whose pooled feature
 map names the main object's colour and shape and the background of the embedded moving-shapes frames
 (one head per attribute). Its semantics are those few attributes, where a foundation model's are open.
+A foundation model on local disk is a teacher too: a Hugging Face ViT, DINOv2, CLIP or SigLIP vision
+encoder directory (`VisionFoundationTeacher`: its patch tokens on the patch grid; needs `transformers`).
 
 Pure PyTorch (no Lightning); a teacher is frozen and in eval mode.
 """
@@ -39,7 +41,8 @@ from torch import nn
 from models.config import config_from_dict
 
 __all__ = ["AttributeClassifierConfig", "AudioFrameClassifier", "FrameClassifierConfig", "ImageAttributeClassifier",
-           "SemanticConfig", "WhisperTeacher", "load_teacher", "pool_to"]
+           "SemanticConfig", "VISION_MODEL_TYPES", "VisionFoundationTeacher", "WhisperTeacher", "load_teacher",
+           "pool_to"]
 
 
 @dataclass
@@ -212,17 +215,69 @@ class WhisperTeacher(nn.Module):
         return hidden[:, :keep]
 
 
+# Hugging Face vision encoders whose last hidden state ends with one token per patch, row-major
+VISION_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip",
+                      "siglip_vision_model")
+
+
+class VisionFoundationTeacher(nn.Module):
+    """A Hugging Face vision encoder (ViT, DINOv2, CLIP or SigLIP vision tower) from a local directory, as
+    the visual tokenizer's semantic teacher: frames [B, 3, H, W] in [-1, 1] are resized to the encoder's
+    image size and normalised with its processor's mean / std (`preprocessor_config.json`; ImageNet's when
+    absent); the feature map [B, D, h, w] is the last hidden state's patch tokens (the trailing h * w
+    tokens, after any CLS and register tokens) on the patch grid. Nothing is downloaded."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoModel
+        except ImportError as e:  # an optional dependency: only this teacher needs it
+            raise ImportError(f"the vision teacher {path} needs `transformers` (pip install transformers)") from e
+        path = Path(path)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.encoder = getattr(model, "vision_model", model)  # CLIP / SigLIP: the vision tower
+        cfg = self.encoder.config
+        self.image_size, self.patch_size = int(cfg.image_size), int(cfg.patch_size)
+        self.grid = self.image_size // self.patch_size
+        self.dim = int(cfg.hidden_size)
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            spec = json.loads(pre.read_text())
+            mean, std = spec.get("image_mean", mean), spec.get("image_std", std)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        hidden = self.encoder(pixel_values=x).last_hidden_state  # [B, (cls / registers +) grid^2, D]
+        patches = hidden[:, -self.grid * self.grid:]
+        return patches.transpose(1, 2).reshape(x.shape[0], self.dim, self.grid, self.grid)
+
+
 def load_teacher(path: str | Path, expect_rate: Optional[int] = None) -> nn.Module:
-    """A frozen, eval-mode teacher from a Whisper directory or an `AudioFrameClassifier` checkpoint (a
-    training checkpoint of `experiment=audio_teacher` or an export); `expect_rate` checks its sample rate."""
+    """A frozen, eval-mode teacher: a local Hugging Face directory (a Whisper checkpoint for the audio
+    tokenizer, a vision encoder of `VISION_MODEL_TYPES` for the visual one), or an `AudioFrameClassifier` /
+    `ImageAttributeClassifier` checkpoint (a training checkpoint of `experiment=audio_teacher` /
+    `visual_teacher` or an export); `expect_rate` (audio) checks its sample rate."""
     p = Path(path)
     if p.is_dir():
         cfg = p / "config.json"
-        if not cfg.is_file() or json.loads(cfg.read_text()).get("model_type") != "whisper":
-            raise ValueError(f"semantic teacher {p}: a directory must hold a Whisper checkpoint (config.json with "
-                             "model_type whisper)")
-        teacher: nn.Module = WhisperTeacher(p)
-        rate = teacher.sample_rate
+        model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+        if model_type == "whisper":
+            teacher: nn.Module = WhisperTeacher(p)
+            rate = teacher.sample_rate
+        elif model_type in VISION_MODEL_TYPES:
+            if expect_rate is not None:
+                raise ValueError(f"semantic teacher {p} is a vision encoder ({model_type}); the audio tokenizer "
+                                 "needs an audio one")
+            return VisionFoundationTeacher(p).eval().requires_grad_(False)
+        else:
+            raise ValueError(f"semantic teacher {p}: a directory must hold a Whisper checkpoint or a vision encoder "
+                             f"(config.json with model_type whisper or one of {', '.join(VISION_MODEL_TYPES)}), "
+                             f"got model_type {model_type!r}")
     else:
         from models.io import load_checkpoint
 

@@ -5,6 +5,7 @@ projection outside the export, the teacher built on demand by `requires`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,50 @@ def test_requires_builds_the_teacher_only_when_asked(monkeypatch, tmp_path):
     # the video tokenizer builds the teacher, then the plain image tokenizer it inflates (the same one as without)
     assert [w for w, _ in fps["video_tokenizer", "auto"]] == ["experiment=visual_teacher", "experiment=image_tokenizer"]
     assert fps["video_tokenizer", "auto"][1] == fps["video_tokenizer", "null"][0]
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "clip_vision_model"])
+def test_a_local_vision_foundation_model_is_a_teacher(kind, tmp_path):
+    """A Hugging Face vision encoder directory (tiny and random here, saved locally) is the visual tokenizer's
+    teacher: frames in [-1, 1] resized and normalised as its processor says, the feature map its patch tokens
+    on the patch grid (after the CLS / register tokens), and the tokenizer trains with it."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32)
+    if kind == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(**common))
+    elif kind == "dinov2":
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**common))
+    else:
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
+    torch.manual_seed(0)
+    model.eval().save_pretrained(tmp_path / kind)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    (tmp_path / kind / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    t = load_teacher(tmp_path / kind)
+    assert not t.training and not any(p.requires_grad for p in t.parameters()) and t.dim == 16
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    fm = t.feature_map(x)
+    assert fm.shape == (2, 16, 4, 4)
+    # by hand: resize to 32 px, [-1, 1] -> [0, 1], normalise, the last 16 tokens row-major on the 4x4 grid
+    up = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    pix = ((up + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = model(pixel_values=pix).last_hidden_state
+    assert hidden.shape[1] == 16 + 1  # one CLS token before the patches
+    torch.testing.assert_close(fm[:, :, 1, 2], hidden[:, 1 + 1 * 4 + 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fm.flatten(2).transpose(1, 2), hidden[:, 1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="is a vision encoder .* the audio tokenizer needs an audio one"):
+        load_teacher(tmp_path / kind, expect_rate=16000)
+    if kind != "vit":
+        return
+    # the video tokenizer distils from it (the branch's own test checks the target and the gradients)
+    cfg = video_cfg(tmp_path / "run", f"model.semantic.teacher={tmp_path / kind}", "trainer.max_steps=2",
+                    "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "test=false")
+    metrics, objs = train.run(cfg)
+    assert -1.0 <= metrics["val/semantic_cos"] <= 1.0
+    assert objs["model"].semantic_proj.out_channels == 16
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        load_teacher(tmp_path / "other")
