@@ -174,7 +174,7 @@ def test_requires_builds_the_teacher_only_when_asked(monkeypatch, tmp_path):
     assert fps["video_tokenizer", "auto"][1] == fps["video_tokenizer", "null"][0]
 
 
-@pytest.mark.parametrize("kind", ["vit", "dinov2", "clip_vision_model"])
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "clip_vision_model", "siglip_vision_model"])
 def test_a_local_vision_foundation_model_is_a_teacher(kind, tmp_path):
     """A Hugging Face vision encoder directory (tiny and random here, saved locally) is the visual tokenizer's
     teacher: frames in [-1, 1] resized and normalised as its processor says, the feature map its patch tokens
@@ -186,8 +186,10 @@ def test_a_local_vision_foundation_model_is_a_teacher(kind, tmp_path):
         model = transformers.ViTModel(transformers.ViTConfig(**common))
     elif kind == "dinov2":
         model = transformers.Dinov2Model(transformers.Dinov2Config(**common))
-    else:
+    elif kind == "clip_vision_model":
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
+    else:
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
     torch.manual_seed(0)
     model.eval().save_pretrained(tmp_path / kind)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -202,9 +204,10 @@ def test_a_local_vision_foundation_model_is_a_teacher(kind, tmp_path):
     pix = ((up + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         hidden = model(pixel_values=pix).last_hidden_state
-    assert hidden.shape[1] == 16 + 1  # one CLS token before the patches
-    torch.testing.assert_close(fm[:, :, 1, 2], hidden[:, 1 + 1 * 4 + 2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fm.flatten(2).transpose(1, 2), hidden[:, 1:], rtol=1e-5, atol=1e-5)
+    cls = 0 if kind.startswith("siglip") else 1  # one CLS token before the patches (SigLIP has none)
+    assert hidden.shape[1] == 16 + cls
+    torch.testing.assert_close(fm[:, :, 1, 2], hidden[:, cls + 1 * 4 + 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fm.flatten(2).transpose(1, 2), hidden[:, cls:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="is a vision encoder .* the audio tokenizer needs an audio one"):
         load_teacher(tmp_path / kind, expect_rate=16000)
     if kind != "vit":
