@@ -332,13 +332,15 @@ def speaker_nll(module, dm, n: int) -> dict:
     voices = sorted({int(x) for x in spk.tolist() if x >= 0})
     scales = [tuple(x) for x in dm.corpus.info["scales"]]
     open_, close = SPAN_TOKENS["audio"]
-    def ref(i: int, mode: str):
-        own = voices.index(int(spk[i]))
-        return module.reference_clip(split, i, voices[own if mode == "matched" else (own + 1) % len(voices)])
-
     # the same sounds in every mode: those with a reference of their own voice and of the next one
-    items = [i for i in range(min(n, len(spk)))
-             if int(spk[i]) >= 0 and ref(i, "matched") is not None and ref(i, "other_voice") is not None]
+    refs = {}
+    for i in [i for i in range(min(n, len(spk))) if int(spk[i]) >= 0]:
+        own = voices.index(int(spk[i]))
+        pair = {"matched": module.reference_clip(split, i, voices[own]),
+                "other_voice": module.reference_clip(split, i, voices[(own + 1) % len(voices)])}
+        if all(r is not None for r in pair.values()):
+            refs[i] = pair
+    items = list(refs)
     res: dict = {"n": len(items), "by_kind": {}}
     for mode in ("matched", "other_voice", "none"):
         rows, kinds = [], []
@@ -347,7 +349,7 @@ def speaker_nll(module, dm, n: int) -> dict:
             media = []
             if mode != "none":
                 b.speaker()
-                media.append(("speaker", "audio_gen", ref(i, mode)))
+                media.append(("speaker", "audio_gen", refs[i][mode]))
             b.text(v.encode(split["audio_captions"][i][0]) + [v[open_]]).audio(split["audio"][i].shape[0])
             media.append(("audio", "audio_gen", split["audio"][i]))
             rows.append((b.text([v[close], v.eos]).finish(), media))
