@@ -35,13 +35,19 @@ __all__ = ["GANConfig", "TokenizerLossConfig", "VisualTokenizerModule", "load_vi
 
 @dataclass
 class TokenizerLossConfig:
-    """Weights of the tokenizer loss terms (papers.md 2.9 defaults, without the perceptual term)."""
+    """Weights of the tokenizer loss terms (papers.md 2.9 defaults, without the perceptual term).
+
+    chroma: weight of an extra L1 on the colour part of the error, |c(x_hat) - c(x)| with
+        c(x) = x - mean_RGB(x) (the `chroma_error` metric, issue 10). RGB L1/L2 already count it once;
+        this weighs colour against luma. 0 (the default) leaves the loss as before.
+    """
 
     l1: float = 1.0
     l2: float = 1.0
     commit: float = 0.25
     quant: float = 1.0
     entropy: float = 0.1
+    chroma: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -275,6 +281,10 @@ class VisualTokenizerModule(ExperimentModule):
             + c.entropy * out["entropy_loss"]
         terms = {"l1": l1, "l2": l2, "commit": out["commit_loss"], "quant": out["quant_loss"],
                  "entropy": out["entropy_loss"]}
+        if c.chroma > 0:
+            err = recon - x
+            terms["chroma"] = (err - err.mean(dim=1, keepdim=True)).abs().mean()
+            total = total + c.chroma * terms["chroma"]
         if self.semantic_proj is not None:
             cos = self.semantic_cosine(x, out)
             total = total + self.semantic_cfg.weight * (1 - cos)

@@ -282,13 +282,14 @@ def test_artifact_fingerprint_ignores_only_options_that_cannot_change_the_build(
     ({"data": {"speakers": 0, "speaker_dropout": 0.1}}, {"data": {"speakers": 4, "speaker_dropout": 0.1}}),
     ({"model": {"net": {"speaker": None}}}, {"model": {"net": {"speaker": True}}}),
     ({"data": {"labels": "class"}}, {"data": {"labels": "attributes"}}),
+    ({"model": {"loss": {"chroma": 0.0}}}, {"model": {"loss": {"chroma": 1.0}}}),
     ({"model": {"semantic": {"teacher": None, "weight": 1.0}},
       "requires": {"model.semantic.teacher": {"experiment": "visual_teacher", "when": "auto"}}},
      {"model": {"semantic": {"teacher": "auto", "weight": 1.0}},
       "requires": {"model.semantic.teacher": {"experiment": "visual_teacher", "when": "auto"}}}),
 ])
 def test_artifact_fingerprint_ignores_new_options_left_at_their_old_behaviour(off, on):
-    """The image stage, the semantic audio code, the speakers, the image labels and an optional requirement
+    """The image stage, the chroma loss, the semantic audio code, the speakers, the image labels and an optional requirement
     switched off, left off, fingerprint like the configs written before them (the cached tokenizers and checkpoints are reused); switched on, they differ.
     Measured on this repo: `requires` fingerprints of video_tokenizer, audio_tokenizer, image_tokenizer and
     ernie5 equal those of the commit before the options."""
@@ -297,8 +298,8 @@ def test_artifact_fingerprint_ignores_new_options_left_at_their_old_behaviour(of
     from tools.artifacts import fingerprint
 
     def content(extra):
-        base = {"model": {"net": {"preset": "small"}, "optim": {"lr": 2e-3}}, "data": {"batch_size": 8}, "seed": 0,
-                "requires": {}}  # conf/train.yaml's default
+        base = {"model": {"net": {"preset": "small"}, "optim": {"lr": 2e-3}, "loss": {"l1": 1.0}},
+                "data": {"batch_size": 8}, "seed": 0, "requires": {}}  # conf/train.yaml's default
         out = copy.deepcopy(base)
         for k, v in extra.items():
             out.setdefault(k, {})

@@ -178,6 +178,7 @@ def _drop_inert(content: dict) -> dict:
 
     - `model.optim.schedule` when it is `cosine` (the only schedule before the option existed) and,
       with it, its `decay_fraction` (read by `wsd` only);
+    - the visual tokenizer's `model.loss.chroma` at 0 (the loss before the option);
     - the visual tokenizer's image stage when off (`model.image_steps` 0, with `image_batch_factor`,
       and `clips_per_step` when null);
     - the audio tokenizer's `model.semantic` when it has no teacher;
@@ -206,6 +207,9 @@ def _drop_inert(content: dict) -> dict:
         model.pop("image_batch_factor", None)
         if model.get("clips_per_step", 0) is None:
             model.pop("clips_per_step")
+    loss = model.get("loss")
+    if isinstance(loss, dict) and loss.get("chroma", None) == 0:
+        loss.pop("chroma")
     semantic = model.get("semantic")
     if isinstance(semantic, dict) and semantic.get("teacher") is None:
         model.pop("semantic")

@@ -216,3 +216,35 @@ def test_image_stage_trains_a_per_frame_network_on_frames_then_everything_on_cli
         VisualTokenizerModule(net={"preset": "tiny"}, image_steps=2, inflate_from="x.ckpt")
     with pytest.raises(ValueError, match="model.image_steps is the image stage of a 3D tokenizer"):
         VisualTokenizerModule(net={"preset": "tiny", "video": False}, image_steps=2)
+
+
+def test_chroma_loss_weighs_only_the_colour_part_of_the_error():
+    """model.loss.chroma adds weight x mean |c(x_hat) - c(x)|, c = x - mean over RGB (the chroma_error
+    metric): an error shared by the three channels (a luma error) costs nothing, a colour error does;
+    at 0 the loss is the RGB one as before (no `chroma` term)."""
+    from models.tokenizers.metrics import colour_metrics
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 5, 8, 8) * 2 - 1
+    zero = torch.zeros(())
+    base = {"commit_loss": zero, "quant_loss": zero, "entropy_loss": zero}
+    plain = VisualTokenizerModule(net={"preset": "tiny"})
+    weighted = VisualTokenizerModule(net={"preset": "tiny"}, loss={"chroma": 2.0})
+    luma_err = x + 0.1 * torch.randn(2, 1, 5, 8, 8)
+    colour_err = x + 0.1 * torch.randn_like(x)
+    for recon in (luma_err, colour_err):
+        a = plain._recon_losses(x, {**base, "recon": recon})
+        b = weighted._recon_losses(x, {**base, "recon": recon})
+        assert "chroma" not in a
+        reference = 0.0
+        for i in range(3):  # each channel's deviation from the pixel's RGB mean, one channel at a time
+            cr = recon[:, i] - recon.mean(dim=1)
+            cx = x[:, i] - x.mean(dim=1)
+            reference += (cr - cx).abs().sum()
+        reference = reference / x.numel()
+        assert b["chroma"].item() == pytest.approx(float(reference), rel=1e-5, abs=1e-6)
+        assert b["loss"].item() == pytest.approx(a["loss"].item() + 2.0 * float(reference), rel=1e-5, abs=1e-6)
+        assert b["chroma"].item() == pytest.approx(colour_metrics(recon.clamp(-1, 1), x)["chroma_error"], abs=0.02)
+    assert weighted._recon_losses(x, {**base, "recon": luma_err})["chroma"].item() < 1e-6
+    with pytest.raises(ValueError, match="model.loss.chroma must be >= 0"):
+        VisualTokenizerModule(net={"preset": "tiny"}, loss={"chroma": -1.0})
