@@ -2,7 +2,7 @@
 
     python tools/colour_ablation.py [--steps 300] [--batch 8] [--time-stride 4] [--time-kernel 3]
         [--current-init 3d|2d] [--past-rate 1.0] [--image-frac 0] [--image-steps 0] [--temporal-warmup 0]
-        [--lr 2e-3] [--seed 0] [--video 1]
+        [--lr 2e-3] [--seed 0] [--video 1] [--frame-ramp K]
 
 A short plain training loop (the tokenizer module's loss: L1 + L2 + 0.25 commit + quant + 0.1
 entropy, AdamW betas (0.9, 0.95), 50 warm-up steps, grad clip 1) on the embedded moving-shapes
@@ -26,6 +26,10 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
 - `--static-steps K`: the first K steps train on still clips (a random frame of each clip repeated
   over all its frames): every layer, temporal ones included, trains, but there is no motion to code;
   evaluations then also report the chroma ratio on still versions of the held-out clips;
+- `--frame-ramp K`: the reconstruction loss weighs each clip frame the latent frames start from
+  (frames 0, tau, 2 tau, ...: what a per-frame start codes) by 1 and every other frame by
+  min(1, step / K) (0 from the start: those frames never count; the loss is the weighted mean over
+  frames), to ask whether the error on frames the network cannot code yet is what turns it grey;
 - `--image-steps K`: the first K steps train on 1-frame clips only (4x the batch, random frames): the
   2D tokenizer's regime inside the 3D network, whose past slices see only the zero padding of a single
   frame; with `--temporal-warmup K` as well this is inflation in one run (a per-frame network trained
@@ -136,6 +140,13 @@ def _per_frame_start(net: VisualTokenizer) -> None:
         params[name]._warmup_mask = mask
 
 
+def frame_weights(frames: int, tau: int, step: int, ramp: int) -> torch.Tensor:
+    """Loss weight per clip frame for `--frame-ramp`: 1 on frames 0, tau, 2 tau, ..., min(1, step / ramp)
+    on the others (0 when ramp is 0: they never count)."""
+    other = min(1.0, step / ramp) if ramp > 0 else 0.0
+    return torch.tensor([1.0 if t % tau == 0 else other for t in range(frames)])
+
+
 def clips(n: int, seed: int) -> torch.Tensor:
     from datamodules.media import _uint8_to_unit
     from datamodules.synthetic_shapes import render_moving_shapes
@@ -183,8 +194,13 @@ def run(args) -> dict:
             group["lr"] = args.lr * min(1.0, (step + 1) / 50)
         out = net(x)
         rec = out["recon"]
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 0.25 * out["commit_loss"] + out["quant_loss"] \
-            + 0.1 * out["entropy_loss"]
+        if args.frame_ramp is not None and x.shape[2] > 1:
+            w = frame_weights(x.shape[2], args.time_stride, step, args.frame_ramp).to(x)
+            per_frame = ((rec - x).abs() + (rec - x).pow(2)).mean(dim=(0, 1, 3, 4))
+            recon_loss = (w * per_frame).sum() / w.sum()
+        else:
+            recon_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
+        loss = recon_loss + 0.25 * out["commit_loss"] + out["quant_loss"] + 0.1 * out["entropy_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step < args.temporal_warmup:
@@ -216,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-steps", type=int, default=0)
     p.add_argument("--static-steps", type=int, default=0,
                    help="the first K steps train on still clips (one random frame repeated): motion removed")
+    p.add_argument("--frame-ramp", type=int, default=None,
+                   help="weigh frames off the latent grid (t %% tau != 0) by min(1, step / K); 0 = never")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ch", type=int, default=None, help="base channels (preset small: 16)")
     p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="per-level multipliers (small: 1 2 4)")

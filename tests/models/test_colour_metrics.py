@@ -120,3 +120,16 @@ def test_colour_ablation_image_steps_train_only_the_current_frame_slices():
     assert [h["step"] for h in res["history"]] == [0, 1, 2] and res["config"]["image_steps"] == 1
     with pytest.raises(SystemExit):
         main(["--image-steps", "1", "--video", "0"])
+
+
+def test_colour_ablation_frame_ramp_weighs_off_grid_frames_from_zero_to_one():
+    from tools.colour_ablation import frame_weights, main
+
+    # 9 frames, tau 4: frames 0, 4, 8 start the latent frames
+    assert frame_weights(9, 4, 0, 100).tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert frame_weights(9, 4, 50, 100).tolist() == [1, .5, .5, .5, 1, .5, .5, .5, 1]
+    assert frame_weights(9, 4, 500, 100).tolist() == [1.0] * 9
+    assert frame_weights(9, 4, 500, 0).tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1]  # 0: never
+    res = main(["--steps", "1", "--frame-ramp", "0", "--batch", "1", "--train-clips", "2", "--eval-clips", "2",
+                "--eval-every", "1"])
+    assert res["config"]["frame_ramp"] == 0 and [h["step"] for h in res["history"]] == [0, 1]
