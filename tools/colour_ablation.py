@@ -33,7 +33,10 @@ final JSON object. Knobs, all about the causal 3D convolutions (`CausalConv3d`, 
 - `--image-steps K`: the first K steps train on 1-frame clips only (4x the batch, random frames): the
   2D tokenizer's regime inside the 3D network, whose past slices see only the zero padding of a single
   frame; with `--temporal-warmup K` as well this is inflation in one run (a per-frame network trained
-  on images, then every weight trained on clips).
+  on images, then every weight trained on clips);
+- `--image-clips N`: the image steps' 4 x batch frames come from N random clips (4 x batch / N random
+  frames of each) instead of one random clip per frame: the number of distinct clips per step, with
+  the network, the frames per step and the step count unchanged.
 
 Exploratory: one run is one seed; read differences smaller than the seed spread as noise.
 """
@@ -147,6 +150,17 @@ def frame_weights(frames: int, tau: int, step: int, ramp: int) -> torch.Tensor:
     return torch.tensor([1.0 if t % tau == 0 else other for t in range(frames)])
 
 
+def image_batch(train: torch.Tensor, n: int, num_clips: int | None, gen: torch.Generator):
+    """n single frames (B, C, 1, H, W) for an image step and the clip each came from: one random clip per
+    frame (`num_clips` None, the draw order the earlier runs used) or `num_clips` random clips, n / num_clips
+    random frames of each."""
+    if num_clips:
+        idx = torch.randint(0, train.shape[0], (num_clips,), generator=gen).repeat_interleave(n // num_clips)
+    else:
+        idx = torch.randint(0, train.shape[0], (n,), generator=gen)
+    return train[idx, :, torch.randint(0, train.shape[2], (n,), generator=gen)].unsqueeze(2), idx
+
+
 def clips(n: int, seed: int) -> torch.Tensor:
     from datamodules.media import _uint8_to_unit
     from datamodules.synthetic_shapes import render_moving_shapes
@@ -187,9 +201,7 @@ def run(args) -> dict:
             f = torch.randint(0, x.shape[2], (args.batch,), generator=gen)
             x = x[torch.arange(args.batch), :, f].unsqueeze(2).expand_as(x).contiguous()
         elif step < args.image_steps or (args.image_frac > 0 and float(torch.rand(1, generator=gen)) < args.image_frac):
-            n = 4 * args.batch
-            idx = torch.randint(0, train.shape[0], (n,), generator=gen)
-            x = train[idx, :, torch.randint(0, train.shape[2], (n,), generator=gen)].unsqueeze(2)
+            x, _ = image_batch(train, 4 * args.batch, args.image_clips, gen)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 50)
         out = net(x)
@@ -230,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-frac", type=float, default=0.0)
     p.add_argument("--temporal-warmup", type=int, default=0)
     p.add_argument("--image-steps", type=int, default=0)
+    p.add_argument("--image-clips", type=int, default=None,
+                   help="image steps draw their 4 x batch frames from N clips (default: one clip per frame)")
     p.add_argument("--static-steps", type=int, default=0,
                    help="the first K steps train on still clips (one random frame repeated): motion removed")
     p.add_argument("--frame-ramp", type=int, default=None,
@@ -243,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--past-rate must be >= 0")
     if args.image_steps and not args.video:
         p.error("--image-steps needs --video 1")
+    if args.image_clips is not None and (args.image_clips < 1 or (4 * args.batch) % args.image_clips):
+        p.error("--image-clips must be a positive divisor of 4 x --batch")
+    if args.image_clips and not (args.image_steps or args.image_frac):
+        p.error("--image-clips needs --image-steps or --image-frac")
     if args.temporal_warmup and (args.past_rate != 1.0 or args.time_kernel == 1):
         p.error("--temporal-warmup takes neither --past-rate nor --time-kernel 1")
     result = run(args)

@@ -122,6 +122,24 @@ def test_colour_ablation_image_steps_train_only_the_current_frame_slices():
         main(["--image-steps", "1", "--video", "0"])
 
 
+def test_colour_ablation_image_clips_sets_the_distinct_clips_per_image_step():
+    from tools.colour_ablation import image_batch, main
+
+    train = torch.arange(6 * 9, dtype=torch.float32).view(6, 1, 9, 1, 1).expand(6, 3, 9, 2, 2).contiguous()
+    x, idx = image_batch(train, 8, 2, torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 1, 2, 2) and idx.view(2, 4).unique(dim=1).shape == (2, 1)  # 4 frames of each of 2 clips
+    clip_of_frame = (x[:, 0, 0, 0, 0] // 9).long()  # the pixel value encodes clip * 9 + frame
+    assert torch.equal(clip_of_frame, idx)
+    x, idx = image_batch(train, 8, None, torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 1, 2, 2) and torch.equal((x[:, 0, 0, 0, 0] // 9).long(), idx)
+    res = main(["--steps", "1", "--image-steps", "1", "--image-clips", "2", "--batch", "1", "--train-clips", "2",
+                "--eval-clips", "2", "--eval-every", "1"])
+    assert res["config"]["image_clips"] == 2 and [h["step"] for h in res["history"]] == [0, 1]
+    for bad in (["--image-steps", "1", "--image-clips", "3"], ["--image-clips", "2"]):  # 3 does not divide 32
+        with pytest.raises(SystemExit):
+            main(bad)
+
+
 def test_colour_ablation_frame_ramp_weighs_off_grid_frames_from_zero_to_one():
     from tools.colour_ablation import frame_weights, main
 
