@@ -7,8 +7,14 @@ ratios; an A/A pair gives the noise floor):
 - bitwise (lookup-free): the sign test vs `cdist` + argmin over all 2^d codes of {-1, +1}^d, which is
   what an index codebook of the same vocabulary would cost. Both must return the same codes.
 
+Trained visual tokenizers (`--ckpt`, repeatable): their reconstruction quality on fresh moving-shapes
+clips (data seed 7; `tools/tokenizer_colour.py`): RGB PSNR, per-channel PSNR, BT.601 Y / CbCr PSNR,
+chroma ratio (grey = 0) and chroma error, with encode/decode frames/s of that tokenizer on those clips.
+RGB PSNR alone hides a grey reconstruction (issue 10), so quality is never reported without colour.
+
     python benchmarks/tokenizer_throughput.py            # prints one JSON object
     python benchmarks/tokenizer_throughput.py --quick    # smoke run
+    python benchmarks/tokenizer_throughput.py --ckpt A.ckpt --ckpt B.ckpt   # + quality of trained tokenizers
 """
 
 from __future__ import annotations
@@ -65,6 +71,29 @@ def visual_throughput(preset: str, batch: int, latents: int, repeats: int) -> di
             "encode_frames_per_s": n / t_enc, "decode_frames_per_s": n / t_dec}
 
 
+def trained_quality(ckpt: str, clips: int, repeats: int) -> dict:
+    """A trained visual tokenizer on `clips` fresh clips (3 latent frames of a video tokenizer; first frames for
+    an image tokenizer): quality with colour, from all scales, and encode/decode frames/s."""
+    from lit_modules.visual_tokenizer import load_visual_tokenizer
+    from tools.tokenizer_colour import fresh_clips, report
+
+    tok = load_visual_tokenizer(ckpt)
+    cfg = tok.cfg
+    frames = 1 + 2 * cfg.time_stride if cfg.video else 1
+    size = cfg.scales[-1][0] * cfg.spatial_factor
+    quality = report(ckpt, clips=clips, frames=frames, size=size)["final"]
+    x = fresh_clips(clips, frames, size, 7)
+    x = x if cfg.video else x[:, :, 0]
+    with torch.inference_mode():
+        tokens = tok.encode(x)
+        t_enc = _timeit(lambda: tok.encode(x), repeats)
+        t_dec = _timeit(lambda: tok.decode(tokens), repeats)
+    keys = ("psnr", "psnr_r", "psnr_g", "psnr_b", "psnr_y", "psnr_cbcr", "chroma_ratio", "chroma_error", "chroma_real")
+    return {"checkpoint": ckpt, "video": cfg.video, "frames": frames, "size": size, "clips": clips,
+            **{k: quality[k] for k in keys},
+            "encode_frames_per_s": clips * frames / t_enc, "decode_frames_per_s": clips * frames / t_dec}
+
+
 def audio_throughput(preset: str, batch: int, seconds: float, repeats: int) -> dict:
     from models.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig, MuLawTokenizer
 
@@ -119,7 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
+    p.add_argument("--ckpt", action="append", default=[], help="a trained visual tokenizer: report its quality (repeatable)")
+    p.add_argument("--clips", type=int, default=32, help="fresh clips for --ckpt quality")
     args = p.parse_args(argv)
+    for ckpt in args.ckpt:
+        if not Path(ckpt).is_file():
+            p.error(f"--ckpt {ckpt}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -134,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
             "audio": [audio_throughput("tiny", 8, 1.0, args.repeats), audio_throughput("small", 8, 1.0, args.repeats)],
             "lookup": quantizer_lookup(16384, 32, 4096, 16, 2048, args.repeats),
         }
+    if args.ckpt:
+        out["trained"] = [trained_quality(c, 2 if args.quick else args.clips, 2 if args.quick else args.repeats)
+                          for c in args.ckpt]
     out["config"] = {"quick": args.quick, "repeats": args.repeats, "threads": torch.get_num_threads()}
     out["torch"] = torch.__version__
     out["device"] = "cpu"

@@ -27,6 +27,20 @@ def test_tokenizer_throughput_quick_runs_and_lookups_agree():
     assert out["lookup"]["vq"]["speedup"] > 0 and out["lookup"]["bitwise"]["implicit_codebook"] == 1024
 
 
+def test_tokenizer_throughput_reports_a_trained_tokenizers_quality_with_colour(tiny_tokenizer):
+    from tools.tokenizer_colour import report
+
+    out = load("tokenizer_throughput").main(["--quick", "--ckpt", str(tiny_tokenizer)])
+    (row,) = out["trained"]
+    assert row["frames"] == 5 and row["size"] == 16 and row["clips"] == 2  # tiny: time stride 2, 16x16
+    ref = report(str(tiny_tokenizer), clips=2, frames=5, size=16)["final"]  # the same clips and metrics
+    for k in ("psnr", "psnr_r", "psnr_y", "psnr_cbcr", "chroma_ratio", "chroma_error"):
+        assert row[k] == pytest.approx(ref[k], rel=1e-6), k
+    assert row["encode_frames_per_s"] > 0 and row["decode_frames_per_s"] > 0
+    with pytest.raises(SystemExit):
+        load("tokenizer_throughput").main(["--quick", "--ckpt", "no_such.ckpt"])
+
+
 def test_attention_quick_fast_path_equals_reference_and_its_mask_grows_linearly():
     out = load("attention").main(["--quick"])
     assert all(r["max_abs_grad_diff"] < 1e-6 for r in out["results"])
