@@ -227,6 +227,19 @@ def test_required_tokenizer_is_built_once_reused_and_an_explicit_path_wins(tmp_p
     assert not elsewhere.exists()
 
 
+def test_video_tokenizer_experiment_inflates_and_weighs_chroma_by_default(tmp_path):
+    """The documented default (issue 10): image -> inflate -> video with model.loss.chroma=1; the image
+    stage it inflates keeps the plain loss (its cached builds stay valid), and chroma=0 is one override away."""
+    import hydra
+
+    video = compose_train_cfg(["experiment=video_tokenizer"], tmp_path)
+    assert video.model.inflate_from == "auto" and video.model.loss.chroma == 1.0
+    scratch = compose_train_cfg(["experiment=video_tokenizer", "model.inflate_from=null"], tmp_path)
+    assert hydra.utils.instantiate(scratch.model, _convert_="all").loss_cfg.chroma == 1.0  # reaches the module
+    assert compose_train_cfg(["experiment=image_tokenizer"], tmp_path).model.loss.chroma == 0.0
+    assert compose_train_cfg(["experiment=video_tokenizer", "model.loss.chroma=0"], tmp_path).model.loss.chroma == 0.0
+
+
 def test_requires_when_auto_fills_only_auto_and_inherits_only_what_differs(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
