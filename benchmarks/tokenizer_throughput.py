@@ -75,15 +75,14 @@ def trained_quality(ckpt: str, clips: int, repeats: int) -> dict:
     """A trained visual tokenizer on `clips` fresh clips (3 latent frames of a video tokenizer; first frames for
     an image tokenizer): quality with colour, from all scales, and encode/decode frames/s."""
     from lit_modules.visual_tokenizer import load_visual_tokenizer
-    from tools.tokenizer_colour import fresh_clips, report
+    from tools.tokenizer_colour import scale_metrics, tokenizer_input
 
     tok = load_visual_tokenizer(ckpt)
     cfg = tok.cfg
     frames = 1 + 2 * cfg.time_stride if cfg.video else 1
     size = cfg.scales[-1][0] * cfg.spatial_factor
-    quality = report(ckpt, clips=clips, frames=frames, size=size)["final"]
-    x = fresh_clips(clips, frames, size, 7)
-    x = x if cfg.video else x[:, :, 0]
+    x = tokenizer_input(tok, clips, frames, size, seed=7)
+    quality = scale_metrics(tok, x)[-1]
     with torch.inference_mode():
         tokens = tok.encode(x)
         t_enc = _timeit(lambda: tok.encode(x), repeats)

@@ -31,23 +31,36 @@ def fresh_clips(clips: int, frames: int, size: int, seed: int) -> torch.Tensor:
     return _uint8_to_unit(video.permute(0, 4, 1, 2, 3))
 
 
+def tokenizer_input(tok, clips: int, frames: int, size: int, seed: int, all_frames: bool = False) -> torch.Tensor:
+    """Fresh clips as `tok` encodes them: [B, 3, T, H, W] for a video tokenizer; for an image tokenizer
+    [B, 3, H, W] of the first frames, or of every frame with all_frames."""
+    x = fresh_clips(clips, frames, size, seed)
+    if not tok.cfg.video:
+        x = x.transpose(1, 2).flatten(0, 1) if all_frames else x[:, :, 0]
+    return x
+
+
 @torch.no_grad()
+def scale_metrics(tok, x: torch.Tensor) -> list[dict]:
+    """Colour metrics and RGB PSNR of the reconstruction of x from the first k scales, k = 1 .. K."""
+    tokens = tok.encode(x)
+    rows = []
+    for k in range(1, len(tokens) + 1):
+        rec = tok.decode(tokens[:k])
+        if x.dim() == 4:
+            rec = rec[:, :, 0]
+        rows.append({"k": k, **colour_metrics(rec, x), "psnr": psnr(rec, x)})
+    return rows
+
+
 def report(ckpt: str, clips: int = 32, frames: int = 9, size: int = 32, seed: int = 7,
            all_frames: bool = False) -> dict:
     from lit_modules.visual_tokenizer import load_visual_tokenizer
 
     tok = load_visual_tokenizer(ckpt)
-    x = fresh_clips(clips, frames, size, seed)
-    if not tok.cfg.video:
-        x = x.transpose(1, 2).flatten(0, 1) if all_frames else x[:, :, 0]
-    tokens = tok.encode(x)
+    x = tokenizer_input(tok, clips, frames, size, seed, all_frames)
     out = {"checkpoint": ckpt, "video": tok.cfg.video, "clips": clips, "seed": seed,
-           "frames": frames if tok.cfg.video or all_frames else 1, "scales": []}
-    for k in range(1, len(tokens) + 1):
-        rec = tok.decode(tokens[:k])
-        if x.dim() == 4:
-            rec = rec[:, :, 0]
-        out["scales"].append({"k": k, **colour_metrics(rec, x), "psnr": psnr(rec, x)})
+           "frames": frames if tok.cfg.video or all_frames else 1, "scales": scale_metrics(tok, x)}
     out["final"] = out["scales"][-1]
     return out
 
